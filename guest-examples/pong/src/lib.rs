@@ -1,0 +1,19 @@
+//! `pong`: the other half of ping-pong: answers every `ping` with a `pong`
+//! carrying the same number.
+
+use covey_guest::{Message, Script, events};
+
+struct Pong;
+
+impl Script for Pong {
+    fn init() -> Result<Self, String> {
+        events::subscribe("*", "ping");
+        Ok(Pong)
+    }
+
+    fn on_event(&mut self, msg: Message) {
+        let _ = events::emit("pong", &msg.payload);
+    }
+}
+
+covey_guest::export_script!(Pong);

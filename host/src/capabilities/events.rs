@@ -1,0 +1,117 @@
+//! `covey:script/events`: subscriptions, handlers, emit, send-command, call.
+//!
+//! The context remembers this generation's own subscriptions so the instance
+//! can tell, after a reload or restart, whether a queued message is still
+//! wanted by the generation that is live now.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use wasmtime::component::{HasSelf, Linker};
+
+use super::{ScriptEnv, ScriptState};
+use crate::bindings::covey::script::events as wit;
+use crate::bindings::covey::script::types;
+use crate::bindings::{CallError, Message, SendError};
+use crate::pattern::Pattern;
+use crate::router::{ScriptId, SubKind};
+use crate::services::Services;
+
+pub struct EventsCtx {
+    script: ScriptId,
+    generation: u64,
+    services: Arc<Services>,
+    subs: Vec<(u64, SubKind)>,
+}
+
+impl EventsCtx {
+    pub fn new(env: &ScriptEnv) -> Self {
+        EventsCtx {
+            script: env.script.clone(),
+            generation: env.generation,
+            services: env.services.clone(),
+            subs: Vec::new(),
+        }
+    }
+
+    /// Does this generation subscribe to `msg` as an event?
+    pub fn wants_event(&self, msg: &Message) -> bool {
+        self.subs.iter().any(|(_, k)| k.matches_event(msg))
+    }
+
+    /// Does this generation handle `msg` as a command?
+    pub fn wants_command(&self, msg: &Message) -> bool {
+        self.subs.iter().any(|(_, k)| k.matches_command(msg))
+    }
+
+    fn add(&mut self, kind: SubKind) -> u64 {
+        let id = self
+            .services
+            .router
+            .subscribe(&self.script, self.generation, kind.clone());
+        if !self.subs.iter().any(|(i, _)| *i == id) {
+            self.subs.push((id, kind));
+        }
+        id
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
+    types::add_to_linker::<ScriptState, HasSelf<EventsCtx>>(linker, |s| &mut s.events)?;
+    wit::add_to_linker::<ScriptState, HasSelf<EventsCtx>>(linker, |s| &mut s.events)
+}
+
+impl types::Host for EventsCtx {}
+
+impl wit::Host for EventsCtx {
+    async fn subscribe(&mut self, from: String, name: String) -> u64 {
+        self.add(SubKind::Event {
+            from: Pattern::new(&from),
+            name: Pattern::new(&name),
+        })
+    }
+
+    async fn handle(&mut self, from: String, name: String) -> u64 {
+        self.add(SubKind::Command {
+            from: Pattern::new(&from),
+            name: Pattern::new(&name),
+        })
+    }
+
+    async fn unsubscribe(&mut self, id: u64) -> bool {
+        let before = self.subs.len();
+        self.subs.retain(|(i, _)| *i != id);
+        before != self.subs.len() && self.services.router.unsubscribe(&self.script, id)
+    }
+
+    async fn emit(&mut self, name: String, payload: Vec<u8>) -> Result<(), SendError> {
+        self.services.router.emit(&name, payload).map(drop)
+    }
+
+    async fn send_command(
+        &mut self,
+        target: String,
+        name: String,
+        payload: Vec<u8>,
+    ) -> Result<(), SendError> {
+        self.services
+            .router
+            .send_command(&target, &name, payload)
+            .map(drop)
+    }
+
+    async fn call(
+        &mut self,
+        target: String,
+        name: String,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Vec<u8>, CallError> {
+        let timeout = Duration::from_millis(timeout_ms.into());
+        self.services
+            .router
+            .call(Some(&self.script), &target, &name, payload, timeout)
+            .await
+    }
+}

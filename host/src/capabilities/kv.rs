@@ -1,0 +1,86 @@
+//! `covey:script/kv`: the replicated key-value store as a script sees it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use anyhow::Result;
+use wasmtime::component::{HasSelf, Linker};
+
+use super::{ScriptEnv, ScriptState};
+use crate::bindings::covey::script::kv::{self as wit, KvError as WitError};
+use crate::kvdoc::KvError;
+use crate::router::{ScriptId, SubKind};
+use crate::services::Services;
+
+pub struct KvCtx {
+    script: ScriptId,
+    generation: u64,
+    services: Arc<Services>,
+    watches: HashSet<u64>,
+}
+
+impl KvCtx {
+    pub fn new(env: &ScriptEnv) -> Self {
+        KvCtx {
+            script: env.script.clone(),
+            generation: env.generation,
+            services: env.services.clone(),
+            watches: HashSet::new(),
+        }
+    }
+
+    /// Is `watch` one of this generation's watches?
+    pub fn is_watching(&self, watch: u64) -> bool {
+        self.watches.contains(&watch)
+    }
+}
+
+impl From<KvError> for WitError {
+    fn from(e: KvError) -> Self {
+        match e {
+            KvError::InvalidKey(s) => WitError::InvalidKey(s),
+            KvError::ValueTooLarge(n) => WitError::ValueTooLarge(n),
+            KvError::NotACounter(s) => WitError::NotACounter(s),
+            KvError::Storage(s) => WitError::Storage(s),
+        }
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
+    wit::add_to_linker::<ScriptState, HasSelf<KvCtx>>(linker, |s| &mut s.kv)
+}
+
+impl wit::Host for KvCtx {
+    async fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.services.kv.get(&key)
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
+        Ok(self.services.kv.set(&key, &value)?)
+    }
+
+    async fn delete(&mut self, key: String) -> Result<bool, WitError> {
+        Ok(self.services.kv.delete(&key)?)
+    }
+
+    async fn keys(&mut self, prefix: String) -> Vec<String> {
+        self.services.kv.keys(&prefix)
+    }
+
+    async fn incr(&mut self, key: String, delta: i64) -> Result<i64, WitError> {
+        Ok(self.services.kv.incr(&key, delta)?)
+    }
+
+    async fn watch(&mut self, prefix: String) -> u64 {
+        let id = self
+            .services
+            .router
+            .subscribe(&self.script, self.generation, SubKind::Watch { prefix });
+        self.watches.insert(id);
+        id
+    }
+
+    async fn unwatch(&mut self, id: u64) -> bool {
+        self.watches.remove(&id) && self.services.router.unsubscribe(&self.script, id)
+    }
+}

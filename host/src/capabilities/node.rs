@@ -1,0 +1,45 @@
+//! `covey:script/node`: this node's name and the cluster membership view.
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasSelf, Linker};
+
+use super::{ScriptEnv, ScriptState};
+use crate::bindings::covey::script::node::{self as wit, NodeInfo};
+use crate::router::now_ms;
+use crate::services::Services;
+
+pub struct NodeCtx {
+    services: Arc<Services>,
+}
+
+impl NodeCtx {
+    pub fn new(env: &ScriptEnv) -> Self {
+        NodeCtx {
+            services: env.services.clone(),
+        }
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
+    wit::add_to_linker::<ScriptState, HasSelf<NodeCtx>>(linker, |s| &mut s.node)
+}
+
+impl wit::Host for NodeCtx {
+    async fn name(&mut self) -> String {
+        self.services.router.node_name().to_string()
+    }
+
+    async fn nodes(&mut self) -> Vec<NodeInfo> {
+        // A single-node view until cluster membership lands.
+        vec![NodeInfo {
+            name: self.services.router.node_name().to_string(),
+            up: true,
+            since_ms: self.services.started_ms,
+        }]
+    }
+
+    async fn now_ms(&mut self) -> u64 {
+        now_ms()
+    }
+}

@@ -1,0 +1,119 @@
+//! WASI for scripts, with nothing granted: no preopened directories, no
+//! environment variables or arguments, no sockets or name lookups. Clocks
+//! and random numbers are allowed (harmless, and Rust's std needs them).
+//! stdout and stderr become log lines tagged with the script name.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+use wasmtime::component::Linker;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
+
+use super::{ScriptEnv, ScriptState};
+use crate::router::ScriptId;
+
+pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)
+}
+
+pub fn sandboxed_ctx(env: &ScriptEnv) -> WasiCtx {
+    WasiCtxBuilder::new()
+        .stdout(LogStream::new(env.script.clone(), false))
+        .stderr(LogStream::new(env.script.clone(), true))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
+}
+
+/// A guest output stream that turns complete lines into log lines.
+#[derive(Clone)]
+struct LogStream {
+    inner: Arc<Mutex<LineBuffer>>,
+}
+
+struct LineBuffer {
+    script: ScriptId,
+    stderr: bool,
+    pending: Vec<u8>,
+}
+
+/// A line longer than this is logged in pieces rather than buffered forever.
+const MAX_LINE: usize = 8 * 1024;
+
+impl LogStream {
+    fn new(script: ScriptId, stderr: bool) -> Self {
+        LogStream {
+            inner: Arc::new(Mutex::new(LineBuffer {
+                script,
+                stderr,
+                pending: Vec::new(),
+            })),
+        }
+    }
+}
+
+impl LineBuffer {
+    fn write(&mut self, mut buf: &[u8]) {
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            self.pending.extend_from_slice(&buf[..pos]);
+            self.flush_line();
+            buf = &buf[pos + 1..];
+        }
+        self.pending.extend_from_slice(buf);
+        if self.pending.len() >= MAX_LINE {
+            self.flush_line();
+        }
+    }
+
+    fn flush_line(&mut self) {
+        let line = String::from_utf8_lossy(&self.pending);
+        let line = line.trim_end_matches('\r');
+        let script = &*self.script;
+        if self.stderr {
+            tracing::warn!(target: "script", script, "{line}");
+        } else {
+            tracing::info!(target: "script", script, "{line}");
+        }
+        self.pending.clear();
+    }
+}
+
+impl Drop for LineBuffer {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            self.flush_line();
+        }
+    }
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl AsyncWrite for LogStream {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.inner.lock().unwrap().write(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,263 @@
+//! Command line, environment and config file, merged into one `NodeConfig`.
+//!
+//! Precedence, highest first: command-line flags, `COVEY_*` environment
+//! variables, the YAML config file, built-in defaults. The file accepts
+//! esc's keys (`node`, `port`, `discovery`, `scripts`, `iface`, `extras`) so
+//! existing esc configs work, plus Covey's own; unknown keys are an error
+//! (a typo should not silently fall back to a default).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::services::ScriptLimits;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "covey",
+    version,
+    about = "Covey: run sandboxed WebAssembly scripts on every machine of a small fleet",
+    long_about = "Covey runs WebAssembly components dropped into a scripts directory, each \
+        in its own sandbox (memory and CPU limits, no file system, network or environment \
+        access), hot-reloads them when the file changes, and lets them talk through events, \
+        commands, calls, timers and a replicated key-value store."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: load every script in the scripts directory and watch it.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// This node's name, unique in the cluster [default: the host name]
+    #[arg(long, env = "COVEY_NODE")]
+    pub node: Option<String>,
+    /// Directory of scripts (`*.wasm`), watched recursively [default: ./scripts]
+    #[arg(long, env = "COVEY_SCRIPTS")]
+    pub scripts: Option<PathBuf>,
+    /// Directory for the key-value store and the compiled-code cache
+    /// [default: the platform data directory, e.g. ~/.local/share/covey]
+    #[arg(long, env = "COVEY_DATA")]
+    pub data: Option<PathBuf>,
+    /// YAML config file (keys: node, port, discovery, scripts, iface, extras,
+    /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log)
+    #[arg(long, env = "COVEY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Memory cap per script in MiB [default: 64]
+    #[arg(long, env = "COVEY_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+    /// CPU budget per script callback in milliseconds [default: 100]
+    #[arg(long, env = "COVEY_CPU_MS")]
+    pub cpu_ms: Option<u64>,
+    /// Log filter, e.g. `info` or `covey=debug,script=trace` [default: info]
+    #[arg(long, env = "COVEY_LOG")]
+    pub log: Option<String>,
+}
+
+/// The YAML config file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node: Option<String>,
+    /// Cluster port (used by clustering).
+    pub port: Option<u16>,
+    /// Peer discovery setting (used by clustering).
+    pub discovery: Option<serde_json::Value>,
+    pub scripts: Option<PathBuf>,
+    /// Network interface(s) for clustering.
+    pub iface: Option<serde_json::Value>,
+    /// Free-form settings scripts read with `config.get`.
+    #[serde(default)]
+    pub extras: serde_json::Map<String, serde_json::Value>,
+    pub data: Option<PathBuf>,
+    pub memory_mb: Option<u64>,
+    pub cpu_ms: Option<u64>,
+    pub max_scripts: Option<u32>,
+    /// Maximum message payload in bytes.
+    pub max_payload: Option<usize>,
+    /// Mailbox capacity per script (messages).
+    pub mailbox: Option<usize>,
+    pub log: Option<String>,
+}
+
+/// Everything a node needs to start, resolved.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    pub scripts_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub limits: ScriptLimits,
+    pub max_scripts: u32,
+    pub max_payload: usize,
+    pub extras: serde_json::Map<String, serde_json::Value>,
+    pub log: String,
+    /// Watch the scripts directory for changes (tests may turn it off).
+    pub watch: bool,
+}
+
+impl NodeConfig {
+    /// Defaults for a node called `name` with the given directories.
+    pub fn new(name: &str, scripts_dir: PathBuf, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            name: name.to_string(),
+            scripts_dir,
+            data_dir,
+            limits: ScriptLimits::default(),
+            max_scripts: 64,
+            max_payload: 1 << 20,
+            extras: Default::default(),
+            log: "info".into(),
+            watch: true,
+        }
+    }
+
+    /// Merge flags/env (`args`) over the config file over defaults.
+    pub fn resolve(args: &RunArgs) -> Result<Self> {
+        let (file, base) = match &args.config {
+            Some(path) => (read_file_config(path)?, path.parent().map(Path::to_path_buf)),
+            None => (FileConfig::default(), None),
+        };
+        let in_file = |p: PathBuf| match &base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        };
+        let name = match args.node.clone().or(file.node) {
+            Some(n) => n,
+            None => gethostname::gethostname().to_string_lossy().into_owned(),
+        };
+        validate_node_name(&name)?;
+        let scripts_dir = args
+            .scripts
+            .clone()
+            .or(file.scripts.map(in_file))
+            .unwrap_or_else(|| PathBuf::from("scripts"));
+        let data_dir = match args.data.clone().or(file.data.map(in_file)) {
+            Some(d) => d,
+            None => default_data_dir(),
+        };
+        let mut limits = ScriptLimits::default();
+        if let Some(mb) = args.memory_mb.or(file.memory_mb) {
+            if mb == 0 || mb > 4096 {
+                bail!("memory_mb must be between 1 and 4096, got {mb}");
+            }
+            limits.memory_bytes = mb << 20;
+        }
+        if let Some(ms) = args.cpu_ms.or(file.cpu_ms) {
+            if ms == 0 {
+                bail!("cpu_ms must be at least 1");
+            }
+            limits.cpu_budget = Duration::from_millis(ms);
+        }
+        if let Some(m) = file.mailbox {
+            limits.mailbox = m.max(1);
+        }
+        let mut cfg = NodeConfig::new(&name, scripts_dir, data_dir);
+        cfg.limits = limits;
+        cfg.max_scripts = file.max_scripts.unwrap_or(cfg.max_scripts).max(1);
+        cfg.max_payload = file.max_payload.unwrap_or(cfg.max_payload);
+        cfg.extras = file.extras;
+        cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
+        if file.port.is_some() || file.discovery.is_some() || file.iface.is_some() {
+            tracing::info!("port/discovery/iface are read for clustering, which this build does not run yet");
+        }
+        Ok(cfg)
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml_ng::from_str(&text).with_context(|| format!("in config file {}", path.display()))
+}
+
+fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "covey")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("covey-data"))
+}
+
+/// Node names appear in patterns, targets and certificates: keep them plain.
+pub fn validate_node_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !ok {
+        bail!(
+            "invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.' \
+             (set it with --node or COVEY_NODE)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("covey.yaml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn cli_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write(
+            dir.path(),
+            "node: from-file\nscripts: s\ncpu_ms: 50\nextras:\n  greeting: hi\n  n: 3\n",
+        );
+        let args = RunArgs {
+            node: Some("from-cli".into()),
+            config: Some(cfg),
+            ..Default::default()
+        };
+        let c = NodeConfig::resolve(&args).unwrap();
+        assert_eq!(c.name, "from-cli");
+        assert_eq!(c.scripts_dir, dir.path().join("s"));
+        assert_eq!(c.limits.cpu_budget, Duration::from_millis(50));
+        assert_eq!(c.limits.memory_bytes, 64 << 20);
+        assert_eq!(c.extras["greeting"], "hi");
+        assert_eq!(c.extras["n"], 3);
+    }
+
+    #[test]
+    fn esc_keys_are_accepted_and_typos_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = write(dir.path(), "node: a\nport: 7000\ndiscovery: true\niface: eth0\n");
+        let args = RunArgs {
+            config: Some(ok),
+            ..Default::default()
+        };
+        assert!(NodeConfig::resolve(&args).is_ok());
+        let bad = write(dir.path(), "node: a\nscirpts: x\n");
+        let args = RunArgs {
+            config: Some(bad),
+            ..Default::default()
+        };
+        let err = format!("{:#}", NodeConfig::resolve(&args).unwrap_err());
+        assert!(err.contains("scirpts"), "{err}");
+    }
+
+    #[test]
+    fn bad_node_names_are_refused() {
+        assert!(validate_node_name("pi-kitchen.1").is_ok());
+        assert!(validate_node_name("").is_err());
+        assert!(validate_node_name("*").is_err());
+        assert!(validate_node_name("a b").is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! `Node`: one running Covey host — engine, router, key-value store,
+//! supervisor and watcher wired together, and taken down in order.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::task::JoinHandle;
+
+use crate::config::NodeConfig;
+use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
+use crate::kvdoc::{KvDoc, KvLimits};
+use crate::router::{Router, now_ms};
+use crate::script::ScriptSupervisor;
+use crate::services::Services;
+use crate::watcher::ScriptsWatcher;
+
+pub struct Node {
+    services: Arc<Services>,
+    supervisor: Arc<ScriptSupervisor>,
+    engine: ScriptEngine,
+    watcher: Option<ScriptsWatcher>,
+    flusher: JoinHandle<()>,
+}
+
+impl Node {
+    /// Start a node: open the store, load every script, start watching.
+    pub async fn start(cfg: NodeConfig) -> Result<Node> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.scripts_dir).with_context(|| {
+            format!("creating scripts directory {}", cfg.scripts_dir.display())
+        })?;
+        let scripts_dir = cfg.scripts_dir.canonicalize()?;
+        let engine = ScriptEngine::new(EngineLimits {
+            memory_bytes: cfg.limits.memory_bytes,
+            max_scripts: cfg.max_scripts,
+        })?;
+        let cache = ComponentCache::new(engine.clone(), Some(cfg.data_dir.join("cache")));
+        let router = Arc::new(Router::new(&cfg.name, cfg.max_payload));
+        let kv = Arc::new(KvDoc::open(
+            Some(cfg.data_dir.join("kv.automerge")),
+            KvLimits::default(),
+            router.clone(),
+        )?);
+        let flusher = kv.spawn_flusher();
+        let services = Arc::new(Services {
+            router,
+            kv,
+            extras: cfg.extras.clone(),
+            limits: cfg.limits.clone(),
+            started_ms: now_ms(),
+        });
+        let supervisor = Arc::new(ScriptSupervisor::new(services.clone(), cache, scripts_dir)?);
+        // Watch before the first scan, so a file written in between is not
+        // missed (a double report is harmless: same hash, no reload).
+        let watcher = if cfg.watch {
+            Some(ScriptsWatcher::start(supervisor.clone())?)
+        } else {
+            None
+        };
+        supervisor.scan().await;
+        tracing::info!(
+            node = cfg.name,
+            scripts = %supervisor.dir().display(),
+            data = %cfg.data_dir.display(),
+            allocator = ?engine.allocator(),
+            "node started"
+        );
+        Ok(Node {
+            services,
+            supervisor,
+            engine,
+            watcher,
+            flusher,
+        })
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.services.router
+    }
+
+    pub fn kv(&self) -> &Arc<KvDoc> {
+        &self.services.kv
+    }
+
+    pub fn supervisor(&self) -> &Arc<ScriptSupervisor> {
+        &self.supervisor
+    }
+
+    pub fn engine(&self) -> &ScriptEngine {
+        &self.engine
+    }
+
+    /// Stop watching, stop every script, then flush the store.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.watcher.take();
+        self.supervisor.shutdown().await;
+        self.flusher.abort();
+        let kv = self.services.kv.clone();
+        tokio::task::spawn_blocking(move || kv.flush()).await??;
+        tracing::info!("node stopped");
+        Ok(())
+    }
+}

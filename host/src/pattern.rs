@@ -1,0 +1,88 @@
+//! esc-style name patterns: `*` alone matches anything, `*` inside a pattern
+//! matches any run of characters, every other character matches itself.
+
+/// A compiled pattern. Cheap to match; the common cases (`*` and literal
+/// names) avoid the general matcher entirely.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Pattern {
+    Any,
+    Exact(String),
+    Glob(String),
+}
+
+impl Pattern {
+    pub fn new(text: &str) -> Self {
+        if text == "*" {
+            Pattern::Any
+        } else if text.contains('*') {
+            Pattern::Glob(text.to_string())
+        } else {
+            Pattern::Exact(text.to_string())
+        }
+    }
+
+    pub fn matches(&self, s: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(p) => p == s,
+            Pattern::Glob(p) => glob_match(p.as_bytes(), s.as_bytes()),
+        }
+    }
+}
+
+/// Iterative wildcard matching with single backtrack point: linear in
+/// practice, never exponential.
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pattern;
+
+    #[test]
+    fn star_matches_everything() {
+        assert!(Pattern::new("*").matches(""));
+        assert!(Pattern::new("*").matches("hello"));
+    }
+
+    #[test]
+    fn literal_matches_only_itself() {
+        assert!(Pattern::new("hello").matches("hello"));
+        assert!(!Pattern::new("hello").matches("hello2"));
+        assert!(!Pattern::new("hello").matches("hell"));
+    }
+
+    #[test]
+    fn globs() {
+        let p = Pattern::new("sensor.*");
+        assert!(p.matches("sensor.temp"));
+        assert!(p.matches("sensor."));
+        assert!(!p.matches("sensors.temp"));
+        let p = Pattern::new("*.temp");
+        assert!(p.matches("kitchen.temp"));
+        assert!(!p.matches("kitchen.tempx"));
+        let p = Pattern::new("a*b*c");
+        assert!(p.matches("abc"));
+        assert!(p.matches("aXXbYYc"));
+        assert!(!p.matches("aXXbYY"));
+        assert!(Pattern::new("a**").matches("a"));
+    }
+}

@@ -1,0 +1,382 @@
+//! The router: where events, commands, calls and key-value change
+//! notifications find the scripts that want them.
+//!
+//! Data paths: instance → router → mailboxes (this node) and, once
+//! clustering lands, instance → router → network and network → router →
+//! instance. Scripts never see each other directly; they only see the
+//! router through the `events` and `kv` capabilities.
+//!
+//! Subscriptions belong to a *generation* of a script (one instantiation).
+//! During a hot reload or a crash restart, the old generation's
+//! subscriptions stay routed until the new generation's `init` succeeds, so
+//! messages keep queueing in the script's mailbox and none is lost in the
+//! swap; then the old generation is retired in one step.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bindings::{CallError, Message, SendError};
+use crate::pattern::Pattern;
+
+/// A script's identity: its path relative to the scripts directory, with `/`
+/// separators (e.g. `sensors/temp.wasm`). Stable across versions.
+pub type ScriptId = Arc<str>;
+
+/// The reply to a call, sent back by the handling script's instance.
+pub type Reply = oneshot::Sender<Result<Vec<u8>, CallError>>;
+
+/// Something for a script to handle, queued in its mailbox.
+pub enum Delivery {
+    /// An event; `generation` is the generation whose subscription matched.
+    Event { msg: Arc<Message>, generation: u64 },
+    /// A command, or a call when `reply` is set.
+    Command {
+        msg: Arc<Message>,
+        generation: u64,
+        reply: Option<Reply>,
+    },
+    /// A watched key changed (`value` none = deleted).
+    KvChange {
+        watch: u64,
+        key: Arc<str>,
+        value: Option<Arc<[u8]>>,
+    },
+    /// A timer of the given generation fired.
+    Timer { generation: u64, id: u64 },
+}
+
+/// What a subscription selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubKind {
+    Event { from: Pattern, name: Pattern },
+    Command { from: Pattern, name: Pattern },
+    Watch { prefix: String },
+}
+
+impl SubKind {
+    pub fn matches_event(&self, msg: &Message) -> bool {
+        matches!(self, SubKind::Event { from, name } if name.matches(&msg.name) && from.matches(&msg.from))
+    }
+
+    pub fn matches_command(&self, msg: &Message) -> bool {
+        matches!(self, SubKind::Command { from, name } if name.matches(&msg.name) && from.matches(&msg.from))
+    }
+}
+
+#[derive(Debug)]
+struct Sub {
+    id: u64,
+    generation: u64,
+    kind: SubKind,
+}
+
+struct Entry {
+    mailbox: mpsc::Sender<Delivery>,
+    subs: Vec<Sub>,
+}
+
+/// Counters visible in `covey status` and the benchmarks.
+#[derive(Default, Debug)]
+pub struct RouterStats {
+    /// Deliveries dropped because a script's mailbox was full.
+    pub dropped: AtomicU64,
+    /// Deliveries queued into mailboxes.
+    pub delivered: AtomicU64,
+}
+
+/// Routes messages among the scripts of this node.
+pub struct Router {
+    node: Arc<str>,
+    max_payload: usize,
+    table: RwLock<BTreeMap<ScriptId, Entry>>,
+    next_sub: AtomicU64,
+    msg_seq: AtomicU64,
+    /// Random per process, so message ids stay unique across restarts.
+    msg_prefix: u64,
+    pub stats: RouterStats,
+}
+
+impl Router {
+    pub fn new(node: &str, max_payload: usize) -> Self {
+        Router {
+            node: node.into(),
+            max_payload,
+            table: RwLock::new(BTreeMap::new()),
+            next_sub: AtomicU64::new(1),
+            msg_seq: AtomicU64::new(1),
+            msg_prefix: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+            stats: RouterStats::default(),
+        }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Make a script reachable. Its subscriptions start empty.
+    pub fn register(&self, script: ScriptId, mailbox: mpsc::Sender<Delivery>) {
+        let mut table = self.table.write().unwrap();
+        table.insert(
+            script,
+            Entry {
+                mailbox,
+                subs: Vec::new(),
+            },
+        );
+    }
+
+    /// Remove a script and all its subscriptions.
+    pub fn unregister(&self, script: &str) {
+        self.table.write().unwrap().remove(script);
+    }
+
+    /// Add a subscription for `generation` of `script`. An identical one of
+    /// the same generation is reused, so each message is delivered once.
+    pub fn subscribe(&self, script: &str, generation: u64, kind: SubKind) -> u64 {
+        let mut table = self.table.write().unwrap();
+        let Some(entry) = table.get_mut(script) else {
+            return 0;
+        };
+        if let Some(sub) = entry
+            .subs
+            .iter()
+            .find(|s| s.generation == generation && s.kind == kind)
+        {
+            return sub.id;
+        }
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        entry.subs.push(Sub {
+            id,
+            generation,
+            kind,
+        });
+        id
+    }
+
+    /// Remove one subscription of `script`.
+    pub fn unsubscribe(&self, script: &str, id: u64) -> bool {
+        let mut table = self.table.write().unwrap();
+        let Some(entry) = table.get_mut(script) else {
+            return false;
+        };
+        let before = entry.subs.len();
+        entry.subs.retain(|s| s.id != id);
+        entry.subs.len() != before
+    }
+
+    /// Keep only `generation`'s subscriptions: the swap to a new generation.
+    pub fn retire_other_generations(&self, script: &str, generation: u64) {
+        if let Some(entry) = self.table.write().unwrap().get_mut(script) {
+            entry.subs.retain(|s| s.generation == generation);
+        }
+    }
+
+    /// Drop `generation`'s subscriptions: a new version that failed to start.
+    pub fn drop_generation(&self, script: &str, generation: u64) {
+        if let Some(entry) = self.table.write().unwrap().get_mut(script) {
+            entry.subs.retain(|s| s.generation != generation);
+        }
+    }
+
+    /// A new message from this node.
+    pub fn message(&self, to: &str, name: &str, payload: Vec<u8>) -> Message {
+        let seq = self.msg_seq.fetch_add(1, Ordering::Relaxed);
+        Message {
+            id: format!("{:016x}-{seq}", self.msg_prefix),
+            from: self.node.to_string(),
+            to: to.to_string(),
+            name: name.to_string(),
+            payload,
+            timestamp_ms: now_ms(),
+        }
+    }
+
+    fn check_payload(&self, payload: &[u8]) -> Result<(), u64> {
+        if payload.len() > self.max_payload {
+            Err(self.max_payload as u64)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Is `target` this node (or every node)? Errors name unknown targets.
+    fn local_target(&self, target: &str) -> Result<(), SendError> {
+        if target == "*" || target == &*self.node {
+            Ok(())
+        } else {
+            Err(SendError::UnknownNode(target.to_string()))
+        }
+    }
+
+    /// Broadcast an event. Returns how many scripts it was queued for.
+    pub fn emit(&self, name: &str, payload: Vec<u8>) -> Result<usize, SendError> {
+        self.check_payload(&payload)
+            .map_err(SendError::PayloadTooLarge)?;
+        let msg = Arc::new(self.message("*", name, payload));
+        Ok(self.deliver_event(&msg))
+    }
+
+    /// Queue `msg` for every local script with a matching event subscription.
+    pub fn deliver_event(&self, msg: &Arc<Message>) -> usize {
+        let table = self.table.read().unwrap();
+        let mut n = 0;
+        for (script, entry) in table.iter() {
+            // The newest matching generation decides; the instance re-checks
+            // against its own subscriptions if that is not the live one.
+            if let Some(sub) = entry.subs.iter().rev().find(|s| s.kind.matches_event(msg)) {
+                let d = Delivery::Event {
+                    msg: msg.clone(),
+                    generation: sub.generation,
+                };
+                n += self.offer(script, &entry.mailbox, d) as usize;
+            }
+        }
+        n
+    }
+
+    /// Send a command to `target`; every matching handler gets it.
+    pub fn send_command(
+        &self,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<usize, SendError> {
+        self.check_payload(&payload)
+            .map_err(SendError::PayloadTooLarge)?;
+        self.local_target(target)?;
+        let msg = Arc::new(self.message(target, name, payload));
+        let table = self.table.read().unwrap();
+        let mut n = 0;
+        for (script, entry) in table.iter() {
+            if let Some(sub) = entry.subs.iter().rev().find(|s| s.kind.matches_command(&msg)) {
+                let d = Delivery::Command {
+                    msg: msg.clone(),
+                    generation: sub.generation,
+                    reply: None,
+                };
+                n += self.offer(script, &entry.mailbox, d) as usize;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Request/reply: the first handler (by script path) other than
+    /// `caller` answers, within `timeout`.
+    pub async fn call(
+        &self,
+        caller: Option<&str>,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        if target == "*" {
+            return Err(CallError::InvalidTarget(
+                "a call needs one node; use send-command for `*`".into(),
+            ));
+        }
+        self.check_payload(&payload)
+            .map_err(CallError::PayloadTooLarge)?;
+        self.local_target(target).map_err(|e| match e {
+            SendError::UnknownNode(n) => CallError::UnknownNode(n),
+            SendError::PayloadTooLarge(n) => CallError::PayloadTooLarge(n),
+        })?;
+        let msg = Arc::new(self.message(target, name, payload));
+        let (tx, rx) = oneshot::channel();
+        {
+            let table = self.table.read().unwrap();
+            let handler = table.iter().find_map(|(script, entry)| {
+                if Some(&**script) == caller {
+                    return None;
+                }
+                let sub = entry.subs.iter().rev().find(|s| s.kind.matches_command(&msg))?;
+                Some((script, entry, sub.generation))
+            });
+            let Some((script, entry, generation)) = handler else {
+                return Err(CallError::NoHandler(format!(
+                    "no script on node `{}` handles `{name}`",
+                    self.node
+                )));
+            };
+            let d = Delivery::Command {
+                msg,
+                generation,
+                reply: Some(tx),
+            };
+            if !self.offer(script, &entry.mailbox, d) {
+                return Err(CallError::HandlerFailed(format!(
+                    "mailbox of `{script}` is full"
+                )));
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(CallError::HandlerFailed(
+                "the handling script stopped before replying".into(),
+            )),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// Tell watchers of `key` that it changed.
+    pub fn kv_changed(&self, key: &str, value: Option<&[u8]>) {
+        let table = self.table.read().unwrap();
+        let key: Arc<str> = key.into();
+        let value: Option<Arc<[u8]>> = value.map(Into::into);
+        for (script, entry) in table.iter() {
+            for sub in &entry.subs {
+                if let SubKind::Watch { prefix } = &sub.kind {
+                    if key.starts_with(prefix.as_str()) {
+                        let d = Delivery::KvChange {
+                            watch: sub.id,
+                            key: key.clone(),
+                            value: value.clone(),
+                        };
+                        self.offer(script, &entry.mailbox, d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queue without waiting: a full mailbox (a stuck or crashed script)
+    /// never blocks the sender or other scripts; the drop is counted.
+    fn offer(&self, script: &str, mailbox: &mpsc::Sender<Delivery>, d: Delivery) -> bool {
+        match mailbox.try_send(d) {
+            Ok(()) => {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(script, dropped_total = n, "mailbox full, message dropped");
+                }
+                false
+            }
+        }
+    }
+
+    /// Names of the registered scripts, sorted.
+    pub fn scripts(&self) -> Vec<ScriptId> {
+        self.table.read().unwrap().keys().cloned().collect()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

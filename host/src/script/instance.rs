@@ -1,0 +1,364 @@
+//! `ScriptInstance`: the task that owns one script's store and feeds it its
+//! mailbox, one callback at a time.
+//!
+//! Each export call runs under a CPU budget counted in epoch ticks; every
+//! tick the call yields to tokio (so a busy script never starves other
+//! scripts or timers) and, past the budget, it is interrupted. A failed call
+//! (trap, budget, host error) poisons the instance: it is dropped — which
+//! aborts its timers — and re-instantiated after a backoff, while its old
+//! subscriptions keep routing messages into the mailbox so none is lost.
+//! A hot reload is the same swap with new code, requested over the control
+//! channel; if the new code fails to start, the old instance keeps running.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use wasmtime::{Result, Store, StoreContextMut, Trap, UpdateDeadline};
+
+use crate::bindings::{CallError, Script, ScriptPre};
+use crate::capabilities::{CpuBudget, ScriptEnv, ScriptState};
+use crate::engine::EPOCH_TICK;
+use crate::router::{Delivery, ScriptId};
+use crate::services::Services;
+
+/// Compiled and linked code of one version of a script.
+pub struct LoadedScript {
+    pub pre: ScriptPre<ScriptState>,
+    pub hash: blake3::Hash,
+}
+
+/// Requests from the supervisor.
+pub enum Control {
+    /// Swap in new code; the old version keeps running if it fails to start.
+    Replace {
+        code: Arc<LoadedScript>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Stop,
+}
+
+/// What `covey status` shows of a script.
+#[derive(Clone, Debug, Default)]
+pub struct ScriptStatus {
+    pub running: bool,
+    pub generation: u64,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+}
+
+/// The error a call fails with when it runs out of CPU budget.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU budget of {0:?} per call exceeded")]
+pub struct BudgetExceeded(Duration);
+
+struct Live {
+    store: Store<ScriptState>,
+    bindings: Script,
+    generation: u64,
+    since: Instant,
+}
+
+pub struct ScriptInstance {
+    script: ScriptId,
+    services: Arc<Services>,
+    mailbox_tx: mpsc::Sender<Delivery>,
+    mailbox: mpsc::Receiver<Delivery>,
+    control: mpsc::UnboundedReceiver<Control>,
+    code: Arc<LoadedScript>,
+    live: Option<Live>,
+    next_generation: u64,
+    consecutive_failures: u32,
+    restart_at: Option<Instant>,
+    status: Arc<Mutex<ScriptStatus>>,
+}
+
+/// Deliveries handled per wake-up before control requests are looked at.
+const BATCH: usize = 256;
+/// A generation that ran this long without failing resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+impl ScriptInstance {
+    pub fn new(
+        script: ScriptId,
+        services: Arc<Services>,
+        code: Arc<LoadedScript>,
+        mailbox: (mpsc::Sender<Delivery>, mpsc::Receiver<Delivery>),
+        control: mpsc::UnboundedReceiver<Control>,
+        status: Arc<Mutex<ScriptStatus>>,
+    ) -> Self {
+        ScriptInstance {
+            script,
+            services,
+            mailbox_tx: mailbox.0,
+            mailbox: mailbox.1,
+            control,
+            code,
+            live: None,
+            next_generation: 1,
+            consecutive_failures: 0,
+            restart_at: None,
+            status,
+        }
+    }
+
+    /// Run until stopped. `started` learns whether the first `init` worked.
+    pub async fn run(mut self, started: oneshot::Sender<Result<(), String>>) {
+        let first = self.start_code(self.code.clone()).await;
+        if let Err(e) = &first {
+            self.schedule_restart("init", e);
+        }
+        let _ = started.send(first);
+        loop {
+            let restart_at = self.restart_at;
+            tokio::select! {
+                biased;
+                ctl = self.control.recv() => match ctl {
+                    Some(Control::Replace { code, done }) => {
+                        let r = self.start_code(code.clone()).await;
+                        if r.is_ok() {
+                            self.code = code;
+                        }
+                        let _ = done.send(r);
+                    }
+                    Some(Control::Stop) | None => break,
+                },
+                _ = sleep_until_opt(restart_at), if restart_at.is_some() && self.live.is_none() => {
+                    self.restart_at = None;
+                    if let Err(e) = self.start_code(self.code.clone()).await {
+                        self.schedule_restart("init", &e);
+                    }
+                }
+                d = self.mailbox.recv(), if self.live.is_some() => {
+                    let Some(d) = d else { break };
+                    self.deliver(d).await;
+                    for _ in 1..BATCH {
+                        if self.live.is_none() {
+                            break;
+                        }
+                        match self.mailbox.try_recv() {
+                            Ok(d) => self.deliver(d).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+        self.live = None;
+        self.services.router.unregister(&self.script);
+        self.status.lock().unwrap().running = false;
+        tracing::info!(script = &*self.script, "script stopped");
+    }
+
+    /// Instantiate `code` as a new generation and run its `init`. On
+    /// success it replaces the live generation (if any) atomically; on
+    /// failure nothing changes.
+    async fn start_code(&mut self, code: Arc<LoadedScript>) -> Result<(), String> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let env = ScriptEnv {
+            script: self.script.clone(),
+            generation,
+            services: self.services.clone(),
+            mailbox: self.mailbox_tx.clone(),
+        };
+        match instantiate(env, &code).await {
+            Ok(live) => {
+                self.services
+                    .router
+                    .retire_other_generations(&self.script, generation);
+                self.live = Some(live); // drops the previous generation
+                self.restart_at = None;
+                let mut st = self.status.lock().unwrap();
+                st.running = true;
+                st.generation = generation;
+                Ok(())
+            }
+            Err(err) => {
+                self.services.router.drop_generation(&self.script, generation);
+                let msg = describe_failure(&err);
+                self.status.lock().unwrap().last_error = Some(msg.clone());
+                Err(msg)
+            }
+        }
+    }
+
+    async fn deliver(&mut self, d: Delivery) {
+        let budget = self.services.limits.cpu_budget;
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let store = &mut live.store;
+        let (callback, result) = match d {
+            Delivery::Event { msg, generation } => {
+                if generation != live.generation && !store.data().events.wants_event(&msg) {
+                    return;
+                }
+                arm(store, budget);
+                ("on-event", live.bindings.call_on_event(&mut *store, &msg).await)
+            }
+            Delivery::Command {
+                msg,
+                generation,
+                reply,
+            } => {
+                if generation != live.generation && !store.data().events.wants_command(&msg) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(CallError::NoHandler(format!(
+                            "`{}` no longer handles `{}`",
+                            self.script, msg.name
+                        ))));
+                    }
+                    return;
+                }
+                arm(store, budget);
+                let r = live.bindings.call_on_command(&mut *store, &msg).await;
+                let outcome = match &r {
+                    Ok(Some(p)) => Ok(p.clone()),
+                    Ok(None) => Err(CallError::NoReply),
+                    Err(e) => Err(CallError::HandlerFailed(format!(
+                        "`{}` failed: {}",
+                        self.script,
+                        describe_failure(e)
+                    ))),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+                ("on-command", r.map(drop))
+            }
+            Delivery::KvChange { watch, key, value } => {
+                if !store.data().kv.is_watching(watch) {
+                    return;
+                }
+                arm(store, budget);
+                let r = live
+                    .bindings
+                    .call_on_kv_change(&mut *store, &key, value.map(|v| v.to_vec()).as_ref())
+                    .await;
+                ("on-kv-change", r)
+            }
+            Delivery::Timer { generation, id } => {
+                if generation != live.generation || !store.data().timers.is_live(id) {
+                    return;
+                }
+                arm(store, budget);
+                let r = live.bindings.call_on_timer(&mut *store, id).await;
+                if let Ok(keep) = r {
+                    store.data_mut().timers.fired(id, keep);
+                }
+                ("on-timer", r.map(drop))
+            }
+        };
+        if let Err(err) = result {
+            let msg = describe_failure(&err);
+            tracing::debug!(script = &*self.script, "failure detail: {err:?}");
+            if let Some(live) = self.live.take() {
+                if live.since.elapsed() > HEALTHY_AFTER {
+                    self.consecutive_failures = 0;
+                }
+            }
+            self.schedule_restart(callback, &msg);
+        }
+    }
+
+    /// Log the failure and arm the restart timer with exponential backoff:
+    /// immediately the first time, then 100 ms doubling up to 30 s.
+    fn schedule_restart(&mut self, callback: &str, msg: &str) {
+        self.consecutive_failures += 1;
+        let n = self.consecutive_failures;
+        let delay = if n <= 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100u64 << (n - 2).min(9)).min(Duration::from_secs(30))
+        };
+        tracing::error!(
+            script = &*self.script,
+            callback,
+            failures = n,
+            "script failed: {msg}; restarting in {delay:?}"
+        );
+        {
+            let mut st = self.status.lock().unwrap();
+            st.running = false;
+            st.restarts += 1;
+            st.last_error = Some(format!("{callback}: {msg}"));
+        }
+        self.restart_at = Some(Instant::now() + delay);
+    }
+}
+
+/// Build a store for `env`, instantiate `code` in it and run `init`.
+async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
+let budget = env.services.limits.cpu_budget;
+let generation = env.generation;
+    let engine = code.pre.engine();
+    let mut store = Store::new(engine, ScriptState::new(env));
+    store.limiter(|s| &mut s.limits);
+    store.epoch_deadline_callback(budget_tick);
+    arm(&mut store, budget);
+    let bindings = code.pre.instantiate_async(&mut store).await?;
+    arm(&mut store, budget);
+    bindings
+        .call_init(&mut store)
+        .await?
+        .map_err(|e| wasmtime::format_err!("init returned an error: {e}"))?;
+    Ok(Live {
+        store,
+        bindings,
+        generation,
+        since: Instant::now(),
+    })
+}
+
+/// Reset the CPU budget before an export call.
+fn arm(store: &mut Store<ScriptState>, budget: Duration) {
+    let ticks = budget.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u32;
+    store.data_mut().budget = CpuBudget {
+        used_ticks: 0,
+        max_ticks: ticks,
+    };
+    store.set_epoch_deadline(1);
+}
+
+/// Called by wasmtime each epoch tick while the script runs: yield to tokio
+/// through `yield_now` (wasmtime's built-in yield can starve tokio timers),
+/// or stop the call once its budget is spent.
+fn budget_tick(mut ctx: StoreContextMut<'_, ScriptState>) -> Result<UpdateDeadline> {
+    let state = ctx.data_mut();
+    state.budget.used_ticks += 1;
+    if state.budget.used_ticks >= state.budget.max_ticks {
+        let budget = state.env.services.limits.cpu_budget;
+        return Err(wasmtime::Error::new(BudgetExceeded(budget)));
+    }
+    Ok(UpdateDeadline::YieldCustom(
+        1,
+        Box::pin(tokio::task::yield_now()),
+    ))
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One line saying what went wrong: budget, trap kind, or the error chain.
+pub fn describe_failure(err: &wasmtime::Error) -> String {
+    if let Some(b) = err.downcast_ref::<BudgetExceeded>() {
+        return b.to_string();
+    }
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        let what = match trap {
+            Trap::UnreachableCodeReached => {
+                "wasm trap: unreachable (the script panicked or aborted, e.g. out of memory)"
+                    .to_string()
+            }
+            other => format!("wasm trap: {other}"),
+        };
+        return what;
+    }
+    format!("{err:#}")
+}

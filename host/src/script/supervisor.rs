@@ -1,0 +1,323 @@
+//! `ScriptSupervisor`: the set of scripts a node runs, keyed by path.
+//!
+//! Data path: watcher → supervisor (read, hash, compile off the async
+//! runtime) → instance (swap in). The supervisor is the only place that
+//! starts, replaces and stops instances; loads are serialised by its lock,
+//! so two quick saves of one file cannot race each other.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use wasmtime::component::Linker;
+
+use super::instance::{Control, LoadedScript, ScriptInstance, ScriptStatus};
+use crate::bindings::ScriptPre;
+use crate::capabilities::{self, ScriptState};
+use crate::engine::ComponentCache;
+use crate::router::ScriptId;
+use crate::services::Services;
+
+struct Handle {
+    control: mpsc::UnboundedSender<Control>,
+    task: JoinHandle<()>,
+    hash: blake3::Hash,
+    status: Arc<Mutex<ScriptStatus>>,
+}
+
+/// One script as listed by `covey status`.
+#[derive(Clone, Debug)]
+pub struct ScriptInfo {
+    pub id: ScriptId,
+    pub hash: String,
+    pub status: ScriptStatus,
+}
+
+/// What a load did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    Started,
+    Reloaded,
+    /// Same bytes as the running version: nothing to do.
+    Unchanged,
+}
+
+pub struct ScriptSupervisor {
+    services: Arc<Services>,
+    cache: ComponentCache,
+    linker: Arc<Linker<ScriptState>>,
+    dir: PathBuf,
+    scripts: tokio::sync::Mutex<BTreeMap<ScriptId, Handle>>,
+}
+
+impl ScriptSupervisor {
+    pub fn new(services: Arc<Services>, cache: ComponentCache, dir: PathBuf) -> Result<Self> {
+        let mut linker = Linker::new(cache.engine().engine());
+        capabilities::link(&mut linker)?;
+        Ok(ScriptSupervisor {
+            services,
+            cache,
+            linker: Arc::new(linker),
+            dir,
+            scripts: tokio::sync::Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The script id of `path`, if it is a script this node should run.
+    pub fn script_id(&self, path: &Path) -> Option<ScriptId> {
+        let rel = path.strip_prefix(&self.dir).ok()?;
+        is_script_path(rel).then(|| {
+            rel.components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+                .into()
+        })
+    }
+
+    /// Bring the script at `path` in line with the file: start, reload or
+    /// stop it. Errors are logged (and returned for callers that care); a
+    /// running version is never disturbed by a bad new one.
+    pub async fn sync_path(&self, path: &Path) -> Result<LoadOutcome> {
+        let Some(id) = self.script_id(path) else {
+            return Ok(LoadOutcome::Unchanged);
+        };
+        if path.is_file() {
+            let r = self.load(id.clone(), path).await;
+            match &r {
+                Ok(LoadOutcome::Started) => tracing::info!(script = &*id, "script started"),
+                Ok(LoadOutcome::Reloaded) => tracing::info!(script = &*id, "script reloaded"),
+                Ok(LoadOutcome::Unchanged) => {}
+                Err(e) => tracing::error!(script = &*id, "{e:#}"),
+            }
+            r
+        } else {
+            self.stop(&id).await;
+            Ok(LoadOutcome::Unchanged)
+        }
+    }
+
+    async fn load(&self, id: ScriptId, path: &Path) -> Result<LoadOutcome> {
+        let mut scripts = self.scripts.lock().await;
+        let bytes = tokio::fs::read(path)
+            .await
+            .with_context(|| format!("reading {}", path.display()))?;
+        let hash = blake3::hash(&bytes);
+        if scripts.get(&id).is_some_and(|h| h.hash == hash) {
+            return Ok(LoadOutcome::Unchanged);
+        }
+        let code = Arc::new(self.compile(&id, bytes, hash).await?);
+        if let Some(handle) = scripts.get_mut(&id) {
+            let (done, result) = oneshot::channel();
+            handle
+                .control
+                .send(Control::Replace { code, done })
+                .map_err(|_| anyhow!("`{id}` is not running"))?;
+            match result.await {
+                Ok(Ok(())) => {
+                    handle.hash = hash;
+                    Ok(LoadOutcome::Reloaded)
+                }
+                Ok(Err(e)) => Err(anyhow!(
+                    "new version of `{id}` failed to start; the previous version keeps running: {e}"
+                )),
+                Err(_) => Err(anyhow!("`{id}` stopped during reload")),
+            }
+        } else {
+            let (handle, started) = self.spawn(id.clone(), code, hash);
+            scripts.insert(id.clone(), handle);
+            match started.await {
+                Ok(Ok(())) => Ok(LoadOutcome::Started),
+                Ok(Err(e)) => Err(anyhow!("`{id}` failed to start (will retry with backoff): {e}")),
+                Err(_) => Err(anyhow!("`{id}` stopped while starting")),
+            }
+        }
+    }
+
+    /// Compile (or fetch from the cache) and link, on a blocking thread.
+    async fn compile(&self, id: &str, bytes: Vec<u8>, hash: blake3::Hash) -> Result<LoadedScript> {
+        let cache = self.cache.clone();
+        let linker = self.linker.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let component = cache
+                .load(&bytes)
+                .with_context(|| format!("`{id}` is not a loadable WebAssembly component"))?;
+            let pre = linker
+                .instantiate_pre(&component)
+                .and_then(ScriptPre::new)
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!(
+                        "`{id}` does not fit the covey:script@0.1.0 `script` world \
+                         (build it against wit/covey.wit)"
+                    )
+                })?;
+            Ok(LoadedScript { pre, hash })
+        })
+        .await?
+    }
+
+    fn spawn(
+        &self,
+        id: ScriptId,
+        code: Arc<LoadedScript>,
+        hash: blake3::Hash,
+    ) -> (Handle, oneshot::Receiver<Result<(), String>>) {
+        let (mailbox_tx, mailbox_rx) = mpsc::channel(self.services.limits.mailbox);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let status = Arc::new(Mutex::new(ScriptStatus::default()));
+        self.services.router.register(id.clone(), mailbox_tx.clone());
+        let instance = ScriptInstance::new(
+            id,
+            self.services.clone(),
+            code,
+            (mailbox_tx, mailbox_rx),
+            control_rx,
+            status.clone(),
+        );
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(instance.run(started_tx));
+        (
+            Handle {
+                control: control_tx,
+                task,
+                hash,
+                status,
+            },
+            started_rx,
+        )
+    }
+
+    /// Stop the script `id` (its subscriptions and timers go with it).
+    pub async fn stop(&self, id: &str) -> bool {
+        let handle = self.scripts.lock().await.remove(id);
+        match handle {
+            Some(h) => {
+                let _ = h.control.send(Control::Stop);
+                let _ = h.task.await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stop every script under `prefix` (a removed directory).
+    pub async fn stop_under(&self, prefix: &str) {
+        let ids: Vec<ScriptId> = self
+            .scripts
+            .lock()
+            .await
+            .keys()
+            .filter(|id| id.starts_with(prefix) && id[prefix.len()..].starts_with('/'))
+            .cloned()
+            .collect();
+        for id in ids {
+            self.stop(&id).await;
+        }
+    }
+
+    /// Load every script under the directory and stop those whose file is
+    /// gone. Used at start and after the watcher reports a directory change.
+    pub async fn scan(&self) {
+        let mut found = Vec::new();
+        collect_files(&self.dir, &mut found);
+        found.sort();
+        for path in &found {
+            let _ = self.sync_path(path).await;
+        }
+        let present: Vec<ScriptId> = found.iter().filter_map(|p| self.script_id(p)).collect();
+        let running: Vec<ScriptId> = self.scripts.lock().await.keys().cloned().collect();
+        for id in running {
+            if !present.contains(&id) {
+                self.stop(&id).await;
+            }
+        }
+    }
+
+    pub async fn list(&self) -> Vec<ScriptInfo> {
+        self.scripts
+            .lock()
+            .await
+            .iter()
+            .map(|(id, h)| ScriptInfo {
+                id: id.clone(),
+                hash: h.hash.to_hex()[..16].to_string(),
+                status: h.status.lock().unwrap().clone(),
+            })
+            .collect()
+    }
+
+    /// Stop every script.
+    pub async fn shutdown(&self) {
+        let handles: Vec<Handle> = std::mem::take(&mut *self.scripts.lock().await)
+            .into_values()
+            .collect();
+        for h in &handles {
+            let _ = h.control.send(Control::Stop);
+        }
+        for h in handles {
+            let _ = h.task.await;
+        }
+    }
+}
+
+/// Files and directories the loader ignores: hidden ones and editor
+/// temporaries (`*~`, `.#*`, `#*#`, `*.swp`, `*.swx`, `*.tmp`).
+pub fn is_ignored_name(name: &str) -> bool {
+    name.starts_with('.')
+        || name.ends_with('~')
+        || (name.starts_with('#') && name.ends_with('#'))
+        || [".swp", ".swx", ".tmp"].iter().any(|s| name.ends_with(s))
+}
+
+/// Is `rel` (relative to the scripts directory) a script to run?
+pub fn is_script_path(rel: &Path) -> bool {
+    let mut names = rel.components().map(|c| c.as_os_str().to_string_lossy());
+    let all_visible = names.all(|n| !is_ignored_name(&n));
+    all_visible && rel.extension().is_some_and(|e| e == "wasm")
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if is_ignored_name(&name.to_string_lossy()) {
+            continue;
+        }
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => collect_files(&path, out),
+            Ok(_) => out.push(path),
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_script_path;
+    use std::path::Path;
+
+    #[test]
+    fn which_files_are_scripts() {
+        assert!(is_script_path(Path::new("hello.wasm")));
+        assert!(is_script_path(Path::new("a/b/hello.wasm")));
+        assert!(!is_script_path(Path::new(".hello.wasm")));
+        assert!(!is_script_path(Path::new(".git/hello.wasm")));
+        assert!(!is_script_path(Path::new("hello.wasm~")));
+        assert!(!is_script_path(Path::new("hello.wasm.swp")));
+        assert!(!is_script_path(Path::new(".#hello.wasm")));
+        assert!(!is_script_path(Path::new("#hello.wasm#")));
+        assert!(!is_script_path(Path::new("notes.txt")));
+    }
+}

@@ -1,0 +1,38 @@
+//! Node-wide services shared by every script instance.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::kvdoc::KvDoc;
+use crate::router::Router;
+
+/// Per-script resource limits applied to every instance.
+#[derive(Clone, Debug)]
+pub struct ScriptLimits {
+    /// Linear memory cap per instance (bytes).
+    pub memory_bytes: u64,
+    /// CPU budget of one export call.
+    pub cpu_budget: Duration,
+    /// Messages a script's mailbox holds before new ones are dropped.
+    pub mailbox: usize,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        ScriptLimits {
+            memory_bytes: 64 << 20,
+            cpu_budget: Duration::from_millis(100),
+            mailbox: 4096,
+        }
+    }
+}
+
+pub struct Services {
+    pub router: Arc<Router>,
+    pub kv: Arc<KvDoc>,
+    /// The `extras` map of the node config, for `covey:script/config`.
+    pub extras: serde_json::Map<String, serde_json::Value>,
+    pub limits: ScriptLimits,
+    /// When this node started (ms since the Unix epoch).
+    pub started_ms: u64,
+}

@@ -1,0 +1,117 @@
+//! `ScriptsWatcher`: turns file-system notifications under the scripts
+//! directory into supervisor loads, debounced per path.
+//!
+//! Debouncing is a few lines here rather than a debouncer crate because the
+//! quiet window is on the hot-reload latency path (goal: file written → new
+//! version handling events in ≤ 20 ms) and must coalesce per path, not per
+//! batch. Partial writes that slip through are harmless: a truncated
+//! component fails to compile, the old version keeps running, and the next
+//! write event retries.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::script::ScriptSupervisor;
+
+/// How long a path must stay quiet before it is (re)loaded.
+pub const QUIET: Duration = Duration::from_millis(10);
+
+pub struct ScriptsWatcher {
+    _watcher: RecommendedWatcher,
+    task: JoinHandle<()>,
+}
+
+impl ScriptsWatcher {
+    pub fn start(supervisor: Arc<ScriptSupervisor>) -> Result<Self> {
+        let dir = supervisor.dir().to_path_buf();
+        let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            match res {
+                Ok(event) => {
+                    if event.kind.is_access() {
+                        return;
+                    }
+                    for p in event.paths {
+                        let _ = tx.send(p);
+                    }
+                }
+                Err(err) => tracing::warn!("file watcher error: {err}"),
+            }
+        })
+        .context("creating the file watcher")?;
+        watcher
+            .watch(&dir, RecursiveMode::Recursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+        let task = tokio::spawn(debounce(rx, supervisor));
+        Ok(ScriptsWatcher {
+            _watcher: watcher,
+            task,
+        })
+    }
+}
+
+impl Drop for ScriptsWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn debounce(mut rx: mpsc::UnboundedReceiver<PathBuf>, supervisor: Arc<ScriptSupervisor>) {
+    let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
+    loop {
+        let next_due = pending.values().min().map(|t| *t + QUIET);
+        tokio::select! {
+            p = rx.recv() => match p {
+                Some(p) => { pending.insert(p, Instant::now()); }
+                None => break,
+            },
+            _ = sleep_until_opt(next_due), if next_due.is_some() => {
+                let now = Instant::now();
+                let mut due: Vec<PathBuf> = pending
+                    .iter()
+                    .filter(|(_, t)| **t + QUIET <= now)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                due.sort();
+                for p in due {
+                    pending.remove(&p);
+                    apply(&supervisor, p).await;
+                }
+            }
+        }
+    }
+}
+
+async fn apply(supervisor: &ScriptSupervisor, path: PathBuf) {
+    if path == supervisor.dir() {
+        return;
+    }
+    if path.is_dir() {
+        // A directory appeared (or was moved in): pick up what it holds.
+        supervisor.scan().await;
+        return;
+    }
+    if !path.exists() {
+        // Gone: a script, or a directory of scripts.
+        if let Ok(rel) = path.strip_prefix(supervisor.dir()) {
+            let prefix = rel.to_string_lossy().replace('\\', "/");
+            supervisor.stop_under(&prefix).await;
+        }
+    }
+    let _ = supervisor.sync_path(&path).await;
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
