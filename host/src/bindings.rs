@@ -9,6 +9,7 @@ wasmtime::component::bindgen!({
     world: "script",
     imports: { default: async },
     exports: { default: async },
+    additional_derives: [PartialEq, Eq],
 });
 
 pub use covey::script::types::{CallError, SendError};

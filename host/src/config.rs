@@ -123,7 +123,10 @@ impl NodeConfig {
     /// Merge flags/env (`args`) over the config file over defaults.
     pub fn resolve(args: &RunArgs) -> Result<Self> {
         let (file, base) = match &args.config {
-            Some(path) => (read_file_config(path)?, path.parent().map(Path::to_path_buf)),
+            Some(path) => (
+                read_file_config(path)?,
+                path.parent().map(Path::to_path_buf),
+            ),
             None => (FileConfig::default(), None),
         };
         let in_file = |p: PathBuf| match &base {
@@ -167,7 +170,9 @@ impl NodeConfig {
         cfg.extras = file.extras;
         cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
         if file.port.is_some() || file.discovery.is_some() || file.iface.is_some() {
-            tracing::info!("port/discovery/iface are read for clustering, which this build does not run yet");
+            tracing::info!(
+                "port/discovery/iface are read for clustering, which this build does not run yet"
+            );
         }
         Ok(cfg)
     }
@@ -238,7 +243,10 @@ mod tests {
     #[test]
     fn esc_keys_are_accepted_and_typos_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let ok = write(dir.path(), "node: a\nport: 7000\ndiscovery: true\niface: eth0\n");
+        let ok = write(
+            dir.path(),
+            "node: a\nport: 7000\ndiscovery: true\niface: eth0\n",
+        );
         let args = RunArgs {
             config: Some(ok),
             ..Default::default()

@@ -102,7 +102,9 @@ impl ScriptEngine {
     /// target, tunables such as memory reservation and epoch checks).
     pub fn compat_key(&self) -> String {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         format!("{:016x}", hasher.finish())
     }
 }
@@ -201,21 +203,27 @@ impl ComponentCache {
     /// `spawn_blocking`.
     pub fn load(&self, bytes: &[u8]) -> Result<Component> {
         let hash = blake3::hash(bytes).to_hex();
-        let path = self
-            .dir
-            .as_ref()
-            .map(|d| d.join(format!("{}-{}.cwasm", &hash[..32], self.engine.compat_key())));
-        if let Some(path) = &path {
-            if let Some(component) = self.load_cached(path) {
-                return Ok(component);
-            }
+        let path = self.dir.as_ref().map(|d| {
+            d.join(format!(
+                "{}-{}.cwasm",
+                &hash[..32],
+                self.engine.compat_key()
+            ))
+        });
+        if let Some(path) = &path
+            && let Some(component) = self.load_cached(path)
+        {
+            return Ok(component);
         }
         check_is_component(bytes)?;
         let component = Component::new(self.engine.engine(), bytes)?;
-        if let Some(path) = &path {
-            if let Err(err) = store_artifact(path, &component) {
-                tracing::warn!("could not cache compiled component at {}: {err:#}", path.display());
-            }
+        if let Some(path) = &path
+            && let Err(err) = store_artifact(path, &component)
+        {
+            tracing::warn!(
+                "could not cache compiled component at {}: {err:#}",
+                path.display()
+            );
         }
         Ok(component)
     }
@@ -231,7 +239,10 @@ impl ComponentCache {
         match unsafe { Component::deserialize(self.engine.engine(), &bytes) } {
             Ok(component) => Some(component),
             Err(err) => {
-                tracing::warn!("discarding unusable cached artifact {}: {err:#}", path.display());
+                tracing::warn!(
+                    "discarding unusable cached artifact {}: {err:#}",
+                    path.display()
+                );
                 let _ = std::fs::remove_file(path);
                 None
             }
@@ -247,7 +258,9 @@ fn store_artifact(path: &Path, component: &Component) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact")
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("artifact")
     ));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;

@@ -313,8 +313,7 @@ fn load_or_recover(path: &Path) -> Result<(AutoCommit, u64)> {
     match AutoCommit::load_with_options(&bytes, strict) {
         Ok(doc) => Ok((doc, bytes.len() as u64)),
         Err(err) => {
-            let lenient = LoadOptions::new().on_partial_load(OnPartialLoad::Ignore);
-            let mut doc = AutoCommit::load_with_options(&bytes, lenient).unwrap_or_default();
+            let mut doc = salvage(&bytes);
             let aside = path.with_extension(format!("corrupt-{}", now_ms()));
             std::fs::rename(path, &aside)
                 .with_context(|| format!("moving corrupted {} aside", path.display()))?;
@@ -329,6 +328,45 @@ fn load_or_recover(path: &Path) -> Result<(AutoCommit, u64)> {
             Ok((doc, snapshot.len() as u64))
         }
     }
+}
+
+/// Load chunk by chunk and stop at the first one that is truncated or does
+/// not load: everything before it is the valid prefix.
+fn salvage(bytes: &[u8]) -> AutoCommit {
+    let mut doc = AutoCommit::new();
+    let mut rest = bytes;
+    while let Some(len) = chunk_len(rest) {
+        if doc.load_incremental(&rest[..len]).is_err() {
+            break;
+        }
+        rest = &rest[len..];
+    }
+    doc
+}
+
+/// Length of the Automerge chunk at the start of `bytes`: magic (4 bytes),
+/// checksum (4), type (1), LEB128 body length, body. `None` if there is no
+/// complete chunk there.
+fn chunk_len(bytes: &[u8]) -> Option<usize> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    if bytes.len() < 10 || bytes[..4] != MAGIC {
+        return None;
+    }
+    let (mut body, mut shift, mut pos) = (0usize, 0u32, 9usize);
+    loop {
+        let b = *bytes.get(pos)?;
+        pos += 1;
+        body |= usize::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 63 {
+            return None;
+        }
+    }
+    let end = pos.checked_add(body)?;
+    (end <= bytes.len()).then_some(end)
 }
 
 fn append_chunk(path: &Path, chunk: &[u8]) -> Result<()> {

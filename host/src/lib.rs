@@ -3,22 +3,22 @@
 //! Module map (data paths: watcher → supervisor → instance;
 //! instance → router → instance):
 //!
-//! - [`config`]: command line, `COVEY_*` environment and YAML file, merged.
-//! - [`node`]: one running host, wiring everything below together.
-//! - [`engine`]: the wasmtime engine (pooling allocator sized for small
+//! - [`config`] — command line, `COVEY_*` environment and YAML file, merged.
+//! - [`node`] — one running host, wiring everything below together.
+//! - [`engine`] — the wasmtime engine (pooling allocator sized for small
 //!   machines, epoch ticker) and the on-disk cache of compiled components.
-//! - [`bindings`]: host bindings generated from `wit/covey.wit`.
-//! - [`capabilities`]: one module per WIT interface (log, node, events, kv,
+//! - [`bindings`] — host bindings generated from `wit/covey.wit`.
+//! - [`capabilities`] — one module per WIT interface (log, node, events, kv,
 //!   timers, config) plus the sandboxed WASI; each owns its per-instance
 //!   state and links itself.
-//! - [`script`]: `ScriptSupervisor` (which scripts run, hot reload) and
+//! - [`script`] — `ScriptSupervisor` (which scripts run, hot reload) and
 //!   `ScriptInstance` (one store, one mailbox, CPU budget, crash restart).
-//! - [`watcher`]: debounced file-system notifications → supervisor.
-//! - [`router`]: subscriptions and delivery of events, commands, calls and
+//! - [`watcher`] — debounced file-system notifications → supervisor.
+//! - [`router`] — subscriptions and delivery of events, commands, calls and
 //!   key-value change notifications.
-//! - [`kvdoc`]: the key-value store, an Automerge document on disk.
-//! - [`pattern`]: esc-style `*` patterns.
-//! - [`shutdown`]: SIGINT/SIGTERM.
+//! - [`kvdoc`] — the key-value store, an Automerge document on disk.
+//! - [`pattern`] — esc-style `*` patterns.
+//! - [`shutdown`] — SIGINT/SIGTERM.
 
 pub mod bindings;
 pub mod capabilities;

@@ -27,9 +27,8 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
-        std::fs::create_dir_all(&cfg.scripts_dir).with_context(|| {
-            format!("creating scripts directory {}", cfg.scripts_dir.display())
-        })?;
+        std::fs::create_dir_all(&cfg.scripts_dir)
+            .with_context(|| format!("creating scripts directory {}", cfg.scripts_dir.display()))?;
         let scripts_dir = cfg.scripts_dir.canonicalize()?;
         let engine = ScriptEngine::new(EngineLimits {
             memory_bytes: cfg.limits.memory_bytes,

@@ -259,7 +259,12 @@ impl Router {
         let table = self.table.read().unwrap();
         let mut n = 0;
         for (script, entry) in table.iter() {
-            if let Some(sub) = entry.subs.iter().rev().find(|s| s.kind.matches_command(&msg)) {
+            if let Some(sub) = entry
+                .subs
+                .iter()
+                .rev()
+                .find(|s| s.kind.matches_command(&msg))
+            {
                 let d = Delivery::Command {
                     msg: msg.clone(),
                     generation: sub.generation,
@@ -300,7 +305,11 @@ impl Router {
                 if Some(&**script) == caller {
                     return None;
                 }
-                let sub = entry.subs.iter().rev().find(|s| s.kind.matches_command(&msg))?;
+                let sub = entry
+                    .subs
+                    .iter()
+                    .rev()
+                    .find(|s| s.kind.matches_command(&msg))?;
                 Some((script, entry, sub.generation))
             });
             let Some((script, entry, generation)) = handler else {
@@ -336,15 +345,15 @@ impl Router {
         let value: Option<Arc<[u8]>> = value.map(Into::into);
         for (script, entry) in table.iter() {
             for sub in &entry.subs {
-                if let SubKind::Watch { prefix } = &sub.kind {
-                    if key.starts_with(prefix.as_str()) {
-                        let d = Delivery::KvChange {
-                            watch: sub.id,
-                            key: key.clone(),
-                            value: value.clone(),
-                        };
-                        self.offer(script, &entry.mailbox, d);
-                    }
+                if let SubKind::Watch { prefix } = &sub.kind
+                    && key.starts_with(prefix.as_str())
+                {
+                    let d = Delivery::KvChange {
+                        watch: sub.id,
+                        key: key.clone(),
+                        value: value.clone(),
+                    };
+                    self.offer(script, &entry.mailbox, d);
                 }
             }
         }

@@ -33,8 +33,8 @@ impl ScriptsWatcher {
     pub fn start(supervisor: Arc<ScriptSupervisor>) -> Result<Self> {
         let dir = supervisor.dir().to_path_buf();
         let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            match res {
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
                 Ok(event) => {
                     if event.kind.is_access() {
                         return;
@@ -44,9 +44,8 @@ impl ScriptsWatcher {
                     }
                 }
                 Err(err) => tracing::warn!("file watcher error: {err}"),
-            }
-        })
-        .context("creating the file watcher")?;
+            })
+            .context("creating the file watcher")?;
         watcher
             .watch(&dir, RecursiveMode::Recursive)
             .with_context(|| format!("watching {}", dir.display()))?;

@@ -72,10 +72,11 @@ impl wit::Host for KvCtx {
     }
 
     async fn watch(&mut self, prefix: String) -> u64 {
-        let id = self
-            .services
-            .router
-            .subscribe(&self.script, self.generation, SubKind::Watch { prefix });
+        let id = self.services.router.subscribe(
+            &self.script,
+            self.generation,
+            SubKind::Watch { prefix },
+        );
         self.watches.insert(id);
         id
     }

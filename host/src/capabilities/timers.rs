@@ -51,10 +51,10 @@ impl TimersCtx {
     /// After `on-timer` returned: forget one-shot timers and repeating
     /// timers whose callback asked to stop.
     pub fn fired(&mut self, id: u64, keep: bool) {
-        if let Some(t) = self.timers.get(&id) {
-            if !t.repeating || !keep {
-                self.cancel_timer(id);
-            }
+        if let Some(t) = self.timers.get(&id)
+            && (!t.repeating || !keep)
+        {
+            self.cancel_timer(id);
         }
     }
 
@@ -74,11 +74,16 @@ impl TimersCtx {
         let period = Duration::from_millis(ms.max(u32::from(repeating)).into());
         let task = tokio::spawn(async move {
             if repeating {
-                let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                let mut interval =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 loop {
                     interval.tick().await;
-                    if mailbox.send(Delivery::Timer { generation, id }).await.is_err() {
+                    if mailbox
+                        .send(Delivery::Timer { generation, id })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -176,7 +176,9 @@ impl ScriptInstance {
                 Ok(())
             }
             Err(err) => {
-                self.services.router.drop_generation(&self.script, generation);
+                self.services
+                    .router
+                    .drop_generation(&self.script, generation);
                 let msg = describe_failure(&err);
                 self.status.lock().unwrap().last_error = Some(msg.clone());
                 Err(msg)
@@ -196,7 +198,10 @@ impl ScriptInstance {
                     return;
                 }
                 arm(store, budget);
-                ("on-event", live.bindings.call_on_event(&mut *store, &msg).await)
+                (
+                    "on-event",
+                    live.bindings.call_on_event(&mut *store, &msg).await,
+                )
             }
             Delivery::Command {
                 msg,
@@ -254,10 +259,10 @@ impl ScriptInstance {
         if let Err(err) = result {
             let msg = describe_failure(&err);
             tracing::debug!(script = &*self.script, "failure detail: {err:?}");
-            if let Some(live) = self.live.take() {
-                if live.since.elapsed() > HEALTHY_AFTER {
-                    self.consecutive_failures = 0;
-                }
+            if let Some(live) = self.live.take()
+                && live.since.elapsed() > HEALTHY_AFTER
+            {
+                self.consecutive_failures = 0;
             }
             self.schedule_restart(callback, &msg);
         }
@@ -291,8 +296,8 @@ impl ScriptInstance {
 
 /// Build a store for `env`, instantiate `code` in it and run `init`.
 async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
-let budget = env.services.limits.cpu_budget;
-let generation = env.generation;
+    let budget = env.services.limits.cpu_budget;
+    let generation = env.generation;
     let engine = code.pre.engine();
     let mut store = Store::new(engine, ScriptState::new(env));
     store.limiter(|s| &mut s.limits);

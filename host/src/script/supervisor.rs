@@ -135,7 +135,9 @@ impl ScriptSupervisor {
             scripts.insert(id.clone(), handle);
             match started.await {
                 Ok(Ok(())) => Ok(LoadOutcome::Started),
-                Ok(Err(e)) => Err(anyhow!("`{id}` failed to start (will retry with backoff): {e}")),
+                Ok(Err(e)) => Err(anyhow!(
+                    "`{id}` failed to start (will retry with backoff): {e}"
+                )),
                 Err(_) => Err(anyhow!("`{id}` stopped while starting")),
             }
         }
@@ -174,7 +176,9 @@ impl ScriptSupervisor {
         let (mailbox_tx, mailbox_rx) = mpsc::channel(self.services.limits.mailbox);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(ScriptStatus::default()));
-        self.services.router.register(id.clone(), mailbox_tx.clone());
+        self.services
+            .router
+            .register(id.clone(), mailbox_tx.clone());
         let instance = ScriptInstance::new(
             id,
             self.services.clone(),

@@ -1,0 +1,9 @@
+//! Integration tests: real nodes in-process on temp dirs, running the real
+//! guest components from `guest-examples`.
+
+mod common;
+
+mod bus;
+mod isolation;
+mod kv;
+mod reload;
