@@ -1,1 +1,259 @@
-fn main() {}
+//! Host runtime benchmark: `cargo bench -p covey --bench runtime`.
+//!
+//! Prints the figures recorded in docs/benchmarks.md:
+//! - events/s dispatched through the local bus into a Rust guest, on one
+//!   core (current-thread runtime: producer, router and guest share it);
+//! - compile, cache-load and instantiate times of a component;
+//! - reload latency: file renamed into place → new version answering;
+//! - idle RSS of a `covey run` process with 10 scripts.
+//!
+//! `COVEY_BENCH_QUICK=1` runs smaller counts (for a smoke run).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use covey::capabilities::ScriptEnv;
+use covey::script::instance::instantiate;
+use covey::{Node, NodeConfig};
+
+#[path = "../tests/support/guests.rs"]
+mod guests;
+use guests::guest;
+
+fn main() {
+    // SAFETY: single-threaded here; see the same line in the covey binary.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
+    println!("covey runtime benchmark ({} mode)", if quick { "quick" } else { "full" });
+    println!("machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    let events = if quick { 100_000 } else { 2_000_000 };
+    let one_core = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    one_core.block_on(bus_throughput(events));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(instantiate_times(if quick { 20 } else { 200 }));
+    rt.block_on(reload_latency(if quick { 5 } else { 30 }));
+    idle_rss(if quick { 1 } else { 3 });
+}
+
+async fn node_with(scripts: &[(&str, &str)]) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts_dir = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts_dir).unwrap();
+    for (g, name) in scripts {
+        std::fs::copy(guest(g), scripts_dir.join(name)).unwrap();
+    }
+    let mut cfg = NodeConfig::new("bench", scripts_dir, dir.path().join("data"));
+    cfg.limits.mailbox = 8192;
+    (Node::start(cfg).await.unwrap(), dir)
+}
+
+async fn bus_throughput(n: u64) {
+    let (node, _dir) = node_with(&[("testing/sink", "sink.wasm")]).await;
+    let router = node.router().clone();
+    let stats = &router.stats;
+    let payload = vec![7u8; 64];
+    let run = |count: u64| {
+        let router = router.clone();
+        let payload = payload.clone();
+        async move {
+            let base = router.stats.handled.load(Ordering::Relaxed);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while sent < count {
+                let handled = router.stats.handled.load(Ordering::Relaxed) - base;
+                if sent - handled >= 4096 {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                router.emit("bench", payload.clone()).unwrap();
+                sent += 1;
+            }
+            while router.stats.handled.load(Ordering::Relaxed) - base < count {
+                tokio::task::yield_now().await;
+            }
+            started.elapsed()
+        }
+    };
+    run(n / 10).await; // warm-up
+    let elapsed = run(n).await;
+    let reply = router
+        .call(None, "bench", "count", vec![], Duration::from_secs(5))
+        .await
+        .unwrap();
+    let seen: u64 = String::from_utf8(reply).unwrap().parse().unwrap();
+    assert_eq!(seen, n + n / 10, "the guest saw every event");
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    println!(
+        "bus: {n} events (64-byte payload) into a Rust guest on one core: {:.0} events/s ({:.2} us/event)",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / n as f64
+    );
+    node.shutdown().await.unwrap();
+}
+
+async fn instantiate_times(rounds: usize) {
+    let (node, dir) = node_with(&[]).await;
+    let bytes = std::fs::read(guest("echo")).unwrap();
+    let sup = node.supervisor();
+
+    // Cold: a fresh cache directory each time forces Cranelift.
+    let cold = {
+        let t = Instant::now();
+        let engine = node.engine().clone();
+        let cache = covey::engine::ComponentCache::new(engine, None);
+        cache.load(&bytes).unwrap();
+        t.elapsed()
+    };
+    let hash = blake3::hash(&bytes);
+    let code = Arc::new(sup.compile("echo.wasm", bytes.clone(), hash).await.unwrap());
+    let mut cached = Vec::new();
+    for _ in 0..rounds.min(20) {
+        let t = Instant::now();
+        sup.compile("echo.wasm", bytes.clone(), hash).await.unwrap();
+        cached.push(t.elapsed());
+    }
+    let mut inst = Vec::new();
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    for i in 0..rounds {
+        let env = ScriptEnv {
+            script: "echo.wasm".into(),
+            generation: i as u64 + 1,
+            services: node.services().clone(),
+            mailbox: tx.clone(),
+        };
+        let t = Instant::now();
+        let live = instantiate(env, &code).await.unwrap();
+        inst.push(t.elapsed());
+        drop(live);
+    }
+    println!(
+        "component ({} KB echo): cold compile {:.1} ms, load from cache p50 {:.2} ms, \
+         instantiate+init p50 {:.0} us (p99 {:.0} us)",
+        bytes.len() / 1024,
+        ms(cold),
+        ms(pct(&mut cached, 50)),
+        us(pct(&mut inst, 50)),
+        us(pct(&mut inst, 99)),
+    );
+    node.shutdown().await.unwrap();
+    drop(dir);
+}
+
+async fn reload_latency(swaps: usize) {
+    let (node, dir) = node_with(&[("testing/version-a", "v.wasm")]).await;
+    let scripts = dir.path().join("scripts");
+    let router = node.router().clone();
+    let versions = [("testing/version-b", "b"), ("testing/version-a", "a")];
+    let ask = || {
+        let router = router.clone();
+        async move {
+            router
+                .call(None, "bench", "version", vec![], Duration::from_secs(1))
+                .await
+                .map(|r| String::from_utf8(r).unwrap())
+        }
+    };
+    let mut lat = Vec::new();
+    for i in 0..swaps + 2 {
+        let (g, want) = versions[i % 2];
+        let tmp = scripts.join(".v.wasm.partial");
+        std::fs::copy(guest(g), &tmp).unwrap();
+        let t = Instant::now();
+        std::fs::rename(&tmp, scripts.join("v.wasm")).unwrap();
+        loop {
+            if ask().await.as_deref() == Ok(want) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "reload did not happen");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        // The first two swaps compile and fill the cache; the rest are the
+        // cached case the goal is about.
+        if i >= 2 {
+            lat.push(t.elapsed());
+        }
+    }
+    println!(
+        "reload (cached component, {} swaps): file renamed -> new version answering p50 {:.1} ms, max {:.1} ms \
+         (includes the {} ms debounce)",
+        lat.len(),
+        ms(pct(&mut lat, 50)),
+        ms(pct(&mut lat, 100)),
+        covey::watcher::QUIET.as_millis()
+    );
+    node.shutdown().await.unwrap();
+}
+
+fn idle_rss(settle_secs: u64) {
+    let exe = env!("CARGO_BIN_EXE_covey");
+    let measure = |n: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let scripts = dir.path().join("scripts");
+        std::fs::create_dir_all(&scripts).unwrap();
+        for i in 0..n {
+            let g = if i % 2 == 0 { "echo" } else { "hello" };
+            std::fs::copy(guest(g), scripts.join(format!("s{i}.wasm"))).unwrap();
+        }
+        let run = |dir: &Path| {
+            let mut child = std::process::Command::new(exe)
+                .args(["run", "--node", "rss", "--log", "warn"])
+                .arg("--scripts")
+                .arg(&scripts)
+                .arg("--data")
+                .arg(dir.join("data"))
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(settle_secs));
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+            let kib = |key: &str| -> u64 {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            let (rss, vsz) = (kib("VmRSS:"), kib("VmSize:"));
+            unsafe { libc_kill(child.id() as i32) };
+            let _ = child.wait();
+            (rss, vsz)
+        };
+        run(dir.path()); // first run fills the compiled-code cache
+        run(dir.path())
+    };
+    let (rss0, _) = measure(0);
+    let (rss10, vsz10) = measure(10);
+    println!(
+        "idle RSS of `covey run`: {:.1} MiB with no scripts, {:.1} MiB with 10 scripts \
+         ({:.2} MiB per script); virtual size {:.1} GiB",
+        rss0 as f64 / 1024.0,
+        rss10 as f64 / 1024.0,
+        (rss10 - rss0) as f64 / 1024.0 / 10.0,
+        vsz10 as f64 / 1024.0 / 1024.0
+    );
+}
+
+/// SIGTERM, so the node shuts down cleanly.
+unsafe fn libc_kill(pid: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid, 15) };
+}
+
+fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    v[((v.len() - 1) * p) / 100]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}

@@ -74,6 +74,10 @@ impl Node {
         })
     }
 
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
     pub fn router(&self) -> &Arc<Router> {
         &self.services.router
     }

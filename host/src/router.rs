@@ -87,6 +87,8 @@ pub struct RouterStats {
     pub dropped: AtomicU64,
     /// Deliveries queued into mailboxes.
     pub delivered: AtomicU64,
+    /// Deliveries taken out of mailboxes and handled (or skipped as stale).
+    pub handled: AtomicU64,
 }
 
 /// Routes messages among the scripts of this node.

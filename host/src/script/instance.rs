@@ -53,7 +53,8 @@ pub struct ScriptStatus {
 #[error("CPU budget of {0:?} per call exceeded")]
 pub struct BudgetExceeded(Duration);
 
-struct Live {
+/// A running generation of a script.
+pub struct Live {
     store: Store<ScriptState>,
     bindings: Script,
     generation: u64,
@@ -187,6 +188,14 @@ impl ScriptInstance {
     }
 
     async fn deliver(&mut self, d: Delivery) {
+        self.deliver_one(d).await;
+        let stats = &self.services.router.stats;
+        stats
+            .handled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn deliver_one(&mut self, d: Delivery) {
         let budget = self.services.limits.cpu_budget;
         let Some(live) = self.live.as_mut() else {
             return;
@@ -295,7 +304,7 @@ impl ScriptInstance {
 }
 
 /// Build a store for `env`, instantiate `code` in it and run `init`.
-async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
+pub async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
     let budget = env.services.limits.cpu_budget;
     let generation = env.generation;
     let engine = code.pre.engine();

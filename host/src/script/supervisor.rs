@@ -144,7 +144,12 @@ impl ScriptSupervisor {
     }
 
     /// Compile (or fetch from the cache) and link, on a blocking thread.
-    async fn compile(&self, id: &str, bytes: Vec<u8>, hash: blake3::Hash) -> Result<LoadedScript> {
+    pub async fn compile(
+        &self,
+        id: &str,
+        bytes: Vec<u8>,
+        hash: blake3::Hash,
+    ) -> Result<LoadedScript> {
         let cache = self.cache.clone();
         let linker = self.linker.clone();
         let id = id.to_string();

@@ -2,48 +2,16 @@
 //! polling with a deadline.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use covey::bindings::CallError;
 use covey::{Node, NodeConfig};
 use tempfile::TempDir;
 
-/// Path of a built guest (`name` as in `guest-examples`, e.g. `echo`).
-/// Builds the guest workspace once per test run if needed.
-pub fn guest(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--target", "wasm32-wasip2", "--release"])
-            .current_dir(root.join("guest-examples"))
-            .status()
-            .expect("running cargo to build the guest scripts");
-        assert!(
-            status.success(),
-            "building guest-examples failed; is the wasm32-wasip2 target installed? \
-             (rustup target add wasm32-wasip2)"
-        );
-        root.join("target/wasm32-wasip2/release")
-    });
-    // Libraries are named with `_`, binaries keep their `-`.
-    let base = name.rsplit('/').next().unwrap();
-    let path = dir.join(format!("{}.wasm", base.replace('-', "_")));
-    let path = if path.exists() {
-        path
-    } else {
-        dir.join(format!("{base}.wasm"))
-    };
-    assert!(
-        path.exists(),
-        "guest {} not found at {}",
-        name,
-        path.display()
-    );
-    path
-}
+#[path = "../support/guests.rs"]
+mod guests;
+pub use guests::guest;
 
 pub struct TestNode {
     pub node: Option<Node>,
