@@ -7,7 +7,8 @@
 //! - reload latency: file renamed into place → new version answering;
 //! - idle RSS of a `covey run` process with 10 scripts.
 //!
-//! `COVEY_BENCH_QUICK=1` runs smaller counts (for a smoke run).
+//! `COVEY_BENCH_QUICK=1` runs smaller counts (for a smoke run);
+//! `COVEY_BENCH_ONLY=bus` only the bus figure (for profiling).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,14 +27,29 @@ fn main() {
     // SAFETY: single-threaded here; see the same line in the covey binary.
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
-    println!("covey runtime benchmark ({} mode)", if quick { "quick" } else { "full" });
-    println!("machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "covey runtime benchmark ({} mode)",
+        if quick { "quick" } else { "full" }
+    );
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     let events = if quick { 100_000 } else { 2_000_000 };
-    let one_core = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let one_core = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     one_core.block_on(bus_throughput(events));
+    if std::env::var("COVEY_BENCH_ONLY").as_deref() == Ok("bus") {
+        return;
+    }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(instantiate_times(if quick { 20 } else { 200 }));
     rt.block_on(reload_latency(if quick { 5 } else { 30 }));
     idle_rss(if quick { 1 } else { 3 });
@@ -168,7 +184,10 @@ async fn reload_latency(swaps: usize) {
             if ask().await.as_deref() == Ok(want) {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "reload did not happen");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "reload did not happen"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         // The first two swaps compile and fill the cache; the rest are the
@@ -257,3 +276,7 @@ fn ms(d: Duration) -> f64 {
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
+
+// Same allocator as the `covey` binary, so the figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

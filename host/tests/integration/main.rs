@@ -7,3 +7,4 @@ mod bus;
 mod isolation;
 mod kv;
 mod reload;
+mod sdk;

@@ -38,4 +38,3 @@ pub fn guest(name: &str) -> PathBuf {
     );
     path
 }
-

@@ -1,0 +1,1 @@
+//! Lua 5.4 guest (placeholder; see README.md).
