@@ -6,5 +6,6 @@ mod common;
 mod bus;
 mod isolation;
 mod kv;
+mod process;
 mod reload;
 mod sdk;

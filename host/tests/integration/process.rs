@@ -1,0 +1,113 @@
+//! The `covey` binary as a user runs it: clean shutdown on SIGTERM, and
+//! starting inside a tight address-space limit (a small 32-bit-ish or
+//! `ulimit -v`-capped machine), where the pooling allocator cannot reserve
+//! its pool and the node must fall back to on-demand allocation.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use covey::kvdoc::{KvDoc, KvLimits};
+use covey::router::Router;
+
+use crate::common::guest;
+
+/// Start `covey run` under `ulimit -v <kib>` (0 = unlimited) with the
+/// `crash` script (which bumps `crash/inits` in its `init`).
+fn spawn_node(dir: &Path, vmem_kib: u64) -> Child {
+    let scripts = dir.join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::copy(guest("testing/crash"), scripts.join("crash.wasm")).unwrap();
+    let limit = if vmem_kib == 0 {
+        "unlimited".to_string()
+    } else {
+        vmem_kib.to_string()
+    };
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {limit} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_covey"))
+        .args(["run", "--node", "proc", "--log", "info"])
+        .arg("--scripts")
+        .arg(&scripts)
+        .arg("--data")
+        .arg(dir.join("data"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the node has started (the store file appears once the
+/// script's `init` wrote to it), then SIGTERM it; return its output.
+fn stop_when_started(mut child: Child, dir: &Path) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.join("data/kv.automerge").exists() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { kill(child.id() as i32, 15) };
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (status.success(), out)
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+fn kv_inits(dir: &Path) -> Option<Vec<u8>> {
+    let router = Arc::new(Router::new("check", 1024));
+    let kv = KvDoc::open(
+        Some(dir.join("data/kv.automerge")),
+        KvLimits::default(),
+        router,
+    )
+    .unwrap();
+    kv.get("crash/inits")
+}
+
+#[test]
+fn sigterm_stops_scripts_and_flushes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 GiB of address space: a quarter of what a Raspberry Pi's 39-bit
+    // user space offers; the pool must fit in it.
+    let (ok, out) = stop_when_started(spawn_node(dir.path(), 64 << 20), dir.path());
+    assert!(ok, "clean exit expected:\n{out}");
+    assert!(out.contains("allocator=Pooling"), "{out}");
+    assert!(
+        out.contains("script stopped") && out.contains("node stopped"),
+        "{out}"
+    );
+    assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
+}
+
+#[test]
+fn falls_back_to_on_demand_allocation_when_the_pool_cannot_be_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    // 6 GiB of address space: too little for the default pool (~18 GiB),
+    // plenty for on-demand instances.
+    let (ok, out) = stop_when_started(spawn_node(dir.path(), 6 << 20), dir.path());
+    assert!(ok, "clean exit expected:\n{out}");
+    assert!(out.contains("pooling allocator unavailable"), "{out}");
+    assert!(out.contains("allocator=OnDemand"), "{out}");
+    assert!(out.contains("script started"), "{out}");
+    assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
+}
