@@ -121,3 +121,55 @@ impl AsyncWrite for LogStream {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_becomes_log_lines_tagged_with_the_script() {
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let out = LogStream::new("dir/s.wasm".into(), false);
+            let err = LogStream::new("dir/s.wasm".into(), true);
+            let mut o = out.inner.lock().unwrap();
+            o.write(b"first li");
+            o.write(b"ne\r\nsecond\nunterminated");
+            drop(o);
+            err.inner.lock().unwrap().write(b"oops\n");
+            drop(out); // flushes the unterminated tail
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].contains("INFO") && lines[0].contains("first line"),
+            "{text}"
+        );
+        assert!(lines[0].contains("script=\"dir/s.wasm\""), "{text}");
+        assert!(lines[1].contains("second"));
+        assert!(
+            lines[2].contains("WARN") && lines[2].contains("oops"),
+            "{text}"
+        );
+        assert!(lines[3].contains("unterminated"));
+    }
+}
