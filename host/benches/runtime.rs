@@ -276,7 +276,3 @@ fn ms(d: Duration) -> f64 {
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
-
-// Same allocator as the `covey` binary, so the figures match it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

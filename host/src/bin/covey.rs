@@ -5,12 +5,6 @@ use clap::Parser;
 use covey::config::{Cli, Command, NodeConfig};
 use tracing_subscriber::EnvFilter;
 
-// The hot path allocates small, short-lived buffers per message (names,
-// payloads, ids); mimalloc handles that pattern markedly better than glibc's
-// malloc (see docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     // With backtraces on, every wasm exception (a Lua error, a coroutine
     // yield) captures a host backtrace: ~14x slower. Set it before any
