@@ -114,7 +114,7 @@ macro_rules! export_script {
                 }
             }
 
-            $crate::bindings::__export_script!(CoveyExport with_types_in $crate::bindings);
+    $crate::bindings::__export_script!(CoveyExport with_types_in $crate::bindings);
         };
     };
 }
@@ -193,7 +193,12 @@ pub mod events {
     }
 
     /// Request/reply with a raw payload.
-    pub fn call(target: &str, name: &str, payload: &[u8], timeout_ms: u32) -> Result<Vec<u8>, CallError> {
+    pub fn call(
+        target: &str,
+        name: &str,
+        payload: &[u8],
+        timeout_ms: u32,
+    ) -> Result<Vec<u8>, CallError> {
         wit::call(target, name, payload, timeout_ms)
     }
 

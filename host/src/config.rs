@@ -102,6 +102,23 @@ pub struct NodeConfig {
     pub log: String,
     /// Watch the scripts directory for changes (tests may turn it off).
     pub watch: bool,
+    /// Cluster settings from the file (`port`, `discovery`, `iface`), kept
+    /// for the clustering layer.
+    pub cluster: ClusterSettings,
+}
+
+/// esc's cluster keys, as given in the config file.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSettings {
+    pub port: Option<u16>,
+    pub discovery: Option<serde_json::Value>,
+    pub iface: Option<serde_json::Value>,
+}
+
+impl ClusterSettings {
+    pub fn is_set(&self) -> bool {
+        self.port.is_some() || self.discovery.is_some() || self.iface.is_some()
+    }
 }
 
 impl NodeConfig {
@@ -117,6 +134,7 @@ impl NodeConfig {
             extras: Default::default(),
             log: "info".into(),
             watch: true,
+            cluster: ClusterSettings::default(),
         }
     }
 
@@ -169,11 +187,11 @@ impl NodeConfig {
         cfg.max_payload = file.max_payload.unwrap_or(cfg.max_payload);
         cfg.extras = file.extras;
         cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
-        if file.port.is_some() || file.discovery.is_some() || file.iface.is_some() {
-            tracing::info!(
-                "port/discovery/iface are read for clustering, which this build does not run yet"
-            );
-        }
+        cfg.cluster = ClusterSettings {
+            port: file.port,
+            discovery: file.discovery,
+            iface: file.iface,
+        };
         Ok(cfg)
     }
 }

@@ -58,6 +58,12 @@ impl Node {
             None
         };
         supervisor.scan().await;
+        if cfg.cluster.is_set() {
+            tracing::warn!(
+                "port/discovery/iface are set, but this build runs a single node \
+                 (clustering is not implemented yet)"
+            );
+        }
         tracing::info!(
             node = cfg.name,
             scripts = %supervisor.dir().display(),

@@ -1,1 +1,3 @@
-fn main() { println!("I am not a Covey script"); }
+fn main() {
+    println!("I am not a Covey script");
+}

@@ -29,12 +29,20 @@ impl Script for Probe {
             "probe.get" => kv::get_string(&field(&p, 0)).unwrap_or_else(|| "<none>".into()),
             "probe.delete" => format!("{:?}", kv::delete(&field(&p, 0))),
             "probe.keys" => kv::keys(&field(&p, 0)).join(","),
-            "probe.incr" => format!("{:?}", kv::incr(&field(&p, 0), field(&p, 1).parse().unwrap_or(1))),
+            "probe.incr" => format!(
+                "{:?}",
+                kv::incr(&field(&p, 0), field(&p, 1).parse().unwrap_or(1))
+            ),
             "probe.config" => config::get(&field(&p, 0)).unwrap_or_else(|| "<none>".into()),
             "probe.node" => format!("{}|{}", node::name(), node::nodes().len()),
             "probe.call" => {
                 let timeout = field(&p, 2).parse().unwrap_or(1000);
-                match events::call(&field(&p, 0), &field(&p, 1), field(&p, 3).as_bytes(), timeout) {
+                match events::call(
+                    &field(&p, 0),
+                    &field(&p, 1),
+                    field(&p, 3).as_bytes(),
+                    timeout,
+                ) {
                     Ok(r) => format!("ok:{}", String::from_utf8_lossy(&r)),
                     Err(e) => format!("err:{e:?}"),
                 }
@@ -45,11 +53,14 @@ impl Script for Probe {
                 events::send_command(&field(&p, 0), &field(&p, 1), field(&p, 2).as_bytes())
             ),
             "probe.subscribe" => events::subscribe(&field(&p, 0), &field(&p, 1)).to_string(),
-            "probe.unsubscribe" => events::unsubscribe(field(&p, 0).parse().unwrap_or(0)).to_string(),
+            "probe.unsubscribe" => {
+                events::unsubscribe(field(&p, 0).parse().unwrap_or(0)).to_string()
+            }
             "probe.after" => timers::after(field(&p, 0).parse().unwrap_or(10)).to_string(),
             "probe.every" => {
                 let id = timers::every(field(&p, 0).parse().unwrap_or(10));
-                self.every_left.insert(id, field(&p, 1).parse().unwrap_or(3));
+                self.every_left
+                    .insert(id, field(&p, 1).parse().unwrap_or(3));
                 id.to_string()
             }
             "probe.cancel" => timers::cancel(field(&p, 0).parse().unwrap_or(0)).to_string(),
@@ -67,7 +78,10 @@ impl Script for Probe {
 
     fn on_event(&mut self, msg: Message) {
         let _ = kv::incr(&format!("probe-events/{}", msg.name), 1);
-        let _ = kv::set_string(&format!("probe-events-last/{}", msg.name), &format!("{}|{}", msg.from, msg.text()));
+        let _ = kv::set_string(
+            &format!("probe-events-last/{}", msg.name),
+            &format!("{}|{}", msg.from, msg.text()),
+        );
     }
 
     fn on_timer(&mut self, id: u64) -> bool {
@@ -83,7 +97,9 @@ impl Script for Probe {
 
     fn on_kv_change(&mut self, key: String, value: Option<Vec<u8>>) {
         let _ = kv::incr(&format!("probe-seen/{key}"), 1);
-        let last = value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or("<deleted>".into());
+        let last = value
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or("<deleted>".into());
         let _ = kv::set_string(&format!("probe-last/{key}"), &last);
     }
 }
