@@ -72,7 +72,8 @@ async fn debounce(mut rx: mpsc::UnboundedReceiver<PathBuf>, supervisor: Arc<Scri
                 Some(p) => { pending.insert(p, Instant::now()); }
                 None => break,
             },
-            _ = sleep_until_opt(next_due), if next_due.is_some() => {
+            // Disabled when nothing is pending (the sleep is then never polled).
+            _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {
                 let now = Instant::now();
                 let mut due: Vec<PathBuf> = pending
                     .iter()
@@ -106,11 +107,4 @@ async fn apply(supervisor: &ScriptSupervisor, path: PathBuf) {
         }
     }
     let _ = supervisor.sync_path(&path).await;
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

@@ -125,7 +125,8 @@ impl ScriptInstance {
                     }
                     Some(Control::Stop) | None => break,
                 },
-                _ = sleep_until_opt(restart_at), if restart_at.is_some() && self.live.is_none() => {
+                // Disabled unless a restart is pending (the sleep is then never polled).
+                _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now)), if restart_at.is_some() && self.live.is_none() => {
                     self.restart_at = None;
                     if let Err(e) = self.start_code(self.code.clone()).await {
                         self.schedule_restart("init", &e);
@@ -350,13 +351,6 @@ fn budget_tick(mut ctx: StoreContextMut<'_, ScriptState>) -> Result<UpdateDeadli
         1,
         Box::pin(tokio::task::yield_now()),
     ))
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// One line saying what went wrong: budget, trap kind, or the error chain.
