@@ -12,4 +12,4 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq, Eq],
 });
 
-pub use covey::script::types::{CallError, SendError};
+pub use self::covey::script::types::{CallError, SendError};

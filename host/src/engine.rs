@@ -13,8 +13,6 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -57,7 +55,6 @@ pub struct ScriptEngine {
     engine: Engine,
     allocator: AllocatorKind,
     limits: EngineLimits,
-    ticker: Arc<EpochTicker>,
 }
 
 impl ScriptEngine {
@@ -76,12 +73,11 @@ impl ScriptEngine {
                 (engine, AllocatorKind::OnDemand)
             }
         };
-        let ticker = EpochTicker::start(engine.clone());
+        start_epoch_ticker(&engine);
         Ok(ScriptEngine {
             engine,
             allocator,
             limits,
-            ticker,
         })
     }
 
@@ -106,15 +102,6 @@ impl ScriptEngine {
             .precompile_compatibility_hash()
             .hash(&mut hasher);
         format!("{:016x}", hasher.finish())
-    }
-}
-
-impl Drop for ScriptEngine {
-    fn drop(&mut self) {
-        // The ticker is shared by clones; stop it with the last one.
-        if Arc::strong_count(&self.ticker) == 1 {
-            self.ticker.stop.store(true, Ordering::Relaxed);
-        }
     }
 }
 
@@ -151,33 +138,26 @@ fn base_config(limits: &EngineLimits, pooling: bool) -> Config {
     config
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread, so the
-/// ticks keep coming even when the async runtime is saturated.
-struct EpochTicker {
-    stop: AtomicBool,
-}
-
-impl EpochTicker {
-    fn start(engine: Engine) -> Arc<Self> {
-        let ticker = Arc::new(EpochTicker {
-            stop: AtomicBool::new(false),
-        });
-        let weak = Arc::downgrade(&ticker);
-        std::thread::Builder::new()
-            .name("covey-epoch".into())
-            .spawn(move || {
-                while let Some(t) = weak.upgrade() {
-                    if t.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    drop(t);
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+/// Advance the engine's epoch every [`EPOCH_TICK`] on a plain thread, so the
+/// ticks keep coming even when the async runtime is saturated. The thread
+/// holds only a weak reference: it runs as long as anything (a store, a
+/// component) keeps the engine alive — a store still executing must keep
+/// getting ticks, or a runaway guest could never be interrupted — and ends
+/// with the engine.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("covey-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
                 }
-            })
-            .expect("spawning the epoch thread");
-        ticker
-    }
+            }
+        })
+        .expect("spawning the epoch thread");
 }
 
 /// Compiled components cached on disk, keyed by content hash and engine
