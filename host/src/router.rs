@@ -97,10 +97,9 @@ pub struct Router {
     max_payload: usize,
     table: RwLock<BTreeMap<ScriptId, Entry>>,
     next_sub: AtomicU64,
+    /// Next message id. Starts at a random point so ids do not repeat across
+    /// restarts of this node.
     msg_seq: AtomicU64,
-    /// Random per process (hex + `-`), so message ids stay unique across
-    /// restarts; the id is this prefix and a sequence number.
-    msg_prefix: String,
     pub stats: RouterStats,
 }
 
@@ -111,12 +110,10 @@ impl Router {
             max_payload,
             table: RwLock::new(BTreeMap::new()),
             next_sub: AtomicU64::new(1),
-            msg_seq: AtomicU64::new(1),
-            msg_prefix: format!(
-                "{:016x}-",
+            msg_seq: AtomicU64::new(
                 std::collections::hash_map::RandomState::new()
                     .build_hasher()
-                    .finish()
+                    .finish(),
             ),
             stats: RouterStats::default(),
         }
@@ -197,13 +194,8 @@ impl Router {
 
     /// A new message from this node.
     pub fn message(&self, to: &str, name: &str, payload: Vec<u8>) -> Message {
-        let seq = self.msg_seq.fetch_add(1, Ordering::Relaxed);
-        // Built by hand: `format!` was a visible share of the per-event cost.
-        let mut id = String::with_capacity(self.msg_prefix.len() + 20);
-        id.push_str(&self.msg_prefix);
-        id.push_str(itoa::Buffer::new().format(seq));
         Message {
-            id,
+            id: self.msg_seq.fetch_add(1, Ordering::Relaxed),
             from: self.node.to_string(),
             to: to.to_string(),
             name: name.to_string(),
