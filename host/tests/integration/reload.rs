@@ -143,3 +143,21 @@ async fn compiled_components_are_cached_and_bad_cache_entries_recovered() {
         "artifact rewritten"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_overwrite_is_picked_up() {
+    // Editors and `cp` write in place: the watcher may see a truncated file
+    // first; that version fails to load, the old one keeps running, and the
+    // final write brings the new version.
+    let t = start(&["testing/version-a:v.wasm"]).await;
+    std::fs::copy(guest("testing/version-b"), t.scripts.join("v.wasm")).unwrap();
+    eventually(10, "b takes over", || async {
+        t.call("version", "").await.as_deref() == Ok("b")
+    })
+    .await;
+    std::fs::copy(guest("testing/version-a"), t.scripts.join("v.wasm")).unwrap();
+    eventually(10, "a is back", || async {
+        t.call("version", "").await.as_deref() == Ok("a")
+    })
+    .await;
+}
