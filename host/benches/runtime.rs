@@ -140,6 +140,7 @@ async fn instantiate_times(rounds: usize) {
             generation: i as u64 + 1,
             services: node.services().clone(),
             mailbox: tx.clone(),
+            lua: None,
         };
         let t = Instant::now();
         let live = instantiate(env, &code).await.unwrap();

@@ -1,1 +1,174 @@
-//! Lua 5.4 guest (placeholder; see README.md).
+//! Covey's Lua guest: real Lua 5.4 (PUC-Rio, vendored by mlua) running one
+//! `.lua` script per instance. The host hands the script's text over the
+//! `lua-source` import; everything else is the ordinary `script` world.
+//!
+//! One Lua state lives for the instance's lifetime, so globals set in one
+//! callback are visible in the next. Handlers registered from Lua are kept
+//! in Rust-side tables and dispatched on the matching export.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use mlua::{Function, Lua, LuaOptions, StdLib, Value};
+
+wit_bindgen::generate!({
+    path: "../wit",
+    world: "lua-script",
+});
+
+#[path = "../../host/src/pattern.rs"]
+mod pattern;
+
+mod api;
+
+use covey::script::log::{Level, log};
+
+use pattern::Pattern;
+
+/// Lua's own allocation cap, below the host's memory cap: a memory bomb in
+/// Lua raises a catchable "not enough memory" error instead of trapping.
+const LUA_MEMORY_LIMIT: usize = 40 << 20;
+
+/// Handlers registered by the script.
+#[derive(Default)]
+pub(crate) struct Handlers {
+    events: Vec<(Pattern, Pattern, Function)>,
+    commands: Vec<(Pattern, Pattern, Function)>,
+    /// Timer callbacks; `true` marks esc's `tick`, which repeats only while
+    /// the callback returns true (covey's `every` repeats until it returns
+    /// false).
+    timers: HashMap<u64, (Function, bool)>,
+    watches: HashMap<u64, (String, Function)>,
+}
+
+pub(crate) type SharedHandlers = Rc<RefCell<Handlers>>;
+
+struct Runtime {
+    lua: Lua,
+    handlers: SharedHandlers,
+    name: String,
+}
+
+thread_local! {
+    static RUNTIME: RefCell<Option<Rc<Runtime>>> = const { RefCell::new(None) };
+}
+
+fn runtime() -> Option<Rc<Runtime>> {
+    RUNTIME.with(|r| r.borrow().clone())
+}
+
+struct LuaGuest;
+
+impl Guest for LuaGuest {
+    fn init() -> Result<(), String> {
+        let (name, text) = covey::script::lua_source::script();
+        let libs = StdLib::STRING
+            | StdLib::TABLE
+            | StdLib::MATH
+            | StdLib::UTF8
+            | StdLib::COROUTINE
+            | StdLib::OS;
+        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(|e| e.to_string())?;
+        let handlers = SharedHandlers::default();
+        api::install(&lua, &handlers).map_err(|e| format!("setting up the Lua API: {e}"))?;
+        lua.set_memory_limit(LUA_MEMORY_LIMIT)
+            .map_err(|e| e.to_string())?;
+        // Syntax errors surface here with file and line.
+        let chunk = lua.load(text.as_str()).set_name(format!("@{name}"));
+        let rt = Rc::new(Runtime {
+            lua,
+            handlers,
+            name,
+        });
+        RUNTIME.with(|r| *r.borrow_mut() = Some(rt.clone()));
+        chunk.exec().map_err(|e| e.to_string())
+    }
+
+    fn on_event(msg: Message) {
+        let Some(rt) = runtime() else { return };
+        let matching: Vec<Function> = rt
+            .handlers
+            .borrow()
+            .events
+            .iter()
+            .filter(|(from, name, _)| from.matches(&msg.from) && name.matches(&msg.name))
+            .map(|(_, _, f)| f.clone())
+            .collect();
+        for f in matching {
+            let arg = api::message_table(&rt.lua, &msg);
+            report(&rt, "event handler", arg.and_then(|m| f.call::<Value>(m)));
+        }
+    }
+
+    fn on_command(msg: Message) -> Option<Vec<u8>> {
+        let rt = runtime()?;
+        let handler = rt
+            .handlers
+            .borrow()
+            .commands
+            .iter()
+            .find(|(from, name, _)| from.matches(&msg.from) && name.matches(&msg.name))
+            .map(|(_, _, f)| f.clone())?;
+        let result = api::message_table(&rt.lua, &msg).and_then(|m| handler.call::<Value>(m));
+        match result {
+            Ok(Value::Nil) => None,
+            Ok(v) => api::payload_bytes(&rt.lua, v).ok(),
+            Err(e) => {
+                report::<()>(&rt, "command handler", Err(e));
+                None
+            }
+        }
+    }
+
+    fn on_timer(id: u64) -> bool {
+        let Some(rt) = runtime() else { return false };
+        let Some((f, esc_tick)) = rt.handlers.borrow().timers.get(&id).cloned() else {
+            return false;
+        };
+        let keep = match f.call::<Value>(()) {
+            Ok(v) if esc_tick => matches!(v, Value::Boolean(true)),
+            Ok(v) => !matches!(v, Value::Boolean(false)),
+            Err(e) => {
+                report::<()>(&rt, "timer", Err(e));
+                false
+            }
+        };
+        if !keep {
+            rt.handlers.borrow_mut().timers.remove(&id);
+        }
+        keep
+    }
+
+    fn on_kv_change(key: String, value: Option<Vec<u8>>) {
+        let Some(rt) = runtime() else { return };
+        let matching: Vec<Function> = rt
+            .handlers
+            .borrow()
+            .watches
+            .values()
+            .filter(|(prefix, _)| key.starts_with(prefix.as_str()))
+            .map(|(_, f)| f.clone())
+            .collect();
+        for f in matching {
+            let value = match &value {
+                Some(v) => rt.lua.create_string(v).map(Value::String),
+                None => Ok(Value::Nil),
+            };
+            report(
+                &rt,
+                "watch handler",
+                value.and_then(|v| f.call::<Value>((key.as_str(), v))),
+            );
+        }
+    }
+}
+
+/// Log a failed callback (with Lua's traceback); the script keeps running.
+fn report<T>(rt: &Runtime, what: &str, result: mlua::Result<T>) {
+    if let Err(e) = result {
+        log(Level::Error, &format!("{}: {what} failed: {e}", rt.name));
+    }
+}
+
+export!(LuaGuest);

@@ -19,6 +19,7 @@ pub mod config;
 pub mod events;
 pub mod kv;
 pub mod log;
+pub mod lua;
 pub mod node;
 pub mod timers;
 pub mod wasi;
@@ -34,6 +35,8 @@ pub struct ScriptEnv {
     pub services: Arc<Services>,
     /// The script's own mailbox, for timers.
     pub mailbox: mpsc::Sender<Delivery>,
+    /// For `.lua` scripts: the source the Lua guest runs.
+    pub lua: Option<lua::LuaScript>,
 }
 
 /// CPU budget of the export call in progress, counted in epoch ticks.
@@ -56,6 +59,7 @@ pub struct ScriptState {
     pub kv: kv::KvCtx,
     pub timers: timers::TimersCtx,
     pub config: config::ConfigCtx,
+    pub lua: lua::LuaCtx,
 }
 
 impl ScriptState {
@@ -78,6 +82,7 @@ impl ScriptState {
             kv: kv::KvCtx::new(&env),
             timers: timers::TimersCtx::new(&env),
             config: config::ConfigCtx::new(&env),
+            lua: lua::LuaCtx::new(&env),
             env,
         }
     }
@@ -101,5 +106,6 @@ pub fn link(linker: &mut Linker<ScriptState>) -> Result<()> {
     kv::add_to_linker(linker)?;
     timers::add_to_linker(linker)?;
     config::add_to_linker(linker)?;
+    lua::add_to_linker(linker)?;
     Ok(())
 }

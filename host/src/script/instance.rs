@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use wasmtime::{Result, Store, StoreContextMut, Trap, UpdateDeadline};
 
 use crate::bindings::{CallError, Script, ScriptPre};
+use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{CpuBudget, ScriptEnv, ScriptState};
 use crate::engine::EPOCH_TICK;
 use crate::router::{Delivery, ScriptId};
@@ -27,6 +28,8 @@ use crate::services::Services;
 pub struct LoadedScript {
     pub pre: ScriptPre<ScriptState>,
     pub hash: blake3::Hash,
+    /// For `.lua` scripts (run by the built-in Lua guest): their source.
+    pub lua: Option<LuaScript>,
 }
 
 /// Requests from the supervisor.
@@ -164,6 +167,7 @@ impl ScriptInstance {
             generation,
             services: self.services.clone(),
             mailbox: self.mailbox_tx.clone(),
+            lua: code.lua.clone(),
         };
         match instantiate(env, &code).await {
             Ok(live) => {

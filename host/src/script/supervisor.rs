@@ -16,6 +16,7 @@ use wasmtime::component::Linker;
 
 use super::instance::{Control, LoadedScript, ScriptInstance, ScriptStatus};
 use crate::bindings::ScriptPre;
+use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{self, ScriptState};
 use crate::engine::ComponentCache;
 use crate::router::ScriptId;
@@ -51,7 +52,12 @@ pub struct ScriptSupervisor {
     linker: Arc<Linker<ScriptState>>,
     dir: PathBuf,
     scripts: tokio::sync::Mutex<BTreeMap<ScriptId, Handle>>,
+    lua_guest: tokio::sync::OnceCell<Arc<LoadedScript>>,
 }
+
+/// The Lua guest component, built by `lua-guest/build.sh` and committed, so
+/// building the host needs no wasm C toolchain.
+pub const LUA_GUEST: &[u8] = include_bytes!("../../../lua-guest/dist/lua-guest.wasm");
 
 impl ScriptSupervisor {
     pub fn new(services: Arc<Services>, cache: ComponentCache, dir: PathBuf) -> Result<Self> {
@@ -63,6 +69,7 @@ impl ScriptSupervisor {
             linker: Arc::new(linker),
             dir,
             scripts: tokio::sync::Mutex::new(BTreeMap::new()),
+            lua_guest: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -113,7 +120,11 @@ impl ScriptSupervisor {
         if scripts.get(&id).is_some_and(|h| h.hash == hash) {
             return Ok(LoadOutcome::Unchanged);
         }
-        let code = Arc::new(self.compile(&id, bytes, hash).await?);
+        let code = if id.ends_with(".lua") {
+            Arc::new(self.lua_script(&id, bytes, hash).await?)
+        } else {
+            Arc::new(self.compile(&id, bytes, hash).await?)
+        };
         if let Some(handle) = scripts.get_mut(&id) {
             let (done, result) = oneshot::channel();
             handle
@@ -167,9 +178,45 @@ impl ScriptSupervisor {
                          (build it against wit/covey.wit)"
                     )
                 })?;
-            Ok(LoadedScript { pre, hash })
+            Ok(LoadedScript {
+                pre,
+                hash,
+                lua: None,
+            })
         })
         .await?
+    }
+
+    /// A `.lua` script: the built-in Lua guest (compiled once per node)
+    /// plus the script's text. Syntax errors surface from its `init`.
+    async fn lua_script(
+        &self,
+        id: &str,
+        bytes: Vec<u8>,
+        hash: blake3::Hash,
+    ) -> Result<LoadedScript> {
+        let source =
+            String::from_utf8(bytes).map_err(|e| anyhow!("`{id}` is not UTF-8 text: {e}"))?;
+        let guest = self
+            .lua_guest
+            .get_or_try_init(|| async {
+                self.compile(
+                    "<built-in Lua guest>",
+                    LUA_GUEST.to_vec(),
+                    blake3::hash(LUA_GUEST),
+                )
+                .await
+                .map(Arc::new)
+            })
+            .await?;
+        Ok(LoadedScript {
+            pre: guest.pre.clone(),
+            hash,
+            lua: Some(LuaScript {
+                source: source.into(),
+                lib_dir: self.dir.join("lib"),
+            }),
+        })
     }
 
     fn spawn(
@@ -287,11 +334,19 @@ pub fn is_ignored_name(name: &str) -> bool {
         || [".swp", ".swx", ".tmp"].iter().any(|s| name.ends_with(s))
 }
 
-/// Is `rel` (relative to the scripts directory) a script to run?
+/// Is `rel` (relative to the scripts directory) a script to run? Components
+/// (`*.wasm`) and Lua scripts (`*.lua`), except Lua modules under the
+/// top-level `lib/`, which are only loaded by `require`.
 pub fn is_script_path(rel: &Path) -> bool {
     let mut names = rel.components().map(|c| c.as_os_str().to_string_lossy());
     let all_visible = names.all(|n| !is_ignored_name(&n));
-    all_visible && rel.extension().is_some_and(|e| e == "wasm")
+    let in_lib = rel.starts_with("lib");
+    all_visible
+        && match rel.extension().and_then(|e| e.to_str()) {
+            Some("wasm") => true,
+            Some("lua") => !in_lib,
+            _ => false,
+        }
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -328,5 +383,8 @@ mod tests {
         assert!(!is_script_path(Path::new(".#hello.wasm")));
         assert!(!is_script_path(Path::new("#hello.wasm#")));
         assert!(!is_script_path(Path::new("notes.txt")));
+        assert!(is_script_path(Path::new("blink.lua")));
+        assert!(is_script_path(Path::new("rooms/blink.lua")));
+        assert!(!is_script_path(Path::new("lib/util.lua")));
     }
 }

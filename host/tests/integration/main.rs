@@ -6,6 +6,7 @@ mod common;
 mod bus;
 mod isolation;
 mod kv;
+mod lua;
 mod process;
 mod reload;
 mod sdk;
