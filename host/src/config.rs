@@ -34,6 +34,56 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: load every script in the scripts directory and watch it.
     Run(RunArgs),
+    /// Run one script once, in the same sandbox, with its output on this
+    /// terminal: a `.lua` file runs top to bottom (plain Lua programs work),
+    /// a `.wasm` component runs its `init`. Exits non-zero on failure.
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// The script: a `.lua` file or a `.wasm` component
+    pub file: PathBuf,
+    /// Arguments for the script (Lua's `arg` table and `...`)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// Node name the script sees [default: the host name]
+    #[arg(long, env = "COVEY_NODE")]
+    pub node: Option<String>,
+    /// CPU budget for the run in milliseconds
+    #[arg(long, default_value_t = 60_000)]
+    pub cpu_ms: u64,
+    /// Memory cap in MiB
+    #[arg(long, default_value_t = 64)]
+    pub memory_mb: u64,
+    /// Data directory, for the compiled-code cache [default: the platform data directory]
+    #[arg(long, env = "COVEY_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+impl ExecArgs {
+    pub fn options(&self) -> Result<crate::exec::ExecOptions> {
+        let node = match &self.node {
+            Some(n) => n.clone(),
+            None => gethostname::gethostname().to_string_lossy().into_owned(),
+        };
+        validate_node_name(&node)?;
+        if self.memory_mb == 0 || self.memory_mb > 4096 || self.cpu_ms == 0 {
+            bail!("--memory-mb must be 1..=4096 and --cpu-ms at least 1");
+        }
+        let limits = ScriptLimits {
+            memory_bytes: self.memory_mb << 20,
+            cpu_budget: Duration::from_millis(self.cpu_ms),
+            ..ScriptLimits::default()
+        };
+        let data = self.data.clone().unwrap_or_else(default_data_dir);
+        Ok(crate::exec::ExecOptions {
+            node,
+            limits,
+            cache_dir: Some(data.join("cache")),
+            args: self.args.clone(),
+        })
+    }
 }
 
 #[derive(Args, Debug, Default, Clone)]

@@ -4,6 +4,7 @@
 //! instance → router → instance):
 //!
 //! - [`config`] — command line, `COVEY_*` environment and YAML file, merged.
+//! - [`exec`] — `covey exec`: run one script once, output to the terminal.
 //! - [`node`] — one running host, wiring everything below together.
 //! - [`engine`] — the wasmtime engine (pooling allocator sized for small
 //!   machines, epoch ticker) and the on-disk cache of compiled components.
@@ -24,6 +25,7 @@ pub mod bindings;
 pub mod capabilities;
 pub mod config;
 pub mod engine;
+pub mod exec;
 pub mod kvdoc;
 pub mod node;
 pub mod pattern;

@@ -48,6 +48,7 @@ impl Node {
             extras: cfg.extras.clone(),
             limits: cfg.limits.clone(),
             started_ms: now_ms(),
+            console: None,
         });
         let supervisor = Arc::new(ScriptSupervisor::new(services.clone(), cache, scripts_dir)?);
         // Watch before the first scan, so a file written in between is not

@@ -35,4 +35,13 @@ pub struct Services {
     pub limits: ScriptLimits,
     /// When this node started (ms since the Unix epoch).
     pub started_ms: u64,
+    /// Set for `covey exec`: script output goes to this process's stdout
+    /// and stderr as plain text, and the script gets these arguments.
+    pub console: Option<Console>,
+}
+
+/// The terminal a one-shot `covey exec` run talks to.
+#[derive(Clone, Debug, Default)]
+pub struct Console {
+    pub args: Vec<String>,
 }

@@ -74,6 +74,14 @@ impl Guest for LuaGuest {
         api::install(&lua, &handlers).map_err(|e| format!("setting up the Lua API: {e}"))?;
         lua.set_memory_limit(LUA_MEMORY_LIMIT)
             .map_err(|e| e.to_string())?;
+        // `covey exec FILE ARGS...`: Lua's `arg` table and the chunk's `...`.
+        let args = covey::script::lua_source::args();
+        let arg = lua.create_table().map_err(|e| e.to_string())?;
+        arg.set(0, name.as_str()).map_err(|e| e.to_string())?;
+        for (i, a) in args.iter().enumerate() {
+            arg.set(i + 1, a.as_str()).map_err(|e| e.to_string())?;
+        }
+        lua.globals().set("arg", arg).map_err(|e| e.to_string())?;
         // Syntax errors surface here with file and line.
         let chunk = lua.load(text.as_str()).set_name(format!("@{name}"));
         let rt = Rc::new(Runtime {
@@ -82,7 +90,9 @@ impl Guest for LuaGuest {
             name,
         });
         RUNTIME.with(|r| *r.borrow_mut() = Some(rt.clone()));
-        chunk.exec().map_err(|e| e.to_string())
+        chunk
+            .call::<()>(mlua::Variadic::from_iter(args))
+            .map_err(|e| e.to_string())
     }
 
     fn on_event(msg: Message) {

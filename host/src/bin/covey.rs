@@ -24,6 +24,18 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(run(cfg))
         }
+        Command::Exec(args) => {
+            init_logging("warn");
+            let opts = args.options()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            if let Err(err) = rt.block_on(covey::exec::exec(&args.file, opts)) {
+                eprintln!("covey exec: {err:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -8,12 +8,15 @@ use crate::router::ScriptId;
 
 pub struct LogCtx {
     script: ScriptId,
+    /// `covey exec`: plain lines on stdout (stderr for warnings and errors).
+    console: bool,
 }
 
 impl LogCtx {
     pub fn new(env: &ScriptEnv) -> Self {
         LogCtx {
             script: env.script.clone(),
+            console: env.services.console.is_some(),
         }
     }
 }
@@ -24,6 +27,13 @@ pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
 
 impl wit::Host for LogCtx {
     async fn log(&mut self, level: Level, message: String) {
+        if self.console {
+            match level {
+                Level::Warn | Level::Error => eprintln!("{message}"),
+                _ => println!("{message}"),
+            }
+            return;
+        }
         let script = &*self.script;
         match level {
             Level::Trace => tracing::trace!(target: "script", script, "{message}"),

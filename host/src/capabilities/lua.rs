@@ -12,6 +12,7 @@ use crate::bindings::lua::covey::script::lua_source as wit;
 
 pub struct LuaCtx {
     script: Arc<str>,
+    args: Vec<String>,
     source: Option<Arc<str>>,
     lib_dir: Option<PathBuf>,
 }
@@ -20,6 +21,12 @@ impl LuaCtx {
     pub fn new(env: &ScriptEnv) -> Self {
         LuaCtx {
             script: env.script.clone(),
+            args: env
+                .services
+                .console
+                .as_ref()
+                .map(|c| c.args.clone())
+                .unwrap_or_default(),
             source: env.lua.as_ref().map(|l| l.source.clone()),
             lib_dir: env.lua.as_ref().map(|l| l.lib_dir.clone()),
         }
@@ -50,6 +57,10 @@ impl wit::Host for LuaCtx {
     async fn script(&mut self) -> (String, String) {
         let text = self.source.as_deref().unwrap_or_default().to_string();
         (self.script.to_string(), text)
+    }
+
+    async fn args(&mut self) -> Vec<String> {
+        self.args.clone()
     }
 
     async fn module(&mut self, name: String) -> Option<String> {

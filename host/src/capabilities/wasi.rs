@@ -21,13 +21,22 @@ pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
 }
 
 pub fn sandboxed_ctx(env: &ScriptEnv) -> WasiCtx {
-    WasiCtxBuilder::new()
-        .stdout(LogStream::new(env.script.clone(), false))
-        .stderr(LogStream::new(env.script.clone(), true))
-        .allow_tcp(false)
+    let mut b = WasiCtxBuilder::new();
+    b.allow_tcp(false)
         .allow_udp(false)
-        .allow_ip_name_lookup(false)
-        .build()
+        .allow_ip_name_lookup(false);
+    match &env.services.console {
+        // `covey exec`: the user's terminal, and the arguments they gave.
+        Some(console) => {
+            b.inherit_stdout().inherit_stderr();
+            b.arg(&*env.script).args(&console.args);
+        }
+        None => {
+            b.stdout(LogStream::new(env.script.clone(), false))
+                .stderr(LogStream::new(env.script.clone(), true));
+        }
+    }
+    b.build()
 }
 
 /// A guest output stream that turns complete lines into log lines.

@@ -120,11 +120,7 @@ impl ScriptSupervisor {
         if scripts.get(&id).is_some_and(|h| h.hash == hash) {
             return Ok(LoadOutcome::Unchanged);
         }
-        let code = if id.ends_with(".lua") {
-            Arc::new(self.lua_script(&id, bytes, hash).await?)
-        } else {
-            Arc::new(self.compile(&id, bytes, hash).await?)
-        };
+        let code = Arc::new(self.prepare(&id, bytes, hash).await?);
         if let Some(handle) = scripts.get_mut(&id) {
             let (done, result) = oneshot::channel();
             handle
@@ -185,6 +181,20 @@ impl ScriptSupervisor {
             })
         })
         .await?
+    }
+
+    /// Compile a component, or pair a `.lua` script with the Lua guest.
+    pub async fn prepare(
+        &self,
+        id: &str,
+        bytes: Vec<u8>,
+        hash: blake3::Hash,
+    ) -> Result<LoadedScript> {
+        if id.ends_with(".lua") {
+            self.lua_script(id, bytes, hash).await
+        } else {
+            self.compile(id, bytes, hash).await
+        }
     }
 
     /// A `.lua` script: the built-in Lua guest (compiled once per node)
