@@ -331,6 +331,14 @@ fn sandbox(lua: &Lua) -> mlua::Result<()> {
         })
     };
     let os: Table = g.get("os")?;
+    // WASI has no process CPU clock (C's clock() is unsupported there):
+    // os.clock() is monotonic time since the instance started, which is
+    // what scripts use it for (timing their own work).
+    let started = std::time::Instant::now();
+    os.set(
+        "clock",
+        lua.create_function(move |_, ()| Ok(started.elapsed().as_secs_f64()))?,
+    )?;
     for f in [
         "execute",
         "exit",

@@ -304,3 +304,36 @@ covey.handle("*", "alive", function() return "yes" end)
     })
     .await;
 }
+
+/// Lua's C code is compiled against preview-1 wasi-libc headers but linked
+/// with Rust's wasip2 libc: a layout mismatch (struct tm, time_t, clock_t,
+/// printf) would show up in exactly these functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libc_abi_between_lua_and_the_rust_link_matches() {
+    let t = start(&[]).await;
+    let script = r#"
+covey.handle("*", "abi", function()
+  local d = os.date("!*t", 951825600)
+  local parts = {
+    os.date("!%Y-%m-%d %H:%M:%S %j %a", 951825600),
+    string.format("%d-%d-%d %d:%d yday=%d wday=%d", d.year, d.month, d.day, d.hour, d.min, d.yday, d.wday),
+    os.time({ year = 2000, month = 2, day = 29, hour = 12 }) - os.time({ year = 2000, month = 2, day = 28, hour = 12 }),
+    math.type(os.clock()),
+    string.format("%.3f %g %e %x %5s|%-5s|", 1 / 3, 1e300, 12345.678, 255, "ab", "cd"),
+    tostring(2^63),
+    math.tointeger(2^53),
+    string.format("%q", 1 / 0),
+  }
+  local now = os.time()
+  parts[#parts + 1] = tostring(now > 1700000000 and os.date("!%Y", now) >= "2023")
+  return table.concat(parts, " | ")
+end)
+"#;
+    load(&t, "abi.lua", script).await;
+    assert_eq!(
+        t.call("abi", "").await.unwrap(),
+        "2000-02-29 12:00:00 060 Tue | 2000-2-29 12:0 yday=60 wday=3 | 86400 | float \
+         | 0.333 1e+300 1.234568e+04 ff    ab|cd   | | 9.2233720368548e+18 | 9007199254740992 \
+         | 1e9999 | true"
+    );
+}

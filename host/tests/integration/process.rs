@@ -111,3 +111,74 @@ fn falls_back_to_on_demand_allocation_when_the_pool_cannot_be_reserved() {
     assert!(out.contains("script started"), "{out}");
     assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
 }
+
+fn covey_exec(file: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_covey"))
+        .arg("exec")
+        .arg("--node")
+        .arg("ex")
+        .arg("--data")
+        .arg(file.parent().unwrap().join("data"))
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_runs_plain_lua_programs_with_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prog.lua");
+    std::fs::write(
+        &file,
+        "local function fib(n) if n < 2 then return n end return fib(n-1) + fib(n-2) end\n\
+         print('args', ...)\n\
+         print(arg[0], #arg, fib(20), self())\n\
+         io.write('no newline')\n",
+    )
+    .unwrap();
+    let (ok, out, err) = covey_exec(&file, &["one", "--two"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "args\tone\t--two\nprog.lua\t2\t6765\tex\nno newline\n");
+}
+
+#[test]
+fn exec_fails_with_the_error_and_a_nonzero_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.lua");
+    std::fs::write(&file, "print('before')\nerror('nope')\n").unwrap();
+    let (ok, out, err) = covey_exec(&file, &[]);
+    assert!(!ok);
+    assert_eq!(out, "before\n");
+    assert!(
+        err.contains("bad.lua:2: nope") && err.contains("traceback"),
+        "{err}"
+    );
+    let file = dir.path().join("syntax.lua");
+    std::fs::write(&file, "x = (\n").unwrap();
+    let (ok, _, err) = covey_exec(&file, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("syntax error") && err.contains("syntax.lua:2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn exec_runs_a_component_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crash.wasm");
+    std::fs::copy(guest("testing/crash"), &file).unwrap();
+    let (ok, _, err) = covey_exec(&file, &[]);
+    assert!(ok, "{err}");
+    let file = dir.path().join("broken.wasm");
+    std::fs::copy(guest("testing/broken-init"), &file).unwrap();
+    let (ok, _, err) = covey_exec(&file, &[]);
+    assert!(!ok);
+    assert!(err.contains("refuses to start"), "{err}");
+}
