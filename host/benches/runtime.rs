@@ -42,8 +42,19 @@ fn main() {
         .build()
         .unwrap();
     one_core.block_on(bus_throughput(events));
-    if std::env::var("COVEY_BENCH_ONLY").as_deref() == Ok("bus") {
-        return;
+    match std::env::var("COVEY_BENCH_ONLY").as_deref() {
+        Ok("bus") => return,
+        Ok("lua") => {
+            lua_cpu_vs_native();
+            one_core.block_on(lua_bus_throughput(if quick { 50_000 } else { 500_000 }));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(lua_reload_latency(if quick { 5 } else { 30 }));
+            return;
+        }
+        _ => {}
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -53,22 +64,51 @@ fn main() {
     rt.block_on(instantiate_times(if quick { 20 } else { 200 }));
     rt.block_on(reload_latency(if quick { 5 } else { 30 }));
     idle_rss(if quick { 1 } else { 3 });
+
+    println!("-- Lua guest --");
+    lua_cpu_vs_native();
+    one_core.block_on(lua_bus_throughput(if quick { 50_000 } else { 500_000 }));
+    rt.block_on(lua_reload_latency(if quick { 5 } else { 30 }));
 }
 
 async fn node_with(scripts: &[(&str, &str)]) -> (Node, tempfile::TempDir) {
+    let files = scripts
+        .iter()
+        .map(|(g, name)| (name.to_string(), std::fs::read(guest(g)).unwrap()))
+        .collect();
+    node_with_files(files).await
+}
+
+async fn node_with_files(files: Vec<(String, Vec<u8>)>) -> (Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let scripts_dir = dir.path().join("scripts");
     std::fs::create_dir_all(&scripts_dir).unwrap();
-    for (g, name) in scripts {
-        std::fs::copy(guest(g), scripts_dir.join(name)).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(scripts_dir.join(name), bytes).unwrap();
     }
     let mut cfg = NodeConfig::new("bench", scripts_dir, dir.path().join("data"));
     cfg.limits.mailbox = 8192;
     (Node::start(cfg).await.unwrap(), dir)
 }
 
+/// The Lua twin of the `sink` guest.
+const LUA_SINK: &str = r#"
+seen = 0
+on("*", "bench", function(msg) seen = seen + 1 end)
+onCommand("*", "count", function() return tostring(seen) end)
+"#;
+
 async fn bus_throughput(n: u64) {
     let (node, _dir) = node_with(&[("testing/sink", "sink.wasm")]).await;
+    bus_run(node, "a Rust guest", n).await;
+}
+
+async fn lua_bus_throughput(n: u64) {
+    let (node, _dir) = node_with_files(vec![("sink.lua".into(), LUA_SINK.into())]).await;
+    bus_run(node, "a Lua callback", n).await;
+}
+
+async fn bus_run(node: Node, into: &str, n: u64) {
     let router = node.router().clone();
     let stats = &router.stats;
     let payload = vec![7u8; 64];
@@ -104,7 +144,7 @@ async fn bus_throughput(n: u64) {
     assert_eq!(seen, n + n / 10, "the guest saw every event");
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     println!(
-        "bus: {n} events (64-byte payload) into a Rust guest on one core: {:.0} events/s ({:.2} us/event)",
+        "bus: {n} events (64-byte payload) into {into} on one core: {:.0} events/s ({:.2} us/event)",
         n as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1e6 / n as f64
     );
@@ -276,4 +316,83 @@ fn ms(d: Duration) -> f64 {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+/// Time from a `.lua` file renamed into place to its new version answering.
+async fn lua_reload_latency(swaps: usize) {
+    let version = |v: &str| format!("covey.handle('*', 'version', function() return '{v}' end)\n");
+    let (node, dir) = node_with_files(vec![("v.lua".into(), version("a").into_bytes())]).await;
+    let scripts = dir.path().join("scripts");
+    let router = node.router().clone();
+    let mut lat = Vec::new();
+    for i in 0..swaps + 1 {
+        let want = if i % 2 == 0 { "b" } else { "a" };
+        let tmp = scripts.join(".v.lua.partial");
+        std::fs::write(&tmp, version(want)).unwrap();
+        let t = Instant::now();
+        std::fs::rename(&tmp, scripts.join("v.lua")).unwrap();
+        loop {
+            let r = router
+                .call(None, "bench", "version", vec![], Duration::from_secs(1))
+                .await;
+            if r.as_deref() == Ok(want.as_bytes()) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "reload did not happen"
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        if i >= 1 {
+            lat.push(t.elapsed());
+        }
+    }
+    println!(
+        "lua reload ({} swaps): .lua renamed -> new version answering p50 {:.1} ms, max {:.1} ms",
+        lat.len(),
+        ms(pct(&mut lat, 50)),
+        ms(pct(&mut lat, 100)),
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// The same CPU-bound Lua file under Debian's lua5.4 and under `covey exec`.
+fn lua_cpu_vs_native() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/lua/cpu.lua");
+    let run = |cmd: &mut std::process::Command| -> Option<Vec<(String, f64)>> {
+        let out = cmd.output().ok()?;
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let (name, secs) = l.rsplit_once(' ')?;
+                    Some((name.to_string(), secs.parse().ok()?))
+                })
+                .collect(),
+        )
+    };
+    let data = tempfile::tempdir().unwrap();
+    let covey = run(std::process::Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args(["exec", "--cpu-ms", "600000", "--node", "bench"])
+        .arg("--data")
+        .arg(data.path())
+        .arg(&script))
+    .expect("covey exec of the CPU benchmark failed");
+    let Some(native) = run(std::process::Command::new("lua5.4").arg(&script)) else {
+        println!("lua cpu: lua5.4 not installed (apt-get install lua5.4); covey alone: {covey:?}");
+        return;
+    };
+    for ((name, n), (_, c)) in native.iter().zip(&covey) {
+        println!(
+            "lua cpu {name}: native lua5.4 {:.1} ms, covey {:.1} ms -> {:.2}x native speed",
+            n * 1e3,
+            c * 1e3,
+            n / c
+        );
+    }
 }

@@ -70,6 +70,7 @@ impl Node {
             scripts = %supervisor.dir().display(),
             data = %cfg.data_dir.display(),
             allocator = ?engine.allocator(),
+            memory = ?engine.layout(),
             "node started"
         );
         Ok(Node {

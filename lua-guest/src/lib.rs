@@ -46,6 +46,8 @@ pub(crate) type SharedHandlers = Rc<RefCell<Handlers>>;
 
 struct Runtime {
     lua: Lua,
+    /// `api::INVOKE`: calls a handler with a message table.
+    invoker: Function,
     handlers: SharedHandlers,
     name: String,
 }
@@ -84,8 +86,10 @@ impl Guest for LuaGuest {
         lua.globals().set("arg", arg).map_err(|e| e.to_string())?;
         // Syntax errors surface here with file and line.
         let chunk = lua.load(text.as_str()).set_name(format!("@{name}"));
+        let invoker = api::invoker(&lua).map_err(|e| e.to_string())?;
         let rt = Rc::new(Runtime {
             lua,
+            invoker,
             handlers,
             name,
         });
@@ -106,8 +110,8 @@ impl Guest for LuaGuest {
             .map(|(_, _, f)| f.clone())
             .collect();
         for f in matching {
-            let arg = api::message_table(&rt.lua, &msg);
-            report(&rt, "event handler", arg.and_then(|m| f.call::<Value>(m)));
+            let r = api::invoke(&rt.lua, &rt.invoker, &f, &msg);
+            report(&rt, "event handler", r);
         }
     }
 
@@ -120,7 +124,7 @@ impl Guest for LuaGuest {
             .iter()
             .find(|(from, name, _)| from.matches(&msg.from) && name.matches(&msg.name))
             .map(|(_, _, f)| f.clone())?;
-        let result = api::message_table(&rt.lua, &msg).and_then(|m| handler.call::<Value>(m));
+        let result = api::invoke(&rt.lua, &rt.invoker, &handler, &msg);
         match result {
             Ok(Value::Nil) => None,
             Ok(v) => api::payload_bytes(&rt.lua, v).ok(),

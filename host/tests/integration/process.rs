@@ -91,11 +91,22 @@ fn sigterm_stops_scripts_and_flushes_the_store() {
     // user space offers; the pool must fit in it.
     let (ok, out) = stop_when_started(spawn_node(dir.path(), 64 << 20), dir.path());
     assert!(ok, "clean exit expected:\n{out}");
-    assert!(out.contains("allocator=Pooling"), "{out}");
+    // Guarded 4 GiB memories do not fit; compact ones in a pool do.
+    assert!(out.contains("allocator=Pooling memory=Compact"), "{out}");
     assert!(
         out.contains("script stopped") && out.contains("node stopped"),
         "{out}"
     );
+    assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn a_roomy_address_space_gets_guarded_memories() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = stop_when_started(spawn_node(dir.path(), 0), dir.path());
+    assert!(ok, "clean exit expected:\n{out}");
+    assert!(out.contains("allocator=Pooling memory=Guarded"), "{out}");
     assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
 }
 
@@ -106,8 +117,11 @@ fn falls_back_to_on_demand_allocation_when_the_pool_cannot_be_reserved() {
     // plenty for on-demand instances.
     let (ok, out) = stop_when_started(spawn_node(dir.path(), 6 << 20), dir.path());
     assert!(ok, "clean exit expected:\n{out}");
-    assert!(out.contains("pooling allocator unavailable"), "{out}");
-    assert!(out.contains("allocator=OnDemand"), "{out}");
+    assert!(
+        out.contains("a roomier setup did not fit this machine"),
+        "{out}"
+    );
+    assert!(out.contains("allocator=OnDemand memory=Compact"), "{out}");
     assert!(out.contains("script started"), "{out}");
     assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
 }
