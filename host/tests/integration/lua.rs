@@ -125,6 +125,17 @@ covey.handle("*", "lua.require", function(msg)
   local ok, err = pcall(require, "missing.mod")
   return strings.shout(msg.payload) .. "|" .. tostring(err):match("module 'missing.mod' not found")
 end)
+covey.handle("*", "lua.misc", function()
+  local id = covey.after(20, function() covey.kv.set("cancelled-fired", "yes") end)
+  local cancelled = covey.cancel(id)
+  covey.emit("misc.event", "e")
+  covey.command("n1", "echo", "ignored")
+  for _, level in ipairs({ "trace", "debug", "info", "warn", "error" }) do
+    covey.log[level]("level " .. level)
+  end
+  return covey.node() .. "|" .. table.concat(covey.nodes(), ",") .. "|" .. tostring(cancelled)
+end)
+covey.on("*", "misc.event", function(msg) covey.kv.set("misc", msg.payload) end)
 covey.log.info("covey api ready")
 "#;
     load(&t, "api.lua", script).await;
@@ -158,6 +169,17 @@ covey.log.info("covey api ready")
     assert_eq!(
         t.call("lua.require", "hi").await.unwrap(),
         "HI!|module 'missing.mod' not found"
+    );
+    assert_eq!(t.call("lua.misc", "").await.unwrap(), "n1|n1|true");
+    eventually(5, "covey.emit reached covey.on", || async {
+        t.kv_string("misc").as_deref() == Some("e")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(
+        t.kv_string("cancelled-fired"),
+        None,
+        "a cancelled timer never fires"
     );
 }
 
