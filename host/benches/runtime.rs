@@ -36,39 +36,30 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let events = if quick { 100_000 } else { 2_000_000 };
     let one_core = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    one_core.block_on(bus_throughput(events));
-    match std::env::var("COVEY_BENCH_ONLY").as_deref() {
-        Ok("bus") => return,
-        Ok("lua") => {
-            lua_cpu_vs_native();
-            one_core.block_on(lua_bus_throughput(if quick { 50_000 } else { 500_000 }));
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(lua_reload_latency(if quick { 5 } else { 30 }));
-            return;
-        }
-        _ => {}
-    }
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(instantiate_times(if quick { 20 } else { 200 }));
-    rt.block_on(reload_latency(if quick { 5 } else { 30 }));
-    idle_rss(if quick { 1 } else { 3 });
-
-    println!("-- Lua guest --");
-    lua_cpu_vs_native();
-    one_core.block_on(lua_bus_throughput(if quick { 50_000 } else { 500_000 }));
-    rt.block_on(lua_reload_latency(if quick { 5 } else { 30 }));
+    let only = std::env::var("COVEY_BENCH_ONLY").ok();
+    if only.as_deref() != Some("lua") {
+        one_core.block_on(bus_throughput(if quick { 100_000 } else { 2_000_000 }));
+    }
+    if only.is_none() {
+        rt.block_on(instantiate_times(if quick { 20 } else { 200 }));
+        rt.block_on(reload_latency(if quick { 5 } else { 30 }));
+        idle_rss(if quick { 1 } else { 3 });
+    }
+    if only.is_none() || only.as_deref() == Some("lua") {
+        println!("-- Lua guest --");
+        rt.block_on(lua_instantiate_times(if quick { 10 } else { 100 }));
+        lua_cpu_vs_native();
+        one_core.block_on(lua_bus_throughput(if quick { 50_000 } else { 500_000 }));
+        rt.block_on(lua_reload_latency(if quick { 5 } else { 30 }));
+    }
 }
 
 async fn node_with(scripts: &[(&str, &str)]) -> (Node, tempfile::TempDir) {
@@ -395,4 +386,43 @@ fn lua_cpu_vs_native() {
             n / c
         );
     }
+}
+
+/// Size, compile and instantiate figures of the embedded Lua guest.
+async fn lua_instantiate_times(rounds: usize) {
+    let (node, _dir) = node_with(&[]).await;
+    let guest = covey::script::supervisor::LUA_GUEST;
+    let cold = {
+        let cache = covey::engine::ComponentCache::new(node.engine().clone(), None);
+        let t = Instant::now();
+        cache.load(guest).unwrap();
+        t.elapsed()
+    };
+    let text = b"covey.handle('*', 'x', function() return 'y' end)".to_vec();
+    let hash = blake3::hash(&text);
+    let sup = node.supervisor();
+    let code = Arc::new(sup.prepare("x.lua", text, hash).await.unwrap());
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let mut inst = Vec::new();
+    for i in 0..rounds {
+        let env = ScriptEnv {
+            script: "x.lua".into(),
+            generation: i as u64 + 1,
+            services: node.services().clone(),
+            mailbox: tx.clone(),
+            lua: code.lua.clone(),
+        };
+        let t = Instant::now();
+        let live = instantiate(env, &code).await.unwrap();
+        inst.push(t.elapsed());
+        drop(live);
+    }
+    println!(
+        "lua guest: {} KB component, cold compile {:.0} ms, instantiate + run a small script p50 {:.2} ms (p99 {:.2} ms)",
+        guest.len() / 1024,
+        ms(cold),
+        ms(pct(&mut inst, 50)),
+        ms(pct(&mut inst, 99)),
+    );
+    node.shutdown().await.unwrap();
 }
