@@ -194,38 +194,16 @@ async fn instantiate_times(rounds: usize) {
 async fn reload_latency(swaps: usize) {
     let (node, dir) = node_with(&[("testing/version-a", "v.wasm")]).await;
     let scripts = dir.path().join("scripts");
-    let router = node.router().clone();
     let versions = [("testing/version-b", "b"), ("testing/version-a", "a")];
-    let ask = || {
-        let router = router.clone();
-        async move {
-            router
-                .call(None, "bench", "version", vec![], Duration::from_secs(1))
-                .await
-                .map(|r| String::from_utf8(r).unwrap())
-        }
-    };
     let mut lat = Vec::new();
     for i in 0..swaps + 2 {
         let (g, want) = versions[i % 2];
-        let tmp = scripts.join(".v.wasm.partial");
-        std::fs::copy(guest(g), &tmp).unwrap();
-        let t = Instant::now();
-        std::fs::rename(&tmp, scripts.join("v.wasm")).unwrap();
-        loop {
-            if ask().await.as_deref() == Ok(want) {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "reload did not happen"
-            );
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        let bytes = std::fs::read(guest(g)).unwrap();
+        let took = swap_and_wait(&node, &scripts.join("v.wasm"), &bytes, want).await;
         // The first two swaps compile and fill the cache; the rest are the
         // cached case the goal is about.
         if i >= 2 {
-            lat.push(t.elapsed());
+            lat.push(took);
         }
     }
     println!(
@@ -237,6 +215,29 @@ async fn reload_latency(swaps: usize) {
         covey::watcher::QUIET.as_millis()
     );
     node.shutdown().await.unwrap();
+}
+
+/// Rename `bytes` into place at `path` and wait until a call to `version`
+/// answers `want`; returns the time from the rename.
+async fn swap_and_wait(node: &Node, path: &Path, bytes: &[u8], want: &str) -> Duration {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).unwrap();
+    let t = Instant::now();
+    std::fs::rename(&tmp, path).unwrap();
+    loop {
+        let r = node
+            .router()
+            .call(None, "bench", "version", vec![], Duration::from_secs(1))
+            .await;
+        if r.as_deref() == Ok(want.as_bytes()) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "reload did not happen"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
 }
 
 fn idle_rss(settle_secs: u64) {
@@ -313,30 +314,14 @@ fn us(d: Duration) -> f64 {
 async fn lua_reload_latency(swaps: usize) {
     let version = |v: &str| format!("covey.handle('*', 'version', function() return '{v}' end)\n");
     let (node, dir) = node_with_files(vec![("v.lua".into(), version("a").into_bytes())]).await;
-    let scripts = dir.path().join("scripts");
-    let router = node.router().clone();
+    let path = dir.path().join("scripts/v.lua");
     let mut lat = Vec::new();
     for i in 0..swaps + 1 {
         let want = if i % 2 == 0 { "b" } else { "a" };
-        let tmp = scripts.join(".v.lua.partial");
-        std::fs::write(&tmp, version(want)).unwrap();
-        let t = Instant::now();
-        std::fs::rename(&tmp, scripts.join("v.lua")).unwrap();
-        loop {
-            let r = router
-                .call(None, "bench", "version", vec![], Duration::from_secs(1))
-                .await;
-            if r.as_deref() == Ok(want.as_bytes()) {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "reload did not happen"
-            );
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        let took = swap_and_wait(&node, &path, version(want).as_bytes(), want).await;
+        // The first swap compiles the Lua guest; the rest hit the cache.
         if i >= 1 {
-            lat.push(t.elapsed());
+            lat.push(took);
         }
     }
     println!(
