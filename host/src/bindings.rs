@@ -12,6 +12,7 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq, Eq],
 });
 
+pub use self::covey::script::node::NodeInfo;
 pub use self::covey::script::types::{CallError, SendError};
 
 /// The extra import of the built-in Lua guest (world `lua-script`), sharing

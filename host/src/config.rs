@@ -6,6 +6,7 @@
 //! existing esc configs work, plus Covey's own; unknown keys are an error
 //! (a typo should not silently fall back to a default).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::cluster::ClusterConfig;
+use crate::cluster::credentials::ClusterToken;
 use crate::services::ScriptLimits;
 
 #[derive(Parser, Debug)]
@@ -38,6 +41,51 @@ pub enum Command {
     /// terminal: a `.lua` file runs top to bottom (plain Lua programs work),
     /// a `.wasm` component runs its `init`. Exits non-zero on failure.
     Exec(ExecArgs),
+    /// Create or join a cluster (the token every node needs).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Show the running node on this machine: peers, their state and
+    /// round-trip time, and the scripts it runs.
+    Status(StatusArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Create a new cluster: make a secret token, save it in this node's
+    /// data directory and print it for the other nodes.
+    Init(DataArg),
+    /// Join a cluster: save the token printed by `covey cluster init` in
+    /// this node's data directory. Restart `covey run` afterwards.
+    Join {
+        /// The token (`covey1-…`)
+        token: String,
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Print the token saved in this node's data directory.
+    Token(DataArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArg {
+    /// Data directory [default: the platform data directory]
+    #[arg(long, env = "COVEY_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+impl DataArg {
+    pub fn dir(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -111,6 +159,29 @@ pub struct RunArgs {
     /// Log filter, e.g. `info` or `covey=debug,script=trace` [default: info]
     #[arg(long, env = "COVEY_LOG")]
     pub log: Option<String>,
+    /// Cluster token from `covey cluster init` [default: the one saved by
+    /// `covey cluster join` in the data directory; none: a single node]
+    #[arg(long, env = "COVEY_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// UDP port for cluster links [default: 7466]
+    #[arg(long, env = "COVEY_PORT")]
+    pub port: Option<u16>,
+    /// Address to accept cluster links on [default: `::`, all IPv4 and IPv6]
+    #[arg(long, env = "COVEY_LISTEN")]
+    pub listen: Option<IpAddr>,
+    /// A peer to link to, `host:port` (repeatable; for networks without
+    /// multicast). Re-dialled while down; peers share their peers.
+    #[arg(long = "peer", env = "COVEY_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Peer discovery: `mdns` or `off` [default: mdns]
+    #[arg(long, env = "COVEY_DISCOVERY")]
+    pub discovery: Option<String>,
+    /// Network interface for mDNS (repeatable) [default: all]
+    #[arg(long, env = "COVEY_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// A peer silent for this long is marked down [default: 3000]
+    #[arg(long, env = "COVEY_PEER_TIMEOUT_MS")]
+    pub peer_timeout_ms: Option<u64>,
 }
 
 /// The YAML config file.
@@ -137,6 +208,15 @@ pub struct FileConfig {
     /// Mailbox capacity per script (messages).
     pub mailbox: Option<usize>,
     pub log: Option<String>,
+    /// Cluster token (prefer `covey cluster join`, which keeps it in the
+    /// data directory with owner-only permissions).
+    pub cluster_token: Option<String>,
+    /// Address to accept cluster links on.
+    pub listen: Option<IpAddr>,
+    /// Static peers, `host:port`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub peer_timeout_ms: Option<u64>,
 }
 
 /// Everything a node needs to start, resolved.
@@ -152,23 +232,8 @@ pub struct NodeConfig {
     pub log: String,
     /// Watch the scripts directory for changes (tests may turn it off).
     pub watch: bool,
-    /// Cluster settings from the file (`port`, `discovery`, `iface`), kept
-    /// for the clustering layer.
-    pub cluster: ClusterSettings,
-}
-
-/// esc's cluster keys, as given in the config file.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterSettings {
-    pub port: Option<u16>,
-    pub discovery: Option<serde_json::Value>,
-    pub iface: Option<serde_json::Value>,
-}
-
-impl ClusterSettings {
-    pub fn is_set(&self) -> bool {
-        self.port.is_some() || self.discovery.is_some() || self.iface.is_some()
-    }
+    /// Clustering, when this node has a cluster token; none: single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl NodeConfig {
@@ -184,7 +249,7 @@ impl NodeConfig {
             extras: Default::default(),
             log: "info".into(),
             watch: true,
-            cluster: ClusterSettings::default(),
+            cluster: None,
         }
     }
 
@@ -231,19 +296,118 @@ impl NodeConfig {
         if let Some(m) = file.mailbox {
             limits.mailbox = m.max(1);
         }
+        let file_cluster = FileCluster {
+            token: file.cluster_token,
+            port: file.port,
+            listen: file.listen,
+            peers: file.peers,
+            discovery: file.discovery,
+            iface: file.iface,
+            peer_timeout_ms: file.peer_timeout_ms,
+        };
         let mut cfg = NodeConfig::new(&name, scripts_dir, data_dir);
         cfg.limits = limits;
         cfg.max_scripts = file.max_scripts.unwrap_or(cfg.max_scripts).max(1);
         cfg.max_payload = file.max_payload.unwrap_or(cfg.max_payload);
         cfg.extras = file.extras;
         cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
-        cfg.cluster = ClusterSettings {
-            port: file.port,
-            discovery: file.discovery,
-            iface: file.iface,
-        };
+        cfg.cluster = resolve_cluster(args, file_cluster, &cfg.data_dir)?;
         Ok(cfg)
     }
+}
+
+/// The config file's cluster keys.
+struct FileCluster {
+    token: Option<String>,
+    port: Option<u16>,
+    listen: Option<IpAddr>,
+    peers: Vec<String>,
+    discovery: Option<serde_json::Value>,
+    iface: Option<serde_json::Value>,
+    peer_timeout_ms: Option<u64>,
+}
+
+fn resolve_cluster(
+    args: &RunArgs,
+    file: FileCluster,
+    data_dir: &Path,
+) -> Result<Option<ClusterConfig>> {
+    let token = match args.cluster_token.clone().or(file.token) {
+        Some(t) => Some(ClusterToken::parse(&t).context("in the cluster token")?),
+        None => ClusterToken::load(data_dir)?,
+    };
+    let peers = if args.peers.is_empty() {
+        file.peers
+    } else {
+        args.peers.clone()
+    };
+    let mdns = match args.discovery.clone() {
+        Some(d) => parse_discovery(&serde_json::Value::String(d))?,
+        None => match &file.discovery {
+            Some(v) => parse_discovery(v)?,
+            None => None,
+        },
+    };
+    let ifaces = if args.iface.is_empty() {
+        match file.iface {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s],
+            Some(serde_json::Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    serde_json::Value::String(s) => Ok(s),
+                    other => bail!("iface: expected interface names, got {other}"),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => bail!("iface: expected a name or a list of names, got {other}"),
+        }
+    } else {
+        args.iface.clone()
+    };
+    let port = args.port.or(file.port);
+    let Some(token) = token else {
+        if !peers.is_empty() || port.is_some() || mdns == Some(true) || !ifaces.is_empty() {
+            bail!(
+                "cluster settings are given but this node has no cluster token: run                  `covey cluster init` on one node and `covey cluster join TOKEN` on the                  others (or pass --cluster-token)"
+            );
+        }
+        return Ok(None);
+    };
+    for p in &peers {
+        if !p.contains(':') {
+            bail!("peer {p:?}: expected host:port");
+        }
+    }
+    let mut c = ClusterConfig::new(token);
+    let ip = args
+        .listen
+        .or(file.listen)
+        .unwrap_or(IpAddr::from([0u16; 8]));
+    c.bind = SocketAddr::new(ip, port.unwrap_or(crate::cluster::DEFAULT_PORT));
+    c.peers = peers;
+    c.mdns = mdns.unwrap_or(true);
+    c.ifaces = ifaces;
+    if let Some(ms) = args.peer_timeout_ms.or(file.peer_timeout_ms) {
+        if !(300..=600_000).contains(&ms) {
+            bail!("peer_timeout_ms must be between 300 and 600000, got {ms}");
+        }
+        c.peer_timeout = Duration::from_millis(ms);
+    }
+    Ok(Some(c))
+}
+
+/// esc's `discovery` key: true/false, or `mdns`/`off`.
+fn parse_discovery(v: &serde_json::Value) -> Result<Option<bool>> {
+    Ok(match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::Bool(b) => Some(*b),
+        serde_json::Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "mdns" | "on" | "true" | "auto" => Some(true),
+            "off" | "none" | "false" | "static" => Some(false),
+            _ => bail!("discovery: expected `mdns` or `off`, got {s:?}"),
+        },
+        other => bail!("discovery: expected `mdns` or `off`, got {other}"),
+    })
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {
@@ -255,7 +419,7 @@ fn read_file_config(path: &Path) -> Result<FileConfig> {
     serde_yaml_ng::from_str(&text).with_context(|| format!("in config file {}", path.display()))
 }
 
-fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     directories::ProjectDirs::from("", "", "covey")
         .map(|d| d.data_dir().to_path_buf())
         .unwrap_or_else(|| PathBuf::from("covey-data"))
@@ -311,15 +475,27 @@ mod tests {
     #[test]
     fn esc_keys_are_accepted_and_typos_rejected() {
         let dir = tempfile::tempdir().unwrap();
+        let token = ClusterToken::generate().encode();
         let ok = write(
             dir.path(),
-            "node: a\nport: 7000\ndiscovery: true\niface: eth0\n",
+            &format!("node: a\nport: 7000\ndiscovery: true\niface: eth0\ncluster_token: {token}\n"),
         );
         let args = RunArgs {
             config: Some(ok),
             ..Default::default()
         };
-        assert!(NodeConfig::resolve(&args).is_ok());
+        let c = NodeConfig::resolve(&args).unwrap().cluster.unwrap();
+        assert_eq!(c.bind.port(), 7000);
+        assert!(c.mdns);
+        assert_eq!(c.ifaces, ["eth0"]);
+        // Cluster settings without a token are an error, not ignored.
+        let no_token = write(dir.path(), "node: a\nport: 7000\ndata: d\n");
+        let args = RunArgs {
+            config: Some(no_token),
+            ..Default::default()
+        };
+        let err = format!("{:#}", NodeConfig::resolve(&args).unwrap_err());
+        assert!(err.contains("covey cluster init"), "{err}");
         let bad = write(dir.path(), "node: a\nscirpts: x\n");
         let args = RunArgs {
             config: Some(bad),

@@ -1,7 +1,8 @@
 //! Covey host: runs sandboxed WebAssembly scripts and lets them talk.
 //!
 //! Module map (data paths: watcher → supervisor → instance;
-//! instance → router → instance):
+//! instance → router → instance; instance → router → cluster → network;
+//! network → cluster → router → instance):
 //!
 //! - [`config`] — command line, `COVEY_*` environment and YAML file, merged.
 //! - [`exec`] — `covey exec`: run one script once, output to the terminal.
@@ -17,13 +18,18 @@
 //! - [`watcher`] — debounced file-system notifications → supervisor.
 //! - [`router`] — subscriptions and delivery of events, commands, calls and
 //!   key-value change notifications.
+//! - [`cluster`] — QUIC links with mutual TLS to the other nodes,
+//!   membership, mDNS discovery; the router's way to other nodes.
+//! - [`control`] — the local control socket behind `covey status`.
 //! - [`kvdoc`] — the key-value store, an Automerge document on disk.
 //! - [`pattern`] — esc-style `*` patterns.
 //! - [`shutdown`] — SIGINT/SIGTERM.
 
 pub mod bindings;
 pub mod capabilities;
+pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod exec;
 pub mod kvdoc;

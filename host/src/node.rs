@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
 
+use crate::cluster::Cluster;
 use crate::config::NodeConfig;
+use crate::control::ControlSocket;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::{KvDoc, KvLimits};
 use crate::router::{Router, now_ms};
@@ -19,6 +21,8 @@ pub struct Node {
     supervisor: Arc<ScriptSupervisor>,
     engine: ScriptEngine,
     watcher: Option<ScriptsWatcher>,
+    cluster: Option<Cluster>,
+    control: Option<ControlSocket>,
     flusher: JoinHandle<()>,
 }
 
@@ -29,6 +33,9 @@ impl Node {
             .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
         std::fs::create_dir_all(&cfg.scripts_dir)
             .with_context(|| format!("creating scripts directory {}", cfg.scripts_dir.display()))?;
+        // First, so a second node on the same data directory stops here,
+        // before it touches the store.
+        let control = ControlSocket::bind(&cfg.data_dir)?;
         let scripts_dir = cfg.scripts_dir.canonicalize()?;
         let engine = ScriptEngine::new(EngineLimits {
             memory_bytes: cfg.limits.memory_bytes,
@@ -59,12 +66,17 @@ impl Node {
             None
         };
         supervisor.scan().await;
-        if cfg.cluster.is_set() {
-            tracing::warn!(
-                "port/discovery/iface are set, but this build runs a single node \
-                 (clustering is not implemented yet)"
-            );
-        }
+        // Join after the first scan: peers' calls find the handlers ready.
+        let cluster = match cfg.cluster.clone() {
+            Some(c) => Some(Cluster::start(c, services.router.clone()).await?),
+            None => {
+                tracing::info!(
+                    "no cluster token: running as a single node \
+                     (`covey cluster init` / `covey cluster join` to form a cluster)"
+                );
+                None
+            }
+        };
         tracing::info!(
             node = cfg.name,
             scripts = %supervisor.dir().display(),
@@ -73,13 +85,30 @@ impl Node {
             memory = ?engine.layout(),
             "node started"
         );
-        Ok(Node {
+        let mut node = Node {
             services,
             supervisor,
             engine,
             watcher,
+            cluster,
+            control: None,
             flusher,
-        })
+        };
+        node.control = Some(control.serve(node.status_source()));
+        Ok(node)
+    }
+
+    /// What `covey status` reads; holds no strong reference to the node.
+    fn status_source(&self) -> crate::control::StatusSource {
+        crate::control::StatusSource {
+            router: self.services.router.clone(),
+            cluster: self.cluster.clone(),
+            started_ms: self.services.started_ms,
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
     }
 
     pub fn services(&self) -> &Arc<Services> {
@@ -102,9 +131,14 @@ impl Node {
         &self.engine
     }
 
-    /// Stop watching, stop every script, then flush the store.
+    /// Stop watching, leave the cluster, stop every script, then flush the
+    /// store.
     pub async fn shutdown(mut self) -> Result<()> {
         self.watcher.take();
+        self.control.take();
+        if let Some(c) = self.cluster.take() {
+            c.shutdown().await;
+        }
         self.supervisor.shutdown().await;
         self.flusher.abort();
         let kv = self.services.kv.clone();

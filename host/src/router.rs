@@ -1,10 +1,10 @@
 //! The router: where events, commands, calls and key-value change
 //! notifications find the scripts that want them.
 //!
-//! Data paths: instance → router → mailboxes (this node) and, once
-//! clustering lands, instance → router → network and network → router →
-//! instance. Scripts never see each other directly; they only see the
-//! router through the `events` and `kv` capabilities.
+//! Data paths: instance → router → mailboxes (this node), instance →
+//! router → [`Remote`] (the cluster's links) → network, and network →
+//! router → instance. Scripts never see each other directly; they only see
+//! the router through the `events` and `kv` capabilities.
 //!
 //! Subscriptions belong to a *generation* of a script (one instantiation).
 //! During a hot reload or a crash restart, the old generation's
@@ -13,9 +13,11 @@
 //! swap; then the old generation is retired in one step.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -91,10 +93,37 @@ pub struct RouterStats {
     pub handled: AtomicU64,
 }
 
-/// Routes messages among the scripts of this node.
+/// How this node sees another one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerStatus {
+    /// Not a member this node has ever seen.
+    Unknown,
+    /// Known, but no link is up.
+    Down,
+    Up,
+}
+
+pub type CallFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, CallError>> + Send>>;
+
+/// The other nodes, as the router needs them: implemented by the cluster.
+pub trait Remote: Send + Sync {
+    fn peer(&self, node: &str) -> PeerStatus;
+    /// Send an event to every peer that is up.
+    fn broadcast_event(&self, msg: &Message);
+    /// Send a command to one peer, or to every peer that is up (`None`).
+    fn send_command(&self, to: Option<&str>, msg: &Message);
+    /// A call to the peer `node`, answered or failed within `timeout`.
+    fn call(&self, node: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
+    /// Every peer this node knows of (itself excluded).
+    fn members(&self) -> Vec<crate::bindings::NodeInfo>;
+}
+
+/// Routes messages among the scripts of this node and, through
+/// [`Remote`], to other nodes.
 pub struct Router {
     node: Arc<str>,
     max_payload: usize,
+    remote: OnceLock<Arc<dyn Remote>>,
     table: RwLock<BTreeMap<ScriptId, Entry>>,
     next_sub: AtomicU64,
     /// Next message id. Starts at a random point so ids do not repeat across
@@ -108,6 +137,7 @@ impl Router {
         Router {
             node: node.into(),
             max_payload,
+            remote: OnceLock::new(),
             table: RwLock::new(BTreeMap::new()),
             next_sub: AtomicU64::new(1),
             msg_seq: AtomicU64::new(
@@ -125,6 +155,25 @@ impl Router {
 
     pub fn max_payload(&self) -> usize {
         self.max_payload
+    }
+
+    /// Connect the router to the cluster (once, at node start).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        if self.remote.set(remote).is_err() {
+            panic!("router already has a remote");
+        }
+    }
+
+    pub fn remote(&self) -> Option<&Arc<dyn Remote>> {
+        self.remote.get()
+    }
+
+    /// Where a message for `target` (not `*`, not this node) goes.
+    fn peer_status(&self, target: &str) -> PeerStatus {
+        match self.remote.get() {
+            Some(r) => r.peer(target),
+            None => PeerStatus::Unknown,
+        }
     }
 
     /// Make a script reachable. Its subscriptions start empty.
@@ -212,20 +261,15 @@ impl Router {
         }
     }
 
-    /// Is `target` this node (or every node)? Errors name unknown targets.
-    fn local_target(&self, target: &str) -> Result<(), SendError> {
-        if target == "*" || target == &*self.node {
-            Ok(())
-        } else {
-            Err(SendError::UnknownNode(target.to_string()))
-        }
-    }
-
-    /// Broadcast an event. Returns how many scripts it was queued for.
+    /// Broadcast an event to local scripts and every peer. Returns how many
+    /// local scripts it was queued for.
     pub fn emit(&self, name: &str, payload: Vec<u8>) -> Result<usize, SendError> {
         self.check_payload(&payload)
             .map_err(SendError::PayloadTooLarge)?;
         let msg = Arc::new(self.message("*", name, payload));
+        if let Some(remote) = self.remote.get() {
+            remote.broadcast_event(&msg);
+        }
         Ok(self.deliver_event(&msg))
     }
 
@@ -247,7 +291,8 @@ impl Router {
         n
     }
 
-    /// Send a command to `target`; every matching handler gets it.
+    /// Send a command to `target` (a node or `*`); every matching handler
+    /// there gets it. Returns how many local scripts it was queued for.
     pub fn send_command(
         &self,
         target: &str,
@@ -256,8 +301,30 @@ impl Router {
     ) -> Result<usize, SendError> {
         self.check_payload(&payload)
             .map_err(SendError::PayloadTooLarge)?;
-        self.local_target(target)?;
         let msg = Arc::new(self.message(target, name, payload));
+        if target == "*" {
+            if let Some(remote) = self.remote.get() {
+                remote.send_command(None, &msg);
+            }
+            return Ok(self.deliver_command(&msg));
+        }
+        if target == &*self.node {
+            return Ok(self.deliver_command(&msg));
+        }
+        match self.peer_status(target) {
+            PeerStatus::Up => {
+                if let Some(remote) = self.remote.get() {
+                    remote.send_command(Some(target), &msg);
+                }
+                Ok(0)
+            }
+            PeerStatus::Down => Err(SendError::NodeDown(target.to_string())),
+            PeerStatus::Unknown => Err(SendError::UnknownNode(target.to_string())),
+        }
+    }
+
+    /// Queue a command for every local script with a matching handler.
+    pub fn deliver_command(&self, msg: &Arc<Message>) -> usize {
         let table = self.table.read().unwrap();
         let mut n = 0;
         for (script, entry) in table.iter() {
@@ -265,7 +332,7 @@ impl Router {
                 .subs
                 .iter()
                 .rev()
-                .find(|s| s.kind.matches_command(&msg))
+                .find(|s| s.kind.matches_command(msg))
             {
                 let d = Delivery::Command {
                     msg: msg.clone(),
@@ -275,11 +342,11 @@ impl Router {
                 n += self.offer(script, &entry.mailbox, d) as usize;
             }
         }
-        Ok(n)
+        n
     }
 
-    /// Request/reply: the first handler (by script path) other than
-    /// `caller` answers, within `timeout`.
+    /// Request/reply: on `target`, the first handler (by script path)
+    /// other than `caller` answers, within `timeout`.
     pub async fn call(
         &self,
         caller: Option<&str>,
@@ -295,11 +362,25 @@ impl Router {
         }
         self.check_payload(&payload)
             .map_err(CallError::PayloadTooLarge)?;
-        self.local_target(target).map_err(|e| match e {
-            SendError::UnknownNode(n) => CallError::UnknownNode(n),
-            SendError::PayloadTooLarge(n) => CallError::PayloadTooLarge(n),
-        })?;
         let msg = Arc::new(self.message(target, name, payload));
+        if target == &*self.node {
+            return self.call_local(caller, msg, timeout).await;
+        }
+        match (self.peer_status(target), self.remote.get()) {
+            (PeerStatus::Up, Some(remote)) => remote.call(target, msg, timeout).await,
+            (PeerStatus::Down, _) => Err(CallError::NodeDown(target.to_string())),
+            _ => Err(CallError::UnknownNode(target.to_string())),
+        }
+    }
+
+    /// A call to a script of this node (from a local script, or from a
+    /// peer when `caller` is none).
+    pub async fn call_local(
+        &self,
+        caller: Option<&str>,
+        msg: Arc<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
         let (tx, rx) = oneshot::channel();
         {
             let table = self.table.read().unwrap();
@@ -316,8 +397,8 @@ impl Router {
             });
             let Some((script, entry, generation)) = handler else {
                 return Err(CallError::NoHandler(format!(
-                    "no script on node `{}` handles `{name}`",
-                    self.node
+                    "no script on node `{}` handles `{}`",
+                    self.node, msg.name
                 )));
             };
             let d = Delivery::Command {

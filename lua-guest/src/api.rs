@@ -79,6 +79,7 @@ fn send_error(e: events::SendError) -> mlua::Error {
     mlua::Error::runtime(match e {
         events::SendError::UnknownNode(n) => format!("unknown node `{n}`"),
         events::SendError::PayloadTooLarge(n) => format!("payload over the {n}-byte limit"),
+        events::SendError::NodeDown(n) => format!("node `{n}` is down"),
     })
 }
 

@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use clap::Parser;
-use covey::config::{Cli, Command, NodeConfig};
+use covey::cluster::credentials::ClusterToken;
+use covey::config::{Cli, ClusterCommand, Command, NodeConfig};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> Result<()> {
@@ -35,6 +36,81 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Cluster(cmd) => cluster(cmd),
+        Command::Status(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(covey::control::fetch_status(&args.data.dir()))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", covey::control::render(&report));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cluster(cmd: ClusterCommand) -> Result<()> {
+    match cmd {
+        ClusterCommand::Init(data) => {
+            let dir = data.dir();
+            if let Some(existing) = ClusterToken::load(&dir)? {
+                anyhow::bail!(
+                    "this node already has a cluster token (cluster {}) in {}; \
+                     `covey cluster token` prints it",
+                    existing.fingerprint(),
+                    dir.display()
+                );
+            }
+            let token = ClusterToken::generate();
+            let path = token.save(&dir)?;
+            println!(
+                "New cluster {} (token saved in {}).",
+                token.fingerprint(),
+                path.display()
+            );
+            println!();
+            println!("On every other node, run once:");
+            println!("    covey cluster join {}", token.encode());
+            println!();
+            println!("Keep the token secret: whoever has it can join the cluster.");
+            Ok(())
+        }
+        ClusterCommand::Join { token, data } => {
+            let token = ClusterToken::parse(&token)?;
+            let dir = data.dir();
+            if let Some(existing) = ClusterToken::load(&dir)?
+                && existing.fingerprint() != token.fingerprint()
+            {
+                eprintln!(
+                    "note: replacing the token of cluster {} with cluster {}",
+                    existing.fingerprint(),
+                    token.fingerprint()
+                );
+            }
+            let path = token.save(&dir)?;
+            println!(
+                "Joined cluster {} (token saved in {}); (re)start `covey run`.",
+                token.fingerprint(),
+                path.display()
+            );
+            Ok(())
+        }
+        ClusterCommand::Token(data) => {
+            let dir = data.dir();
+            match ClusterToken::load(&dir)? {
+                Some(t) => {
+                    println!("{}", t.encode());
+                    Ok(())
+                }
+                None => anyhow::bail!(
+                    "no cluster token in {} (run `covey cluster init` or `covey cluster join`)",
+                    dir.display()
+                ),
+            }
         }
     }
 }

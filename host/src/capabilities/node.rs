@@ -31,12 +31,17 @@ impl wit::Host for NodeCtx {
     }
 
     async fn nodes(&mut self) -> Vec<NodeInfo> {
-        // A single-node view until cluster membership lands.
-        vec![NodeInfo {
-            name: self.services.router.node_name().to_string(),
+        let router = &self.services.router;
+        let mut nodes = vec![NodeInfo {
+            name: router.node_name().to_string(),
             up: true,
             since_ms: self.services.started_ms,
-        }]
+        }];
+        if let Some(remote) = router.remote() {
+            nodes.extend(remote.members());
+        }
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
     }
 
     async fn now_ms(&mut self) -> u64 {

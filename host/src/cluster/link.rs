@@ -1,0 +1,321 @@
+//! `PeerLink`: one QUIC connection to one peer, after the hello.
+//!
+//! Outbound frames go through a bounded queue to a writer task that batches
+//! them onto this side's stream; a reader task takes the peer's frames to
+//! the router. The queue is bounded in frames and in bytes: a slow or stuck
+//! peer fills its own queue and loses messages (counted in `dropped`), and
+//! never blocks local delivery or the other links.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::frame::{Frame, FrameError, FrameReader, Hello, WireMessage};
+use crate::bindings::{CallError, Message};
+
+/// QUIC application close codes (the reason text goes with them).
+pub mod close {
+    pub const SHUTDOWN: u32 = 0;
+    /// A second connection between the same two processes (both dialled at
+    /// once): closed quietly, the other one stays.
+    pub const DUPLICATE_LINK: u32 = 1;
+    pub const DUPLICATE_NAME: u32 = 2;
+    pub const PROTOCOL: u32 = 3;
+    pub const WRONG_CLUSTER: u32 = 4;
+    pub const BAD_FRAME: u32 = 5;
+}
+
+/// Frames a link's queue holds before new ones are dropped.
+pub const QUEUE_FRAMES: usize = 16 * 1024;
+/// Bytes a link's queue holds before new frames are dropped.
+pub const QUEUE_BYTES: usize = 32 << 20;
+/// Bytes the writer gathers into one write.
+const BATCH_BYTES: usize = 256 * 1024;
+
+type PendingCall = oneshot::Sender<Result<Vec<u8>, CallError>>;
+
+#[derive(Default, Debug)]
+pub struct LinkStats {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    /// Frames dropped because this link's queue was full.
+    pub dropped: AtomicU64,
+}
+
+pub struct PeerLink {
+    pub node: Arc<str>,
+    pub hello: Hello,
+    pub conn: Connection,
+    /// Where the peer accepts links (its address + its listen port).
+    pub addr: SocketAddr,
+    /// Whether this node dialled the connection.
+    pub dialed: bool,
+    out: mpsc::Sender<Bytes>,
+    queued_bytes: AtomicUsize,
+    calls: Mutex<HashMap<u64, PendingCall>>,
+    next_call: AtomicU64,
+    closed: AtomicBool,
+    pub stats: LinkStats,
+}
+
+/// What the link's tasks hand inbound frames to.
+pub trait Inbound: Send + Sync + 'static {
+    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'static>);
+    fn link_closed(&self, link: &Arc<PeerLink>, why: String);
+}
+
+impl PeerLink {
+    /// Wrap a connection whose hello exchange is done; the caller starts
+    /// it with [`PeerLink::run`] once membership accepted it.
+    pub fn new(
+        hello: Hello,
+        conn: Connection,
+        dialed: bool,
+    ) -> (Arc<PeerLink>, mpsc::Receiver<Bytes>) {
+        let (out, rx) = mpsc::channel(QUEUE_FRAMES);
+        let addr = SocketAddr::new(conn.remote_address().ip(), hello.listen_port);
+        let link = Arc::new(PeerLink {
+            node: hello.node.as_str().into(),
+            hello,
+            conn,
+            addr,
+            dialed,
+            out,
+            queued_bytes: AtomicUsize::new(0),
+            calls: Mutex::new(HashMap::new()),
+            next_call: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            stats: LinkStats::default(),
+        });
+        (link, rx)
+    }
+
+    /// Start the writer and reader tasks.
+    pub fn run<I: Inbound>(
+        self: &Arc<Self>,
+        rx: mpsc::Receiver<Bytes>,
+        send: SendStream,
+        recv: RecvStream,
+        max_payload: usize,
+        inbound: Arc<I>,
+    ) {
+        tokio::spawn(self.clone().write_loop(rx, send));
+        tokio::spawn(self.clone().answer_probes());
+        let link = self.clone();
+        tokio::spawn(async move {
+            let why = link.read_loop(recv, max_payload, &inbound).await;
+            link.fail_calls(&why);
+            inbound.link_closed(&link, why);
+        });
+    }
+
+    /// Queue an encoded frame; false (and counted) if the queue is full.
+    pub fn offer(&self, frame: Bytes) -> bool {
+        let len = frame.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.count_drop();
+            return false;
+        }
+        match self.out.try_send(frame) {
+            Ok(()) => true,
+            Err(_) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                self.count_drop();
+                false
+            }
+        }
+    }
+
+    fn count_drop(&self) {
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(peer = %self.node, dropped_total = n, "link queue full, message dropped");
+        }
+    }
+
+    /// Send a call and wait for its reply (or the timeout, or the link
+    /// going down).
+    pub async fn call(&self, msg: &Message, timeout: Duration) -> Result<Vec<u8>, CallError> {
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.calls.lock().unwrap().insert(id, tx);
+        // Registered before the closed check, so `fail_calls` cannot miss it.
+        if self.closed.load(Ordering::Acquire) {
+            self.calls.lock().unwrap().remove(&id);
+            return Err(CallError::NodeDown(self.node.to_string()));
+        }
+        let frame = Frame::Call {
+            call: id,
+            timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+            msg: WireMessage::borrow(msg),
+        };
+        if !self.offer(frame.encode()) {
+            self.calls.lock().unwrap().remove(&id);
+            return Err(CallError::HandlerFailed(format!(
+                "the queue to node `{}` is full",
+                self.node
+            )));
+        }
+        let result = tokio::time::timeout(timeout, rx).await;
+        self.calls.lock().unwrap().remove(&id);
+        match result {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(CallError::NodeDown(self.node.to_string())),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// A reply from the peer to one of our calls.
+    pub fn complete_call(&self, id: u64, result: Result<Vec<u8>, CallError>) {
+        if let Some(tx) = self.calls.lock().unwrap().remove(&id) {
+            let _ = tx.send(result);
+        }
+    }
+
+    fn fail_calls(&self, why: &str) {
+        self.closed.store(true, Ordering::Release);
+        let calls = std::mem::take(&mut *self.calls.lock().unwrap());
+        for (_, tx) in calls {
+            let _ = tx.send(Err(CallError::NodeDown(format!("{}: {why}", self.node))));
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.conn.close_reason().is_some()
+    }
+
+    pub fn close(&self, code: u32, reason: &str) {
+        self.conn.close(code.into(), reason.as_bytes());
+    }
+
+    async fn write_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Bytes>, mut send: SendStream) {
+        let mut batch: Vec<Bytes> = Vec::with_capacity(256);
+        while let Some(first) = rx.recv().await {
+            let mut bytes = first.len();
+            batch.push(first);
+            while bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(f) => {
+                        bytes += f.len();
+                        batch.push(f);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let n = batch.len() as u64;
+            if let Err(e) = send.write_all_chunks(&mut batch).await {
+                tracing::debug!(peer = %self.node, "link write failed: {e}");
+                return;
+            }
+            batch.clear();
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.stats.sent.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    async fn read_loop<I: Inbound>(
+        self: &Arc<Self>,
+        recv: RecvStream,
+        max_payload: usize,
+        inbound: &Arc<I>,
+    ) -> String {
+        let mut reader = FrameReader::new(
+            tokio::io::BufReader::with_capacity(64 * 1024, recv),
+            max_payload,
+        );
+        loop {
+            match reader.next().await {
+                Ok(frame) => {
+                    self.stats.received.fetch_add(1, Ordering::Relaxed);
+                    inbound.frame(self, frame);
+                }
+                Err(FrameError::Closed) => return closed_reason(&self.conn),
+                Err(FrameError::Io(e)) => {
+                    return match self.conn.close_reason() {
+                        Some(_) => closed_reason(&self.conn),
+                        None => e.to_string(),
+                    };
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    tracing::warn!(peer = %self.node, "closing link: {why}");
+                    self.close(close::BAD_FRAME, &why);
+                    return why;
+                }
+            }
+        }
+    }
+
+    /// Answer liveness probes (see [`probe`]).
+    async fn answer_probes(self: Arc<Self>) {
+        while let Ok((mut send, mut recv)) = self.conn.accept_bi().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                if recv.read_exact(&mut b).await.is_ok() {
+                    let _ = send.write_all(&b).await;
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                }
+            });
+        }
+    }
+}
+
+/// Is the process behind `conn` alive? Used when a node with a known name
+/// connects again from another process: a restart (replace the old link)
+/// or a second node with the same name (refuse the new one).
+pub async fn probe(conn: &Connection, timeout: Duration) -> bool {
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        send.write_all(&[1]).await.ok()?;
+        send.finish().ok()?;
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.ok()?;
+        Some(())
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(())))
+}
+
+/// A readable reason for a closed connection.
+pub fn closed_reason(conn: &Connection) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            let text = String::from_utf8_lossy(&c.reason).into_owned();
+            if text.is_empty() {
+                "closed by peer".into()
+            } else {
+                text
+            }
+        }
+        Some(quinn::ConnectionError::TimedOut) => "no answer (timed out)".into(),
+        Some(quinn::ConnectionError::LocallyClosed) => "closed".into(),
+        Some(e) => e.to_string(),
+        None => "stream ended".into(),
+    }
+}
+
+/// Exchange hellos on a fresh connection: each side opens its one
+/// outbound stream and writes its hello first.
+pub async fn exchange_hello(
+    conn: &Connection,
+    mine: &Hello,
+    max_payload: usize,
+) -> anyhow::Result<(Hello, SendStream, RecvStream)> {
+    let mut send = conn.open_uni().await?;
+    send.write_all(&Frame::Hello(mine.clone()).encode()).await?;
+    let recv = conn.accept_uni().await?;
+    let mut reader = FrameReader::new(recv, max_payload);
+    let hello = match reader.next().await {
+        Ok(Frame::Hello(h)) => h,
+        Ok(other) => anyhow::bail!("peer sent {other:?} before its hello"),
+        Err(e) => anyhow::bail!("reading the peer's hello: {e}"),
+    };
+    Ok((hello, send, reader.into_inner()))
+}

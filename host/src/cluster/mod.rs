@@ -1,0 +1,573 @@
+//! The cluster: QUIC links with mutual TLS to every other node, membership,
+//! discovery, and the router's way out to other nodes.
+//!
+//! - [`credentials`] — the cluster token, the CA derived from it, this
+//!   node's certificate and TLS configurations.
+//! - [`frame`] — what travels on a link.
+//! - [`link`] — `PeerLink`, one connection to one peer.
+//! - [`members`] — who is up, since when, and the link to each.
+//! - [`discovery`] — mDNS announce and browse.
+//!
+//! Data paths: instance → router → [`Cluster`] (as `Remote`) → link →
+//! network; network → link → [`Cluster`] (as `Inbound`) → router →
+//! instance. Every node links to every other node directly (full mesh: a
+//! fleet is tens of nodes, and a direct link keeps ordering and failure
+//! detection per pair simple). Links come from three places: static
+//! `--peer` addresses, mDNS, and addresses gossiped by peers; each is
+//! re-dialled with backoff for as long as the node is down.
+
+pub mod credentials;
+pub mod discovery;
+pub mod frame;
+pub mod link;
+pub mod members;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use quinn::Endpoint;
+use tokio::task::JoinHandle;
+
+use self::credentials::{CipherPreference, ClusterToken, NodeCredentials};
+use self::frame::{Frame, Hello, PROTOCOL, PeerAddr, WireMessage};
+use self::link::{Inbound, PeerLink, close};
+use self::members::{Members, PeerReport};
+use crate::bindings::{Message, NodeInfo};
+use crate::router::{CallFuture, PeerStatus, Remote, Router};
+
+/// Clustering settings, resolved from flags, environment and file.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub token: ClusterToken,
+    /// Where to accept links (UDP). Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// Static peers, `host:port` (names are resolved at every dial).
+    pub peers: Vec<String>,
+    /// Announce and browse with mDNS.
+    pub mdns: bool,
+    /// Network interfaces for mDNS (empty: all).
+    pub ifaces: Vec<String>,
+    /// A peer silent this long is down (keep-alives go every third of it).
+    pub peer_timeout: Duration,
+    pub cipher: CipherPreference,
+}
+
+pub const DEFAULT_PORT: u16 = 7466;
+
+impl ClusterConfig {
+    pub fn new(token: ClusterToken) -> Self {
+        ClusterConfig {
+            token,
+            bind: SocketAddr::from(([0u16; 8], DEFAULT_PORT)),
+            peers: Vec::new(),
+            mdns: true,
+            ifaces: Vec::new(),
+            peer_timeout: Duration::from_secs(3),
+            cipher: CipherPreference::detect(),
+        }
+    }
+}
+
+/// First and longest wait between dials of a down peer.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A dialled link that survives this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_millis(500);
+
+/// A running cluster membership of this node (clones share it).
+#[derive(Clone)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    me: Hello,
+    router: Arc<Router>,
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    members: Members,
+    /// Dial loops, by target (`peer:host:port` or `node:name`).
+    dialers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// One admission at a time, so two links of one node cannot race.
+    admit: tokio::sync::Mutex<()>,
+    accept_task: Mutex<Option<JoinHandle<()>>>,
+    discovery: Mutex<Option<discovery::Discovery>>,
+    config: ClusterConfig,
+}
+
+impl Cluster {
+    /// Bind the endpoint, start accepting, dial the static peers and
+    /// start mDNS. The router sends to other nodes through the cluster.
+    pub async fn start(config: ClusterConfig, router: Arc<Router>) -> Result<Cluster> {
+        let node = router.node_name().to_string();
+        let creds = NodeCredentials::issue(&config.token, &node, config.cipher)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(config.peer_timeout.try_into()?))
+            .keep_alive_interval(Some(config.peer_timeout / 3))
+            .max_concurrent_uni_streams(4u32.into())
+            .max_concurrent_bidi_streams(16u32.into());
+        let transport = Arc::new(transport);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(creds.server.clone())?,
+        ));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(creds.client.clone())?,
+        ));
+        client.transport_config(transport);
+        let endpoint = bind_endpoint(server, config.bind)?;
+        let local = endpoint.local_addr()?;
+        let me = Hello {
+            proto: PROTOCOL,
+            cluster: creds.fingerprint.clone(),
+            node,
+            incarnation: rand_u64(),
+            listen_port: local.port(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let shared = Arc::new(Shared {
+            me,
+            router: router.clone(),
+            endpoint,
+            client,
+            members: Members::default(),
+            dialers: Mutex::new(HashMap::new()),
+            admit: tokio::sync::Mutex::new(()),
+            accept_task: Mutex::new(None),
+            discovery: Mutex::new(None),
+            config: config.clone(),
+        });
+        router.set_remote(shared.clone());
+        let accept = tokio::spawn(shared.clone().accept_loop());
+        *shared.accept_task.lock().unwrap() = Some(accept);
+        for spec in &config.peers {
+            shared.ensure_dialer(format!("peer:{spec}"), DialTarget::Static(spec.clone()));
+        }
+        if config.mdns {
+            let d =
+                discovery::Discovery::start(&shared.me, &config.ifaces, Arc::downgrade(&shared))
+                    .context("starting mDNS discovery (use --discovery off to go without)")?;
+            *shared.discovery.lock().unwrap() = Some(d);
+        }
+        tracing::info!(
+            listen = %local,
+            cluster = shared.me.cluster,
+            peers = config.peers.len(),
+            mdns = config.mdns,
+            cipher = ?config.cipher,
+            "cluster links up"
+        );
+        Ok(Cluster { shared })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.endpoint.local_addr().expect("bound endpoint")
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.shared.me.cluster
+    }
+
+    pub fn peers(&self) -> Vec<PeerReport> {
+        self.shared.members.reports()
+    }
+
+    pub fn status(&self, node: &str) -> PeerStatus {
+        self.shared.members.status(node)
+    }
+
+    /// Leave: say goodbye on mDNS, close every link (peers see the node
+    /// down at once instead of after the timeout), stop dialling.
+    pub async fn shutdown(self) {
+        let s = &self.shared;
+        if let Some(d) = s.discovery.lock().unwrap().take() {
+            d.shutdown();
+        }
+        for (_, h) in s.dialers.lock().unwrap().drain() {
+            h.abort();
+        }
+        if let Some(h) = s.accept_task.lock().unwrap().take() {
+            h.abort();
+        }
+        for link in s.members.take_links() {
+            link.close(close::SHUTDOWN, "node shutting down");
+        }
+        s.endpoint
+            .close(close::SHUTDOWN.into(), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), s.endpoint.wait_idle()).await;
+    }
+}
+
+fn bind_endpoint(server: quinn::ServerConfig, bind: SocketAddr) -> Result<Endpoint> {
+    match Endpoint::server(server.clone(), bind) {
+        Ok(e) => Ok(e),
+        // No IPv6 on this host: the IPv4 wildcard instead of `[::]`.
+        Err(_) if bind.ip().is_unspecified() && bind.is_ipv6() => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], bind.port()));
+            Endpoint::server(server, v4).with_context(|| format!("binding UDP {v4}"))
+        }
+        Err(e) => Err(e).with_context(|| format!("binding UDP {bind} for cluster links")),
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+enum DialTarget {
+    /// A `--peer` address; its node name is learnt from the hello.
+    Static(String),
+    /// A node learnt from mDNS or a peer; its address is in `Members`.
+    Node(String),
+}
+
+impl Shared {
+    /// A node heard of (mDNS or gossip): remember it and keep it dialled.
+    fn learn(self: &Arc<Self>, node: &str, addr: SocketAddr) {
+        if node == self.me.node || self.members.status(node) == PeerStatus::Up {
+            return;
+        }
+        self.members.note_addr(node, addr);
+        self.ensure_dialer(format!("node:{node}"), DialTarget::Node(node.to_string()));
+    }
+
+    fn ensure_dialer(self: &Arc<Self>, key: String, target: DialTarget) {
+        let mut dialers = self.dialers.lock().unwrap();
+        if dialers.get(&key).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let task = tokio::spawn(self.clone().dial_loop(target));
+        dialers.insert(key, task);
+    }
+
+    /// Keep one target linked: dial while its node is down, with backoff;
+    /// sleep while it is up.
+    async fn dial_loop(self: Arc<Self>, target: DialTarget) {
+        let mut name = match &target {
+            DialTarget::Node(n) => Some(n.clone()),
+            DialTarget::Static(_) => None,
+        };
+        let mut backoff = BACKOFF_MIN;
+        let mut failures = 0u32;
+        loop {
+            let mut changed = self.members.watch();
+            if let Some(n) = &name
+                && self.members.status(n) == PeerStatus::Up
+            {
+                let _ = changed.changed().await;
+                continue;
+            }
+            let result = match &target {
+                DialTarget::Static(spec) => self.dial_spec(spec).await,
+                DialTarget::Node(n) => match self.members.addr(n) {
+                    Some(addr) => self.dial(addr).await,
+                    None => Err(anyhow::anyhow!("no address known")),
+                },
+            };
+            // A link the peer closes at once (a duplicate name, another
+            // protocol version) counts as a failed dial, so it is retried
+            // with backoff, not in a tight loop.
+            let result = match result {
+                Ok(link) => {
+                    tokio::select! {
+                        _ = link.conn.closed() => Err(anyhow::anyhow!(link::closed_reason(&link.conn))),
+                        _ = tokio::time::sleep(STABLE_AFTER) => Ok(link),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(link) => {
+                    name = Some(link.node.to_string());
+                    backoff = BACKOFF_MIN;
+                    failures = 0;
+                }
+                Err(e) => {
+                    let what = match &target {
+                        DialTarget::Static(s) => s.clone(),
+                        DialTarget::Node(n) => format!("node `{n}`"),
+                    };
+                    failures += 1;
+                    // Loud once, then quiet: a peer that is off for a week
+                    // should not fill the log.
+                    if failures == 1 {
+                        tracing::warn!("cannot link to {what}: {e:#} (retrying)");
+                    } else {
+                        tracing::debug!("cannot link to {what}: {e:#}");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn dial_spec(self: &Arc<Self>, spec: &str) -> Result<Arc<PeerLink>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(spec)
+            .await
+            .with_context(|| format!("resolving `{spec}`"))?
+            .collect();
+        let mut last = anyhow::anyhow!("`{spec}` resolved to no address");
+        for addr in addrs {
+            match self.dial(addr).await {
+                Ok(link) => return Ok(link),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<Arc<PeerLink>> {
+        let connecting =
+            self.endpoint
+                .connect_with(self.client.clone(), addr, credentials::SERVER_NAME)?;
+        let conn = connecting
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        self.establish(conn, true)
+            .await
+            .with_context(|| format!("linking with {addr}"))
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let result = async {
+                    let conn = incoming.await?;
+                    me.establish(conn, false).await
+                }
+                .await;
+                if let Err(e) = result {
+                    tracing::warn!(%remote, "refused a link: {e:#}");
+                }
+            });
+        }
+    }
+
+    /// Hello exchange, checks, admission into membership, then run.
+    async fn establish(
+        self: &Arc<Self>,
+        conn: quinn::Connection,
+        dialed: bool,
+    ) -> Result<Arc<PeerLink>> {
+        let max = self.router.max_payload();
+        let hello = tokio::time::timeout(
+            self.config.peer_timeout,
+            link::exchange_hello(&conn, &self.me, max),
+        )
+        .await;
+        let (hello, send, recv) = match hello {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) if conn.close_reason().is_some() => {
+                anyhow::bail!("{} ({e})", link::closed_reason(&conn))
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => anyhow::bail!("no hello from the peer in time"),
+        };
+        let refuse = |code: u32, why: String| {
+            conn.close(code.into(), why.as_bytes());
+            Err(anyhow::anyhow!(why))
+        };
+        if hello.proto != PROTOCOL {
+            return refuse(
+                close::PROTOCOL,
+                format!(
+                    "protocol version {} (covey {}) is not {} (covey {}): upgrade the older node",
+                    hello.proto, hello.version, PROTOCOL, self.me.version
+                ),
+            );
+        }
+        if hello.cluster != self.me.cluster {
+            return refuse(
+                close::WRONG_CLUSTER,
+                format!("cluster {} is not {}", hello.cluster, self.me.cluster),
+            );
+        }
+        if hello.node == self.me.node {
+            return refuse(
+                close::DUPLICATE_NAME,
+                format!(
+                    "duplicate node name `{}`: both ends of this link use it; node names must be unique",
+                    hello.node
+                ),
+            );
+        }
+        let (link, rx) = PeerLink::new(hello, conn, dialed);
+        let _turn = self.admit.lock().await;
+        if let Some(old) = self.members.link(&link.node)
+            && !old.is_closed()
+        {
+            if old.hello.incarnation == link.hello.incarnation {
+                // Both processes dialled each other at once. Both keep the
+                // connection dialled by the node whose name sorts first.
+                let first = self.me.node.as_str().min(&*link.node);
+                let new_dialer = if link.dialed {
+                    self.me.node.as_str()
+                } else {
+                    &*link.node
+                };
+                if new_dialer != first {
+                    link.close(close::DUPLICATE_LINK, "duplicate link");
+                    return Ok(old);
+                }
+                old.close(close::DUPLICATE_LINK, "duplicate link");
+            } else if link::probe(&old.conn, Duration::from_secs(1)).await {
+                let why = format!(
+                    "duplicate node name `{}`: a node of that name is already linked from {}; \
+                     node names must be unique",
+                    link.node, old.addr
+                );
+                tracing::error!("{why}");
+                link.close(close::DUPLICATE_NAME, &why);
+                anyhow::bail!(why);
+            } else {
+                old.close(close::SHUTDOWN, "replaced by a newer link (peer restarted)");
+            }
+        }
+        self.members.set_up(link.clone());
+        link.run(rx, send, recv, max, self.clone());
+        drop(_turn);
+        tracing::info!(
+            peer = %link.node,
+            addr = %link.addr,
+            version = link.hello.version,
+            "peer up"
+        );
+        self.gossip(&link);
+        Ok(link)
+    }
+
+    /// Tell the new peer about every other live peer, and them about it.
+    fn gossip(&self, new: &Arc<PeerLink>) {
+        let all = self.members.up_addrs();
+        let others: Vec<PeerAddr> = all
+            .iter()
+            .filter(|(n, _)| *n != new.node)
+            .map(|(n, a)| PeerAddr {
+                node: n.to_string(),
+                addr: *a,
+            })
+            .collect();
+        if !others.is_empty() {
+            new.offer(Frame::Peers(others).encode());
+        }
+        let about_new = Frame::Peers(vec![PeerAddr {
+            node: new.node.to_string(),
+            addr: new.addr,
+        }])
+        .encode();
+        for link in self.members.up_links().iter() {
+            if !Arc::ptr_eq(link, new) {
+                link.offer(about_new.clone());
+            }
+        }
+    }
+}
+
+impl Inbound for Shared {
+    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'static>) {
+        match frame {
+            Frame::Event(w) => {
+                self.router
+                    .deliver_event(&Arc::new(w.into_message(&link.node)));
+            }
+            Frame::Command(w) => {
+                self.router
+                    .deliver_command(&Arc::new(w.into_message(&link.node)));
+            }
+            Frame::Call {
+                call,
+                timeout_ms,
+                msg,
+            } => {
+                let router = self.router.clone();
+                let link = link.clone();
+                let msg = Arc::new(msg.into_message(&link.node));
+                tokio::spawn(async move {
+                    let timeout = Duration::from_millis(timeout_ms as u64);
+                    let result = router.call_local(None, msg, timeout).await;
+                    let reply = Frame::Reply {
+                        call,
+                        result: result.map(Cow::Owned).map_err(Into::into),
+                    };
+                    link.offer(reply.encode());
+                });
+            }
+            Frame::Reply { call, result } => {
+                link.complete_call(call, result.map(Cow::into_owned).map_err(Into::into));
+            }
+            Frame::Peers(list) => {
+                for p in list {
+                    self.learn(&p.node, p.addr);
+                }
+            }
+            Frame::Hello(_) => {
+                link.close(close::PROTOCOL, "a second hello on a link");
+            }
+        }
+    }
+
+    fn link_closed(&self, link: &Arc<PeerLink>, why: String) {
+        if self.members.set_down(link) {
+            tracing::warn!(peer = %link.node, "peer down: {why}");
+        }
+    }
+}
+
+impl Remote for Shared {
+    fn peer(&self, node: &str) -> PeerStatus {
+        self.members.status(node)
+    }
+
+    fn broadcast_event(&self, msg: &Message) {
+        let links = self.members.up_links();
+        if links.is_empty() {
+            return;
+        }
+        let frame = Frame::Event(WireMessage::borrow(msg)).encode();
+        for link in links.iter() {
+            link.offer(frame.clone());
+        }
+    }
+
+    fn send_command(&self, to: Option<&str>, msg: &Message) {
+        let frame = Frame::Command(WireMessage::borrow(msg)).encode();
+        match to {
+            Some(node) => {
+                if let Some(link) = self.members.link(node) {
+                    link.offer(frame);
+                }
+            }
+            None => {
+                for link in self.members.up_links().iter() {
+                    link.offer(frame.clone());
+                }
+            }
+        }
+    }
+
+    fn call(&self, node: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture {
+        let link = self.members.link(node);
+        let node = node.to_string();
+        Box::pin(async move {
+            match link {
+                Some(link) => link.call(&msg, timeout).await,
+                None => Err(crate::bindings::CallError::NodeDown(node)),
+            }
+        })
+    }
+
+    fn members(&self) -> Vec<NodeInfo> {
+        self.members.infos()
+    }
+}

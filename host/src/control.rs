@@ -1,0 +1,251 @@
+//! The local control socket: how `covey status` talks to a running node.
+//!
+//! A Unix socket in the data directory (`control.sock`): reachable only
+//! from this machine, by users who can open the data directory, so there
+//! is nothing to authenticate and no TCP port to expose. One request per
+//! connection, a line of text; the answer is JSON.
+//!
+//! Binding it is also the data directory's lock: a second node started on
+//! the same directory finds the socket answering and stops before it
+//! touches the store.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::cluster::members::PeerReport;
+use crate::router::{Router, now_ms};
+
+pub const SOCKET_FILE: &str = "control.sock";
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StatusReport {
+    pub node: String,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub cluster: Option<ClusterReport>,
+    /// Scripts running on this node (paths in the scripts directory).
+    pub scripts: Vec<String>,
+    pub messages_delivered: u64,
+    pub messages_handled: u64,
+    pub messages_dropped: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterReport {
+    pub fingerprint: String,
+    pub listen: String,
+    pub peers: Vec<PeerReport>,
+}
+
+/// Where the status comes from.
+pub struct StatusSource {
+    pub router: Arc<Router>,
+    pub cluster: Option<Cluster>,
+    pub started_ms: u64,
+}
+
+impl StatusSource {
+    pub fn report(&self) -> StatusReport {
+        let stats = &self.router.stats;
+        StatusReport {
+            node: self.router.node_name().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_ms: now_ms().saturating_sub(self.started_ms),
+            cluster: self.cluster.as_ref().map(|c| ClusterReport {
+                fingerprint: c.fingerprint().to_string(),
+                listen: c.local_addr().to_string(),
+                peers: c.peers(),
+            }),
+            scripts: self
+                .router
+                .scripts()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            messages_delivered: stats.delivered.load(Ordering::Relaxed),
+            messages_handled: stats.handled.load(Ordering::Relaxed),
+            messages_dropped: stats.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A bound control socket, not yet answering.
+pub struct ControlBinding {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// An answering control socket; removed when dropped.
+pub struct ControlSocket {
+    task: JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    pub fn bind(data_dir: &Path) -> Result<ControlBinding> {
+        let path = data_dir.join(SOCKET_FILE);
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                bail!(
+                    "another covey node is running with data directory {} \
+                     (each node needs its own --data)",
+                    data_dir.display()
+                );
+            }
+            // Left by a node that did not exit cleanly.
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("binding control socket {}", path.display()))?;
+        Ok(ControlBinding { listener, path })
+    }
+}
+
+impl ControlBinding {
+    pub fn serve(self, source: StatusSource) -> ControlSocket {
+        let source = Arc::new(source);
+        let listener = self.listener;
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let source = source.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, &source).await {
+                        tracing::debug!("control request failed: {e:#}");
+                    }
+                });
+            }
+        });
+        ControlSocket {
+            task,
+            path: self.path,
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(stream: UnixStream, source: &StatusSource) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(1024)).read_line(&mut line).await?;
+    let reply = match line.trim() {
+        "status" => serde_json::to_string(&source.report())?,
+        other => serde_json::to_string(&serde_json::json!({
+            "error": format!("unknown request {other:?}")
+        }))?,
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.shutdown().await?;
+    Ok(())
+}
+
+/// Ask the node running on `data_dir` for its status.
+pub async fn fetch_status(data_dir: &Path) -> Result<StatusReport> {
+    let path = data_dir.join(SOCKET_FILE);
+    let mut stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            bail!(
+                "no covey node is running with data directory {} (start one with `covey run`, \
+                 or pass the node's --data)",
+                data_dir.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
+    stream.write_all(b"status\n").await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    serde_json::from_str(&text).with_context(|| format!("unexpected answer from the node: {text}"))
+}
+
+/// The human form of a status report.
+pub fn render(r: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node {} (covey {}, pid {}, up {})",
+        r.node,
+        r.version,
+        r.pid,
+        human_duration(r.uptime_ms)
+    );
+    match &r.cluster {
+        None => {
+            let _ = writeln!(out, "cluster: none (single node)");
+        }
+        Some(c) => {
+            let up = c.peers.iter().filter(|p| p.up).count();
+            let _ = writeln!(
+                out,
+                "cluster {} listening on {}: {} of {} peers up",
+                c.fingerprint,
+                c.listen,
+                up,
+                c.peers.len()
+            );
+            if !c.peers.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  {:<20} {:<5} {:>10} {:>9} {:<28} {:>8}",
+                    "PEER", "STATE", "SINCE", "RTT", "ADDRESS", "DROPPED"
+                );
+            }
+            let now = now_ms();
+            for p in &c.peers {
+                let rtt = p
+                    .rtt_us
+                    .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                let addr = p.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+                let _ = writeln!(
+                    out,
+                    "  {:<20} {:<5} {:>10} {:>9} {:<28} {:>8}",
+                    p.name,
+                    if p.up { "up" } else { "down" },
+                    human_duration(now.saturating_sub(p.since_ms)),
+                    rtt,
+                    addr,
+                    p.frames_dropped
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "scripts ({}):", r.scripts.len());
+    for s in &r.scripts {
+        let _ = writeln!(out, "  {s}");
+    }
+    let _ = writeln!(
+        out,
+        "messages: {} delivered, {} handled, {} dropped",
+        r.messages_delivered, r.messages_handled, r.messages_dropped
+    );
+    out
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
