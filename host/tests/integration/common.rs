@@ -14,6 +14,7 @@ mod guests;
 pub use guests::guest;
 
 pub struct TestNode {
+    pub name: String,
     pub node: Option<Node>,
     pub scripts: PathBuf,
     pub data: PathBuf,
@@ -22,7 +23,7 @@ pub struct TestNode {
 
 impl TestNode {
     pub fn config(&self) -> NodeConfig {
-        NodeConfig::new("n1", self.scripts.clone(), self.data.clone())
+        NodeConfig::new(&self.name, self.scripts.clone(), self.data.clone())
     }
 
     pub fn node(&self) -> &Node {
@@ -56,7 +57,7 @@ impl TestNode {
     ) -> Result<String, CallError> {
         self.node()
             .router()
-            .call(None, "n1", name, payload.as_bytes().to_vec(), timeout)
+            .call(None, &self.name, name, payload.as_bytes().to_vec(), timeout)
             .await
             .map(|r| String::from_utf8(r).unwrap())
     }
@@ -91,8 +92,18 @@ pub async fn start(scripts: &[&str]) -> TestNode {
 }
 
 pub async fn start_with(scripts: &[&str], tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
+    start_named("n1", scripts, tweak).await
+}
+
+/// A node called `name` on fresh temp dirs with `scripts` installed.
+pub async fn start_named(
+    name: &str,
+    scripts: &[&str],
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let mut t = TestNode {
+        name: name.to_string(),
         node: None,
         scripts: dir.path().join("scripts"),
         data: dir.path().join("data"),
