@@ -8,6 +8,7 @@ mod cluster;
 mod isolation;
 mod kv;
 mod lua;
+mod netns;
 mod process;
 mod reload;
 mod sdk;
