@@ -67,7 +67,15 @@ impl Lan {
             ip(&["-n", &lan.hub, "link", "set", &outside, "master", "br0"])?;
             ip(&["-n", &lan.hub, "link", "set", &outside, "up"])?;
             ip(&["-n", &ns, "link", "set", &inside, "name", "eth0"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("10.{subnet}.7.{i}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.{subnet}.7.{i}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -162,14 +170,20 @@ async fn mdns_discovery_partition_and_heal_across_namespaces() {
     // Discovery: no addresses given, every node finds the other two.
     for (i, others) in [(1, ["n2", "n3"]), (2, ["n1", "n3"]), (3, ["n1", "n2"])] {
         let lan = &lan;
-        eventually(30, &format!("n{i} finds its peers over mDNS"), || async move {
-            lan.up_peers(i).await == names(&others)
-        })
+        eventually(
+            30,
+            &format!("n{i} finds its peers over mDNS"),
+            || async move { lan.up_peers(i).await == names(&others) },
+        )
         .await;
     }
     // The other cluster's node was seen on mDNS and ignored.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(lan.peers(4).await, Some(vec![]), "n4 linked to another cluster");
+    assert_eq!(
+        lan.peers(4).await,
+        Some(vec![]),
+        "n4 linked to another cluster"
+    );
     assert_eq!(lan.peers(1).await.unwrap().len(), 2, "{}", lan.log(1));
 
     // Cut n3's cable: both sides see the other down within a few seconds.
@@ -193,9 +207,11 @@ async fn mdns_discovery_partition_and_heal_across_namespaces() {
     ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "up"]).unwrap();
     for (i, others) in [(1, ["n2", "n3"]), (2, ["n1", "n3"]), (3, ["n1", "n2"])] {
         let lan = &lan;
-        eventually(30, &format!("n{i} linked again after healing"), || async move {
-            lan.up_peers(i).await == names(&others)
-        })
+        eventually(
+            30,
+            &format!("n{i} linked again after healing"),
+            || async move { lan.up_peers(i).await == names(&others) },
+        )
         .await;
     }
 }

@@ -1,0 +1,127 @@
+//! The NATS side of the comparison: Debian's `nats-server` on loopback,
+//! two `async-nats` clients in this process (requester and responder, or
+//! publisher and subscriber), the same payloads and counts as Covey's run.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+
+use super::{pct, us};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server() -> Result<(Server, String)> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("nats-server not found (apt-get install nats-server)")?;
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((server, format!("nats://127.0.0.1:{port}")))
+}
+
+/// Returns the request/reply p50.
+pub async fn bench(calls: usize, events: u64) -> Result<Duration> {
+    let (_server, url) = start_server()?;
+    let version = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!("-- NATS: {version}, async-nats client, loopback --");
+
+    let responder = async_nats::connect(&url).await?;
+    let requester = async_nats::connect(&url).await?;
+    let mut sub = responder.subscribe("echo").await?;
+    responder.flush().await?;
+    let answering = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    let payload = bytes::Bytes::from(vec![b'x'; 64]);
+    let mut rtt = Vec::with_capacity(calls);
+    for i in 0..calls + calls / 10 {
+        let t = Instant::now();
+        let reply = requester.request("echo", payload.clone()).await?;
+        let d = t.elapsed();
+        assert_eq!(reply.payload.len(), 64);
+        if i >= calls / 10 {
+            rtt.push(d);
+        }
+    }
+    answering.abort();
+    let p50 = pct(&mut rtt, 50);
+    println!(
+        "request/reply round trip ({calls} requests, 64-byte payload): p50 {:.0} us, p99 {:.0} us",
+        us(p50),
+        us(pct(&mut rtt, 99))
+    );
+
+    // Pub/sub, at most 8,000 in flight like Covey's run.
+    let subscriber = async_nats::connect(&url).await?;
+    let publisher = async_nats::connect(&url).await?;
+    let mut sub = subscriber.subscribe("bench").await?;
+    subscriber.flush().await?;
+    let seen = Arc::new(AtomicU64::new(0));
+    let counting = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while sub.next().await.is_some() {
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let run = |count: u64| {
+        let (publisher, seen, payload) = (publisher.clone(), seen.clone(), payload.clone());
+        async move {
+            let base = seen.load(Ordering::Relaxed);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while sent < count {
+                if sent - (seen.load(Ordering::Relaxed) - base) >= 8000 {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                publisher.publish("bench", payload.clone()).await.unwrap();
+                sent += 1;
+            }
+            publisher.flush().await.unwrap();
+            while seen.load(Ordering::Relaxed) - base < count {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+            started.elapsed()
+        }
+    };
+    run(events / 10).await;
+    let elapsed = run(events).await;
+    counting.abort();
+    println!(
+        "pub/sub ({events} messages, 64-byte payload): {:.0} messages/s",
+        events as f64 / elapsed.as_secs_f64()
+    );
+    Ok(p50)
+}
