@@ -170,7 +170,7 @@ async fn covey_bench(calls: usize, events: u64) -> Duration {
             let body = vec![7u8; 64];
             while sent < count {
                 let handled = rb.stats.handled.load(Ordering::Relaxed) - base;
-                if sent - handled >= 8000 {
+                if sent.saturating_sub(handled) >= 8000 {
                     tokio::task::yield_now().await;
                     continue;
                 }

@@ -348,3 +348,86 @@ async fn plain_quic_connect(to: SocketAddr) -> anyhow::Result<()> {
         Err(_) => Ok(()),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_peer_loses_its_own_messages_and_delays_nobody() {
+    use covey::cluster::credentials::{CipherPreference, NodeCredentials, SERVER_NAME};
+    use covey::cluster::frame::{Hello, PROTOCOL};
+
+    let token = ClusterToken::generate();
+    let a = join("a", &token, &[], &[], |_| {}).await;
+    let b = join("b", &token, &[addr(&a)], &["testing/sink"], |c| {
+        c.limits.mailbox = 8192;
+    })
+    .await;
+    wait_up(&[&a, &b]).await;
+
+    // A member that completes the hello and then never reads again.
+    let creds = NodeCredentials::issue(&token, "stuck", CipherPreference::Aes).unwrap();
+    let client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(creds.client.clone()).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(client, addr(&a), SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto: PROTOCOL,
+        cluster: token.fingerprint(),
+        node: "stuck".into(),
+        incarnation: 1,
+        listen_port: 9,
+        version: "test".into(),
+    };
+    let (_their_hello, _send, _recv_never_read) =
+        covey::cluster::link::exchange_hello(&conn, &hello, 1 << 20)
+            .await
+            .unwrap();
+    eventually(5, "stuck is a member", || async {
+        status(&a, "stuck") == PeerStatus::Up
+    })
+    .await;
+
+    // 100,000 events of 64 bytes: far more than the stuck peer's flow
+    // control window and queue hold. Paced by b's progress only.
+    let router = a.node().router();
+    let handled = || {
+        b.node()
+            .router()
+            .stats
+            .handled
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let total = 100_000u64;
+    for batch in 0..total / 1000 {
+        for _ in 0..1000 {
+            router.emit("bench", vec![7u8; 64]).unwrap();
+        }
+        eventually(10, "b keeps up", || async {
+            handled() >= (batch + 1) * 1000
+        })
+        .await;
+    }
+    let seen = b
+        .node()
+        .router()
+        .call(None, "b", "count", vec![], Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(seen).unwrap(),
+        total.to_string(),
+        "b got every event"
+    );
+    let peers = a.node().cluster().unwrap().peers();
+    let stuck = peers.iter().find(|p| p.name == "stuck").unwrap();
+    let to_b = peers.iter().find(|p| p.name == "b").unwrap();
+    assert!(
+        stuck.frames_dropped > 0,
+        "drops to the stuck peer are counted: {stuck:?}"
+    );
+    assert_eq!(to_b.frames_dropped, 0, "{to_b:?}");
+    drop(conn);
+}
