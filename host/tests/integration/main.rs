@@ -4,6 +4,7 @@
 mod common;
 
 mod bus;
+mod cli;
 mod cluster;
 mod isolation;
 mod kv;

@@ -1,0 +1,123 @@
+//! The cluster commands of the `covey` binary as a user types them:
+//! `cluster init/join/token`, `status`, and one node per data directory.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn covey(args: &[&str], data: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .env("NO_COLOR", "1")
+        .env_remove("COVEY_CLUSTER_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn cluster_init_join_status_and_one_node_per_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+
+    let init = covey(&["cluster", "init"], &a);
+    assert!(init.status.success(), "{}", text(&init));
+    let printed = text(&init);
+    let token = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("covey1-"))
+        .expect("init prints the token")
+        .to_string();
+    // A second init would split the cluster: refused.
+    let again = covey(&["cluster", "init"], &a);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("already has a cluster token"),
+        "{}",
+        text(&again)
+    );
+    let join = covey(&["cluster", "join", &token], &b);
+    assert!(join.status.success(), "{}", text(&join));
+    let shown = covey(&["cluster", "token"], &b);
+    assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), token);
+    let bad = covey(&["cluster", "join", "covey1-nope"], &b);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad).contains("malformed cluster token"),
+        "{}",
+        text(&bad)
+    );
+
+    // No node yet: status says so.
+    let none = covey(&["status"], &a);
+    assert!(!none.status.success());
+    assert!(
+        text(&none).contains("no covey node is running"),
+        "{}",
+        text(&none)
+    );
+
+    let mut node = Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args([
+            "run",
+            "--node",
+            "cli-a",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .args(["--discovery", "off", "--data"])
+        .arg(&a)
+        .arg("--scripts")
+        .arg(dir.path().join("scripts"))
+        .env_remove("COVEY_CLUSTER_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = covey(&["status"], &a);
+        if s.status.success() || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let shown = text(&status);
+    assert!(status.status.success(), "{shown}");
+    assert!(shown.contains("node cli-a"), "{shown}");
+    assert!(shown.contains("listening on 127.0.0.1:"), "{shown}");
+    assert!(shown.contains("0 of 0 peers up"), "{shown}");
+    let json = covey(&["status", "--json"], &a);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["node"], "cli-a");
+    assert_eq!(v["cluster"]["peers"], serde_json::json!([]));
+
+    // A second node on the same data directory stops before touching it.
+    let second = Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args(["run", "--node", "cli-b", "--discovery", "off", "--data"])
+        .arg(&a)
+        .arg("--scripts")
+        .arg(dir.path().join("scripts"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        text(&second).contains("another covey node is running"),
+        "{}",
+        text(&second)
+    );
+
+    node.kill().unwrap();
+    node.wait().unwrap();
+}
