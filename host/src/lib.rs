@@ -22,6 +22,7 @@
 //!   membership, mDNS discovery; the router's way to other nodes.
 //! - [`control`] — the local control socket behind `covey status`.
 //! - [`kvdoc`] — the key-value store, an Automerge document on disk.
+//! - [`kvsync`] — `KvReplicator`: the store kept in sync with every peer.
 //! - [`pattern`] — esc-style `*` patterns.
 //! - [`shutdown`] — SIGINT/SIGTERM.
 
@@ -33,6 +34,7 @@ pub mod control;
 pub mod engine;
 pub mod exec;
 pub mod kvdoc;
+pub mod kvsync;
 pub mod node;
 pub mod pattern;
 pub mod router;

@@ -11,6 +11,7 @@ use crate::config::NodeConfig;
 use crate::control::ControlSocket;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::{KvDoc, KvLimits};
+use crate::kvsync::KvReplicator;
 use crate::router::{Router, now_ms};
 use crate::script::ScriptSupervisor;
 use crate::services::Services;
@@ -24,6 +25,8 @@ pub struct Node {
     cluster: Option<Cluster>,
     control: Option<ControlSocket>,
     flusher: JoinHandle<()>,
+    /// Background tasks stopped at shutdown (replication).
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Node {
@@ -67,8 +70,13 @@ impl Node {
         };
         supervisor.scan().await;
         // Join after the first scan: peers' calls find the handlers ready.
+        let mut tasks = Vec::new();
         let cluster = match cfg.cluster.clone() {
-            Some(c) => Some(Cluster::start(c, services.router.clone()).await?),
+            Some(c) => {
+                let kv_sync = KvReplicator::new(services.kv.clone());
+                tasks.push(kv_sync.spawn());
+                Some(Cluster::start(c, services.router.clone(), vec![kv_sync]).await?)
+            }
             None => {
                 tracing::info!(
                     "no cluster token: running as a single node \
@@ -93,6 +101,7 @@ impl Node {
             cluster,
             control: None,
             flusher,
+            tasks,
         };
         node.control = Some(control.serve(node.status_source()));
         Ok(node)
@@ -138,6 +147,9 @@ impl Node {
         self.control.take();
         if let Some(c) = self.cluster.take() {
             c.shutdown().await;
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
         }
         self.supervisor.shutdown().await;
         self.flusher.abort();

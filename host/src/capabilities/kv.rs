@@ -55,12 +55,18 @@ impl wit::Host for KvCtx {
         self.services.kv.get(&key)
     }
 
+    // Writes return once they are on disk: a script that saw `set`
+    // succeed never loses the value to a crash (the fsync is shared by the
+    // writes that arrive meanwhile).
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
-        Ok(self.services.kv.set(&key, &value)?)
+        self.services.kv.set(&key, &value)?;
+        Ok(self.services.kv.durable().await?)
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, WitError> {
-        Ok(self.services.kv.delete(&key)?)
+        let existed = self.services.kv.delete(&key)?;
+        self.services.kv.durable().await?;
+        Ok(existed)
     }
 
     async fn keys(&mut self, prefix: String) -> Vec<String> {
@@ -68,7 +74,9 @@ impl wit::Host for KvCtx {
     }
 
     async fn incr(&mut self, key: String, delta: i64) -> Result<i64, WitError> {
-        Ok(self.services.kv.incr(&key, delta)?)
+        let value = self.services.kv.incr(&key, delta)?;
+        self.services.kv.durable().await?;
+        Ok(value)
     }
 
     async fn watch(&mut self, prefix: String) -> u64 {

@@ -149,6 +149,21 @@ pub enum Frame<'a> {
     },
     /// The sender's live peers.
     Peers(Vec<PeerAddr>),
+    /// A sync message of a replicated document (see [`DocId`]).
+    Sync {
+        doc: DocId,
+        #[serde(with = "cow_bytes")]
+        msg: Cow<'a, [u8]>,
+    },
+}
+
+/// Which replicated document a sync message is for.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DocId {
+    /// The key-value store.
+    Kv,
+    /// The scripts directory manifest.
+    Scripts,
 }
 
 /// Bytes written as one blob (not a sequence of numbers), read back owned

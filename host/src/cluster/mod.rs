@@ -33,7 +33,7 @@ use quinn::Endpoint;
 use tokio::task::JoinHandle;
 
 use self::credentials::{CipherPreference, ClusterToken, NodeCredentials};
-use self::frame::{Frame, Hello, PROTOCOL, PeerAddr, WireMessage};
+use self::frame::{DocId, Frame, Hello, PROTOCOL, PeerAddr, WireMessage};
 use self::link::{Inbound, PeerLink, close};
 use self::members::{Members, PeerReport};
 use crate::bindings::{Message, NodeInfo};
@@ -72,6 +72,15 @@ impl ClusterConfig {
     }
 }
 
+/// A document replicated over the links (the key-value store, the scripts
+/// manifest): told when a peer comes and goes, handed its sync messages.
+pub trait Replica: Send + Sync + 'static {
+    fn doc(&self) -> DocId;
+    fn peer_up(&self, link: &Arc<PeerLink>);
+    fn peer_down(&self, link: &Arc<PeerLink>);
+    fn receive(&self, link: &Arc<PeerLink>, msg: &[u8]);
+}
+
 /// First and longest wait between dials of a down peer.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -96,13 +105,18 @@ struct Shared {
     admit: tokio::sync::Mutex<()>,
     accept_task: Mutex<Option<JoinHandle<()>>>,
     discovery: Mutex<Option<discovery::Discovery>>,
+    replicas: Vec<Arc<dyn Replica>>,
     config: ClusterConfig,
 }
 
 impl Cluster {
     /// Bind the endpoint, start accepting, dial the static peers and
     /// start mDNS. The router sends to other nodes through the cluster.
-    pub async fn start(config: ClusterConfig, router: Arc<Router>) -> Result<Cluster> {
+    pub async fn start(
+        config: ClusterConfig,
+        router: Arc<Router>,
+        replicas: Vec<Arc<dyn Replica>>,
+    ) -> Result<Cluster> {
         let node = router.node_name().to_string();
         let creds = NodeCredentials::issue(&config.token, &node, config.cipher)?;
         let mut transport = quinn::TransportConfig::default();
@@ -140,6 +154,7 @@ impl Cluster {
             admit: tokio::sync::Mutex::new(()),
             accept_task: Mutex::new(None),
             discovery: Mutex::new(None),
+            replicas,
             config: config.clone(),
         });
         router.set_remote(shared.clone());
@@ -436,6 +451,9 @@ impl Shared {
         }
         self.members.set_up(link.clone());
         link.run(rx, send, recv, max, self.clone());
+        for r in &self.replicas {
+            r.peer_up(&link);
+        }
         drop(_turn);
         tracing::info!(
             peer = %link.node,
@@ -511,6 +529,11 @@ impl Inbound for Shared {
                     self.learn(&p.node, p.addr);
                 }
             }
+            Frame::Sync { doc, msg } => {
+                if let Some(r) = self.replicas.iter().find(|r| r.doc() == doc) {
+                    r.receive(link, &msg);
+                }
+            }
             Frame::Hello(_) => {
                 link.close(close::PROTOCOL, "a second hello on a link");
             }
@@ -518,6 +541,9 @@ impl Inbound for Shared {
     }
 
     fn link_closed(&self, link: &Arc<PeerLink>, why: String) {
+        for r in &self.replicas {
+            r.peer_down(link);
+        }
         if self.members.set_down(link) {
             tracing::warn!(peer = %link.node, "peer down: {why}");
         }

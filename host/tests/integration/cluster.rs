@@ -13,7 +13,7 @@ use covey::router::PeerStatus;
 
 use crate::common::{TestNode, eventually, start_named};
 
-fn cluster_config(token: &ClusterToken, seeds: &[SocketAddr]) -> ClusterConfig {
+pub(crate) fn cluster_config(token: &ClusterToken, seeds: &[SocketAddr]) -> ClusterConfig {
     let mut c = ClusterConfig::new(token.clone());
     c.bind = "127.0.0.1:0".parse().unwrap();
     c.peers = seeds.iter().map(|a| a.to_string()).collect();
@@ -22,12 +22,12 @@ fn cluster_config(token: &ClusterToken, seeds: &[SocketAddr]) -> ClusterConfig {
     c
 }
 
-fn addr(t: &TestNode) -> SocketAddr {
+pub(crate) fn addr(t: &TestNode) -> SocketAddr {
     t.node().cluster().expect("clustered").local_addr()
 }
 
 /// Start `name` in the cluster of `token`, seeded with `seeds`.
-async fn join(
+pub(crate) async fn join(
     name: &str,
     token: &ClusterToken,
     seeds: &[SocketAddr],
@@ -42,11 +42,11 @@ async fn join(
     .await
 }
 
-fn status(t: &TestNode, peer: &str) -> PeerStatus {
+pub(crate) fn status(t: &TestNode, peer: &str) -> PeerStatus {
     t.node().cluster().unwrap().status(peer)
 }
 
-async fn wait_up(nodes: &[&TestNode]) {
+pub(crate) async fn wait_up(nodes: &[&TestNode]) {
     for a in nodes {
         for b in nodes {
             if a.name != b.name {
@@ -61,7 +61,7 @@ async fn wait_up(nodes: &[&TestNode]) {
 
 /// Three nodes: `a`, `b` seeded with `a`, `c` seeded with `b` only (it
 /// must learn `a` from `b`). Each runs `probe` and `echo`.
-async fn three(tweak: impl Fn(&mut NodeConfig) + Copy) -> (ClusterToken, [TestNode; 3]) {
+pub(crate) async fn three(tweak: impl Fn(&mut NodeConfig) + Copy) -> (ClusterToken, [TestNode; 3]) {
     let token = ClusterToken::generate();
     let scripts = ["probe", "echo"];
     let a = join("a", &token, &[], &scripts, tweak).await;
@@ -71,7 +71,7 @@ async fn three(tweak: impl Fn(&mut NodeConfig) + Copy) -> (ClusterToken, [TestNo
     (token, [a, b, c])
 }
 
-async fn probe(t: &TestNode, cmd: &str, args: &str) -> String {
+pub(crate) async fn probe(t: &TestNode, cmd: &str, args: &str) -> String {
     t.call(cmd, args).await.unwrap()
 }
 
@@ -82,36 +82,44 @@ async fn events_commands_and_calls_cross_nodes() {
         probe(t, "probe.subscribe", "*|temp").await;
     }
 
-    // An event from a script on `a` reaches every node, `a` included, once.
+    // An event from a script on `a` reaches every node, `a` included, once:
+    // each node's probe counts it in the (replicated) counter, so it ends
+    // at 3 everywhere.
     assert_eq!(probe(&a, "probe.emit", "temp|21").await, "Ok(())");
     for t in [&a, &b, &c] {
-        eventually(5, &format!("event on {}", t.name), || async {
-            t.kv_i64("probe-events/temp") == 1
+        eventually(5, &format!("event counted on {}", t.name), || async {
+            t.kv_i64("probe-events/temp") == 3
         })
         .await;
     }
 
-    // A command to `*` reaches every node; one to `c` only `c`.
+    // A command to `*` reaches every node.
     a.node()
         .router()
-        .send_command("*", "probe.set", b"all|yes".to_vec())
+        .send_command("*", "probe.subscribe", b"*|to-all".to_vec())
         .unwrap();
+    // One to `c` reaches only `c`: afterwards only `c` counts `only-c`
+    // events. (Commands and calls from `a` to `c` stay in order, so the
+    // subscription exists once the call returns.)
     a.node()
         .router()
-        .send_command("c", "probe.set", b"only|c".to_vec())
+        .send_command("c", "probe.subscribe", b"*|only-c".to_vec())
         .unwrap();
+    for t in ["a", "b", "c"] {
+        a.node()
+            .router()
+            .call(None, t, "probe.node", vec![], Duration::from_secs(2))
+            .await
+            .unwrap();
+    }
+    assert_eq!(probe(&a, "probe.emit", "to-all|x").await, "Ok(())");
+    assert_eq!(probe(&a, "probe.emit", "only-c|x").await, "Ok(())");
     for t in [&a, &b, &c] {
         eventually(5, "command to *", || async {
-            t.kv_string("all").as_deref() == Some("yes")
+            t.kv_i64("probe-events/to-all") == 3 && t.kv_i64("probe-events/only-c") == 1
         })
         .await;
     }
-    eventually(5, "command to c", || async {
-        c.kv_string("only").as_deref() == Some("c")
-    })
-    .await;
-    // `b` never saw the command for `c`.
-    assert_eq!(probe(&b, "probe.get", "only").await, "<none>");
 
     // Guest on `a` calls a guest on `c` and gets its reply.
     assert_eq!(

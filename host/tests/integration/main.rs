@@ -12,4 +12,5 @@ mod lua;
 mod netns;
 mod process;
 mod reload;
+mod replication;
 mod sdk;

@@ -151,6 +151,16 @@ fn names(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// Wait until n1..n3 each see the other two up.
+async fn all_linked(lan: &Lan, what: &str) {
+    for (i, others) in [(1, ["n2", "n3"]), (2, ["n1", "n3"]), (3, ["n1", "n2"])] {
+        eventually(30, &format!("n{i} {what}"), || async move {
+            lan.up_peers(i).await == names(&others)
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mdns_discovery_partition_and_heal_across_namespaces() {
     let mut lan = match Lan::new(4) {
@@ -168,15 +178,7 @@ async fn mdns_discovery_partition_and_heal_across_namespaces() {
     lan.run(4, &ClusterToken::generate());
 
     // Discovery: no addresses given, every node finds the other two.
-    for (i, others) in [(1, ["n2", "n3"]), (2, ["n1", "n3"]), (3, ["n1", "n2"])] {
-        let lan = &lan;
-        eventually(
-            30,
-            &format!("n{i} finds its peers over mDNS"),
-            || async move { lan.up_peers(i).await == names(&others) },
-        )
-        .await;
-    }
+    all_linked(&lan, "finds its peers over mDNS").await;
     // The other cluster's node was seen on mDNS and ignored.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
@@ -205,13 +207,5 @@ async fn mdns_discovery_partition_and_heal_across_namespaces() {
 
     // Heal: everyone links again without help.
     ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "up"]).unwrap();
-    for (i, others) in [(1, ["n2", "n3"]), (2, ["n1", "n3"]), (3, ["n1", "n2"])] {
-        let lan = &lan;
-        eventually(
-            30,
-            &format!("n{i} linked again after healing"),
-            || async move { lan.up_peers(i).await == names(&others) },
-        )
-        .await;
-    }
+    all_linked(&lan, "linked again after healing").await;
 }

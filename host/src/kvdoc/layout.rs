@@ -1,0 +1,150 @@
+//! How keys and counters sit in the document's root map.
+//!
+//! A plain key `k` is the root key `k` holding a `Bytes` scalar. A counter
+//! `k` is one root key per node that ever incremented it,
+//! `\0c\0k\0<node>`, holding that node's running total as an `Int`; the
+//! counter reads as the sum. Only a node writes its own slot, so slots
+//! never conflict and concurrent increments all count. User keys may not
+//! contain NUL, so the two kinds cannot collide; keys starting with NUL are
+//! never shown to scripts. A root key holding an Automerge `Counter` (the
+//! layout before slots) still reads as a counter and is folded into a slot
+//! at its next increment.
+
+use std::collections::BTreeSet;
+
+use automerge::transaction::Transactable;
+use automerge::{
+    AutoCommit, AutomergeError, ChangeHash, PatchAction, Prop, ROOT, ReadDoc, ScalarValue,
+    ScalarValueRef, Value, ValueRef,
+};
+
+pub const COUNTER_PREFIX: &str = "\0c\0";
+
+pub fn slot_prefix(key: &str) -> String {
+    format!("{COUNTER_PREFIX}{key}\0")
+}
+
+pub fn slot_key(key: &str, node: &str) -> String {
+    format!("{COUNTER_PREFIX}{key}\0{node}")
+}
+
+/// The counter a slot key belongs to.
+pub fn counter_name(slot: &str) -> Option<&str> {
+    slot.strip_prefix(COUNTER_PREFIX)?
+        .rsplit_once('\0')
+        .map(|(name, _node)| name)
+}
+
+pub fn scalar_i64(s: &ScalarValue) -> Option<i64> {
+    match s {
+        ScalarValue::Int(i) => Some(*i),
+        ScalarValue::Uint(u) => Some(*u as i64),
+        ScalarValue::Counter(c) => Some(i64::from(c)),
+        _ => None,
+    }
+}
+
+/// Root keys in `[start, …)` that start with `start`.
+fn range<'a>(
+    doc: &'a AutoCommit,
+    start: String,
+) -> impl Iterator<Item = (String, ValueRef<'a>)> + 'a {
+    let prefix = start.clone();
+    doc.map_range(ROOT, start..)
+        .take_while(move |item| item.key.starts_with(prefix.as_str()))
+        .map(|item| (item.key.to_string(), item.value))
+}
+
+/// The sum of a counter's slots, or none if it has none.
+pub fn counter_sum(doc: &AutoCommit, key: &str) -> Option<i64> {
+    let mut sum = None;
+    for (_, value) in range(doc, slot_prefix(key)) {
+        if let ValueRef::Scalar(s) = value {
+            let v = match s {
+                ScalarValueRef::Int(i) | ScalarValueRef::Counter(i) => i,
+                ScalarValueRef::Uint(u) => u as i64,
+                _ => 0,
+            };
+            sum = Some(sum.unwrap_or(0i64).wrapping_add(v));
+        }
+    }
+    sum
+}
+
+/// What `get` returns: a plain value's bytes, or a counter as decimal text.
+pub fn read(doc: &AutoCommit, key: &str) -> Option<Vec<u8>> {
+    match doc.get(ROOT, key).ok()? {
+        Some((Value::Scalar(s), _)) => Some(match s.as_ref() {
+            ScalarValue::Bytes(b) => b.clone(),
+            ScalarValue::Str(s) => s.as_bytes().to_vec(),
+            ScalarValue::Counter(c) => i64::from(c).to_string().into_bytes(),
+            ScalarValue::Int(i) => i.to_string().into_bytes(),
+            ScalarValue::Uint(i) => i.to_string().into_bytes(),
+            ScalarValue::F64(f) => f.to_string().into_bytes(),
+            ScalarValue::Boolean(b) => b.to_string().into_bytes(),
+            ScalarValue::Timestamp(t) => t.to_string().into_bytes(),
+            ScalarValue::Null | ScalarValue::Unknown { .. } => Vec::new(),
+        }),
+        Some((Value::Object(_), _)) => None,
+        None => counter_sum(doc, key).map(|n| n.to_string().into_bytes()),
+    }
+}
+
+/// Visible keys (plain and counters) starting with `prefix`, sorted.
+pub fn keys(doc: &AutoCommit, prefix: &str) -> Vec<String> {
+    let mut out: BTreeSet<String> = range(doc, prefix.to_string())
+        .map(|(k, _)| k)
+        .filter(|k| !k.starts_with('\0'))
+        .collect();
+    for (slot, _) in range(doc, format!("{COUNTER_PREFIX}{prefix}")) {
+        if let Some(name) = counter_name(&slot) {
+            out.insert(name.to_string());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Delete every slot of counter `key`; true if there were any.
+pub fn delete_slots(doc: &mut AutoCommit, key: &str) -> Result<bool, AutomergeError> {
+    let slots: Vec<String> = range(doc, slot_prefix(key)).map(|(k, _)| k).collect();
+    for slot in &slots {
+        doc.delete(ROOT, slot.as_str())?;
+    }
+    Ok(!slots.is_empty())
+}
+
+/// The visible keys that differ between two versions of the document.
+pub fn changed_keys(
+    doc: &mut AutoCommit,
+    before: &[ChangeHash],
+    after: &[ChangeHash],
+) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for patch in doc.diff(before, after) {
+        if patch.obj != ROOT {
+            continue;
+        }
+        let key = match patch.action {
+            PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => key,
+            PatchAction::Increment {
+                prop: Prop::Map(key),
+                ..
+            }
+            | PatchAction::Conflict {
+                prop: Prop::Map(key),
+            } => key,
+            _ => continue,
+        };
+        match key.strip_prefix('\0') {
+            None => {
+                keys.insert(key);
+            }
+            Some(_) => {
+                if let Some(name) = counter_name(&key) {
+                    keys.insert(name.to_string());
+                }
+            }
+        }
+    }
+    keys
+}

@@ -1,0 +1,146 @@
+//! `KvReplicator`: keeps the key-value document in sync with every peer,
+//! using Automerge's sync protocol over the cluster links.
+//!
+//! One sync state per peer. Whenever the document changes (a local write
+//! or a merge from another peer) or a peer's message arrives, one task asks
+//! the document for the next message to each peer and queues it on the
+//! link. The protocol exchanges heads and Bloom filters first, so a peer
+//! that reconnects, or one that already has most of the history, receives
+//! only what it lacks. When a link goes down its peer's state is kept
+//! (encoded: the heads both sides shared) and used when it comes back.
+//!
+//! A sync message must never be lost silently — the protocol remembers
+//! what it sent and would not send it again — so if a link's queue refuses
+//! one, that peer's state is reset and the exchange starts over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use automerge::sync;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::cluster::Replica;
+use crate::cluster::frame::{DocId, Frame};
+use crate::cluster::link::PeerLink;
+use crate::kvdoc::KvDoc;
+
+struct Peer {
+    link: Arc<PeerLink>,
+    state: sync::State,
+}
+
+pub struct KvReplicator {
+    kv: Arc<KvDoc>,
+    peers: Mutex<HashMap<Arc<str>, Peer>>,
+    /// Shared heads of peers whose link is down, for a quick resume.
+    resume: Mutex<HashMap<Arc<str>, Vec<u8>>>,
+    wake: Notify,
+}
+
+impl KvReplicator {
+    pub fn new(kv: Arc<KvDoc>) -> Arc<Self> {
+        Arc::new(KvReplicator {
+            kv,
+            peers: Mutex::new(HashMap::new()),
+            resume: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// The task that sends: runs until aborted.
+    pub fn spawn(self: &Arc<Self>) -> JoinHandle<()> {
+        let me = self.clone();
+        let mut version = self.kv.watch_version();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = version.changed() => {}
+                    _ = me.wake.notified() => {}
+                }
+                me.send_pending();
+            }
+        })
+    }
+
+    /// Queue the next message for every peer that is owed one.
+    fn send_pending(&self) {
+        let mut peers = self.peers.lock().unwrap();
+        for peer in peers.values_mut() {
+            if let Some(msg) = self.kv.sync_generate(&mut peer.state) {
+                let frame = Frame::Sync {
+                    doc: DocId::Kv,
+                    msg: msg.into(),
+                };
+                if !peer.link.offer(frame.encode()) {
+                    tracing::debug!(peer = %peer.link.node, "sync message not queued; restarting the exchange");
+                    peer.state = sync::State::new();
+                }
+            }
+        }
+    }
+
+    fn state_for(&self, name: &Arc<str>) -> sync::State {
+        self.resume
+            .lock()
+            .unwrap()
+            .remove(name)
+            .and_then(|b| sync::State::decode(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Replica for KvReplicator {
+    fn doc(&self) -> DocId {
+        DocId::Kv
+    }
+
+    fn peer_up(&self, link: &Arc<PeerLink>) {
+        let mut peers = self.peers.lock().unwrap();
+        if peers
+            .get(&link.node)
+            .is_some_and(|p| Arc::ptr_eq(&p.link, link))
+        {
+            return;
+        }
+        let state = self.state_for(&link.node);
+        peers.insert(
+            link.node.clone(),
+            Peer {
+                link: link.clone(),
+                state,
+            },
+        );
+        drop(peers);
+        self.wake.notify_one();
+    }
+
+    fn peer_down(&self, link: &Arc<PeerLink>) {
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = peers.get(&link.node)
+            && Arc::ptr_eq(&p.link, link)
+        {
+            let p = peers.remove(&link.node).unwrap();
+            self.resume
+                .lock()
+                .unwrap()
+                .insert(link.node.clone(), p.state.encode());
+        }
+    }
+
+    fn receive(&self, link: &Arc<PeerLink>, msg: &[u8]) {
+        // The reader may deliver before `peer_up` ran for this link.
+        self.peer_up(link);
+        let mut peers = self.peers.lock().unwrap();
+        let Some(peer) = peers.get_mut(&link.node) else {
+            return;
+        };
+        if let Err(e) = self.kv.sync_receive(&mut peer.state, msg) {
+            tracing::warn!(peer = %link.node, "bad key-value sync message ({e:#}); restarting the exchange");
+            peer.state = sync::State::new();
+        }
+        drop(peers);
+        // Answer this peer, and pass anything new on to the others.
+        self.wake.notify_one();
+    }
+}
