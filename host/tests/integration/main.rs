@@ -6,6 +6,7 @@ mod common;
 mod bus;
 mod cli;
 mod cluster;
+mod durability;
 mod isolation;
 mod kv;
 mod lua;
