@@ -21,8 +21,11 @@
 //! - [`cluster`] — QUIC links with mutual TLS to the other nodes,
 //!   membership, mDNS discovery; the router's way to other nodes.
 //! - [`control`] — the local control socket behind `covey status`.
-//! - [`kvdoc`] — the key-value store, an Automerge document on disk.
-//! - [`kvsync`] — `KvReplicator`: the store kept in sync with every peer.
+//! - [`docstore`] — `DocStore`: an Automerge document in a file, durable
+//!   writes, compaction, recovery; under the key-value store and the
+//!   scripts manifest.
+//! - [`docsync`] — `DocReplicator`: a document kept in sync with every peer.
+//! - [`kvdoc`] — the key-value store (keys, counters, limits) on a `DocStore`.
 //! - [`pattern`] — esc-style `*` patterns.
 //! - [`shutdown`] — SIGINT/SIGTERM.
 
@@ -31,10 +34,11 @@ pub mod capabilities;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod docstore;
+pub mod docsync;
 pub mod engine;
 pub mod exec;
 pub mod kvdoc;
-pub mod kvsync;
 pub mod node;
 pub mod pattern;
 pub mod router;

@@ -7,11 +7,12 @@ use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
+use crate::cluster::frame::DocId;
 use crate::config::NodeConfig;
 use crate::control::ControlSocket;
+use crate::docsync::DocReplicator;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::{KvDoc, KvLimits};
-use crate::kvsync::KvReplicator;
 use crate::router::{Router, now_ms};
 use crate::script::ScriptSupervisor;
 use crate::services::Services;
@@ -73,7 +74,7 @@ impl Node {
         let mut tasks = Vec::new();
         let cluster = match cfg.cluster.clone() {
             Some(c) => {
-                let kv_sync = KvReplicator::new(services.kv.clone());
+                let kv_sync = DocReplicator::new(DocId::Kv, services.kv.clone());
                 tasks.push(kv_sync.spawn());
                 Some(Cluster::start(c, services.router.clone(), vec![kv_sync]).await?)
             }

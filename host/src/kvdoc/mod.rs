@@ -7,32 +7,27 @@
 //! `Bytes` scalars; counters are per-node slots summed on read (see
 //! [`layout`]), so increments from any number of nodes merge additively.
 //!
-//! Persistence ([`file`]): the file is an Automerge snapshot followed by
-//! incremental change chunks, which `load` reads back as one document. A
-//! flusher appends what changed (`fsync` per batch) and compacts the file
-//! into a fresh snapshot (temp file + rename) when the appended tail
-//! outgrows the snapshot. A script's write is acknowledged only once it is
-//! on disk ([`KvDoc::durable`]). A corrupted file is moved aside and its
-//! valid prefix kept.
+//! Persistence and durability are [`DocStore`]'s: a script's write is
+//! acknowledged only once it is on disk ([`KvDoc::durable`]).
 //!
-//! Replication (`crate::kvsync`) plugs in below this API: it merges remote
-//! changes into the same document with Automerge's sync protocol
-//! ([`KvDoc::sync_generate`], [`KvDoc::sync_receive`]) and reports changed
-//! keys through the same `Router::kv_changed` path as local writes.
+//! Replication (`crate::docsync`) plugs in below this API: it merges remote
+//! changes into the same document with Automerge's sync protocol and
+//! [`KvDoc`]'s `SyncTarget` reports changed keys through the same
+//! `Router::kv_changed` path as local writes.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Result;
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ChangeHash, ROOT, ReadDoc, ScalarValue, Value};
-use tokio::sync::{Notify, watch};
+use automerge::{AutoCommit, ROOT, ReadDoc, ScalarValue, Value};
+use tokio::sync::watch;
 
+use crate::docstore::DocStore;
+use crate::docsync::SyncTarget;
 use crate::router::Router;
 
-mod file;
 mod layout;
 
 use layout::slot_key;
@@ -66,30 +61,10 @@ pub enum KvError {
     Storage(String),
 }
 
-struct Inner {
-    doc: AutoCommit,
-    /// Changes not yet appended to the file.
-    unsaved: bool,
-    /// Bytes of the snapshot at the start of the file, and of the appended
-    /// tail after it: compaction is due when the tail outgrows the snapshot.
-    snapshot_bytes: u64,
-    tail_bytes: u64,
-}
-
 pub struct KvDoc {
-    inner: Mutex<Inner>,
-    path: Option<PathBuf>,
+    store: Arc<DocStore>,
     /// This node's name: its counter slots carry it.
     node: String,
-    /// Serialises file I/O (flushes and compactions).
-    io: Mutex<()>,
-    dirty: Notify,
-    /// Sequence number of the last local write, and of the last one known
-    /// to be on disk: a write is acknowledged once `durable >= its seq`.
-    written: AtomicU64,
-    durable: watch::Sender<u64>,
-    /// Bumped on every change, local or merged: replication listens.
-    version: watch::Sender<u64>,
     limits: KvLimits,
     router: Arc<Router>,
 }
@@ -97,28 +72,12 @@ pub struct KvDoc {
 impl KvDoc {
     /// Open (or create) the store at `path`; `None` keeps it in memory.
     pub fn open(path: Option<PathBuf>, limits: KvLimits, router: Arc<Router>) -> Result<Self> {
-        let (doc, snapshot_bytes) = match &path {
-            Some(p) => file::load_or_recover(p)?,
-            None => (AutoCommit::new(), 0),
-        };
-        let kv = KvDoc {
-            inner: Mutex::new(Inner {
-                doc,
-                unsaved: false,
-                snapshot_bytes,
-                tail_bytes: 0,
-            }),
-            path,
+        Ok(KvDoc {
+            store: Arc::new(DocStore::open(path, "key-value store")?),
             node: router.node_name().to_string(),
-            io: Mutex::new(()),
-            dirty: Notify::new(),
-            written: AtomicU64::new(0),
-            durable: watch::Sender::new(0),
-            version: watch::Sender::new(0),
             limits,
             router,
-        };
-        Ok(kv)
+        })
     }
 
     pub fn limits(&self) -> KvLimits {
@@ -126,14 +85,12 @@ impl KvDoc {
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let inner = self.inner.lock().unwrap();
-        layout::read(&inner.doc, key)
+        self.store.read(|doc| layout::read(doc, key))
     }
 
     /// Keys starting with `prefix`, sorted, counters included.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let inner = self.inner.lock().unwrap();
-        layout::keys(&inner.doc, prefix)
+        self.store.read(|doc| layout::keys(doc, prefix))
     }
 
     pub fn len(&self) -> usize {
@@ -235,151 +192,53 @@ impl KvDoc {
         &self,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, KvError>,
     ) -> Result<R, KvError> {
-        let mut inner = self.inner.lock().unwrap();
-        let r = f(&mut inner.doc)?;
-        inner.doc.commit();
-        inner.unsaved = true;
-        self.written.fetch_add(1, Ordering::AcqRel);
-        drop(inner);
-        self.dirty.notify_one();
-        self.version.send_modify(|v| *v += 1);
-        Ok(r)
+        self.store.write(f)
     }
 
     /// Wait until every write made before this call is on disk (fsynced).
-    /// Returns at once for an in-memory store.
     pub async fn durable(&self) -> Result<(), KvError> {
-        if self.path.is_none() {
-            return Ok(());
-        }
-        let want = self.written.load(Ordering::Acquire);
-        let mut rx = self.durable.subscribe();
-        rx.wait_for(|done| *done >= want)
+        self.store
+            .durable()
             .await
-            .map(drop)
-            .map_err(|_| KvError::Storage("the store is shutting down".into()))
+            .map_err(|e| KvError::Storage(e.to_string()))
     }
 
-    /// Changes whenever the document does (local writes and merges).
-    pub fn watch_version(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
+    /// The document's current heads (equal on two nodes = same contents).
+    pub fn heads(&self) -> Vec<automerge::ChangeHash> {
+        self.store.heads()
     }
 
-    /// The next sync message for a peer, if there is anything to say.
-    pub fn sync_generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
-        let mut inner = self.inner.lock().unwrap();
-        inner
-            .doc
-            .sync()
-            .generate_sync_message(state)
-            .map(|m| m.encode())
+    /// Append unsaved changes to the file and fsync (blocking).
+    pub fn flush(&self) -> Result<()> {
+        self.store.flush()
     }
 
-    /// Apply a peer's sync message; scripts watching a changed key are told,
+    pub fn spawn_flusher(&self) -> tokio::task::JoinHandle<()> {
+        self.store.spawn_flusher()
+    }
+}
+
+impl SyncTarget for KvDoc {
+    fn generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
+        self.store.sync_generate(state)
+    }
+
+    /// Merge a peer's changes; scripts watching a changed key are told,
     /// exactly once per key per merge, as for a local write.
-    pub fn sync_receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<usize> {
-        let msg = sync::Message::decode(msg)?;
-        let changed: Vec<String> = {
-            let mut inner = self.inner.lock().unwrap();
-            let before: Vec<ChangeHash> = inner.doc.get_heads();
-            inner.doc.sync().receive_sync_message(state, msg)?;
-            let after = inner.doc.get_heads();
-            if before == after {
-                return Ok(0);
-            }
-            inner.unsaved = true;
-            let keys = layout::changed_keys(&mut inner.doc, &before, &after);
-            keys.into_iter().collect()
-        };
-        self.dirty.notify_one();
-        self.version.send_modify(|v| *v += 1);
+    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
+        let changed = self
+            .store
+            .sync_receive(state, msg, layout::changed_keys)?
+            .unwrap_or_default();
         for key in &changed {
             let value = self.get(key);
             self.router.kv_changed(key, value.as_deref());
         }
-        Ok(changed.len())
+        Ok(())
     }
 
-    /// The whole document, for tests and convergence checks.
-    pub fn heads(&self) -> Vec<ChangeHash> {
-        self.inner.lock().unwrap().doc.get_heads()
-    }
-
-    /// Append unsaved changes to the file and fsync; compact when due.
-    /// Blocking: call from `spawn_blocking` or at shutdown.
-    pub fn flush(&self) -> Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let _io = self.io.lock().unwrap();
-        let (chunk, compact, seq) = {
-            let mut inner = self.inner.lock().unwrap();
-            let seq = self.written.load(Ordering::Acquire);
-            if !inner.unsaved {
-                self.durable.send_if_modified(|d| {
-                    let newer = seq > *d;
-                    *d = (*d).max(seq);
-                    newer
-                });
-                return Ok(());
-            }
-            inner.unsaved = false;
-            let compact = inner.tail_bytes > (1 << 20).max(inner.snapshot_bytes);
-            if compact {
-                (inner.doc.save(), true, seq)
-            } else {
-                (inner.doc.save_incremental(), false, seq)
-            }
-        };
-        let result = if compact {
-            file::write_snapshot(path, &chunk)
-        } else {
-            file::append_chunk(path, &chunk)
-        };
-        let mut inner = self.inner.lock().unwrap();
-        match result {
-            Ok(()) => {
-                if compact {
-                    inner.snapshot_bytes = chunk.len() as u64;
-                    inner.tail_bytes = 0;
-                } else {
-                    inner.tail_bytes += chunk.len() as u64;
-                }
-                drop(inner);
-                self.durable.send_modify(|d| *d = (*d).max(seq));
-                Ok(())
-            }
-            Err(err) => {
-                // Not written: make the next flush retry with a full
-                // snapshot, which covers the lost chunk.
-                inner.unsaved = true;
-                inner.tail_bytes = u64::MAX / 2;
-                Err(err)
-            }
-        }
-    }
-
-    /// Flush in the background whenever something changed. No timer: the
-    /// writes that arrive while one fsync runs share the next one, which
-    /// is all the batching a durable acknowledgement allows.
-    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let kv = self.clone();
-        tokio::spawn(async move {
-            loop {
-                kv.dirty.notified().await;
-                let k = kv.clone();
-                match tokio::task::spawn_blocking(move || k.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        tracing::error!("key-value store not saved: {err:#}");
-                        // Retry shortly rather than spin on a full disk.
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        kv.dirty.notify_one();
-                    }
-                    Err(err) => tracing::error!("key-value flush task failed: {err}"),
-                }
-            }
-        })
+    fn version(&self) -> watch::Receiver<u64> {
+        self.store.watch_version()
     }
 }
 

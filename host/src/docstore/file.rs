@@ -12,7 +12,7 @@ use crate::router::now_ms;
 
 /// Load the document; on corruption keep the valid prefix, move the bad file
 /// aside (never delete it) and write the salvaged state as a new snapshot.
-pub fn load_or_recover(path: &Path) -> Result<(AutoCommit, u64)> {
+pub fn load_or_recover(path: &Path, what: &str) -> Result<(AutoCommit, u64)> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((AutoCommit::new(), 0)),
@@ -27,7 +27,7 @@ pub fn load_or_recover(path: &Path) -> Result<(AutoCommit, u64)> {
             std::fs::rename(path, &aside)
                 .with_context(|| format!("moving corrupted {} aside", path.display()))?;
             tracing::error!(
-                "key-value file {} is corrupted ({err}); kept {} readable keys, moved the file to {}",
+                "{what} file {} is corrupted ({err}); kept {} readable entries, moved the file to {}",
                 path.display(),
                 doc.length(ROOT),
                 aside.display()

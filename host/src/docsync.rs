@@ -1,5 +1,6 @@
-//! `KvReplicator`: keeps the key-value document in sync with every peer,
-//! using Automerge's sync protocol over the cluster links.
+//! `DocReplicator`: keeps a replicated document (the key-value store, the
+//! scripts manifest) in sync with every peer, using Automerge's sync
+//! protocol over the cluster links.
 //!
 //! One sync state per peer. Whenever the document changes (a local write
 //! or a merge from another peer) or a peer's message arrives, one task asks
@@ -17,31 +18,42 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use automerge::sync;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::cluster::Replica;
 use crate::cluster::frame::{DocId, Frame};
 use crate::cluster::link::PeerLink;
-use crate::kvdoc::KvDoc;
+
+/// A document that can be synced: what `DocReplicator` needs of it.
+pub trait SyncTarget: Send + Sync + 'static {
+    /// The next sync message for a peer, if there is anything to say.
+    fn generate(&self, state: &mut sync::State) -> Option<Vec<u8>>;
+    /// Apply a peer's sync message, and act on what it changed.
+    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> anyhow::Result<()>;
+    /// Changes whenever the document does.
+    fn version(&self) -> watch::Receiver<u64>;
+}
 
 struct Peer {
     link: Arc<PeerLink>,
     state: sync::State,
 }
 
-pub struct KvReplicator {
-    kv: Arc<KvDoc>,
+pub struct DocReplicator<T> {
+    doc: DocId,
+    target: Arc<T>,
     peers: Mutex<HashMap<Arc<str>, Peer>>,
     /// Shared heads of peers whose link is down, for a quick resume.
     resume: Mutex<HashMap<Arc<str>, Vec<u8>>>,
     wake: Notify,
 }
 
-impl KvReplicator {
-    pub fn new(kv: Arc<KvDoc>) -> Arc<Self> {
-        Arc::new(KvReplicator {
-            kv,
+impl<T: SyncTarget> DocReplicator<T> {
+    pub fn new(doc: DocId, target: Arc<T>) -> Arc<Self> {
+        Arc::new(DocReplicator {
+            doc,
+            target,
             peers: Mutex::new(HashMap::new()),
             resume: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -51,7 +63,7 @@ impl KvReplicator {
     /// The task that sends: runs until aborted.
     pub fn spawn(self: &Arc<Self>) -> JoinHandle<()> {
         let me = self.clone();
-        let mut version = self.kv.watch_version();
+        let mut version = self.target.version();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -67,9 +79,9 @@ impl KvReplicator {
     fn send_pending(&self) {
         let mut peers = self.peers.lock().unwrap();
         for peer in peers.values_mut() {
-            if let Some(msg) = self.kv.sync_generate(&mut peer.state) {
+            if let Some(msg) = self.target.generate(&mut peer.state) {
                 let frame = Frame::Sync {
-                    doc: DocId::Kv,
+                    doc: self.doc,
                     msg: msg.into(),
                 };
                 if !peer.link.offer(frame.encode()) {
@@ -90,9 +102,9 @@ impl KvReplicator {
     }
 }
 
-impl Replica for KvReplicator {
+impl<T: SyncTarget> Replica for DocReplicator<T> {
     fn doc(&self) -> DocId {
-        DocId::Kv
+        self.doc
     }
 
     fn peer_up(&self, link: &Arc<PeerLink>) {
@@ -135,8 +147,8 @@ impl Replica for KvReplicator {
         let Some(peer) = peers.get_mut(&link.node) else {
             return;
         };
-        if let Err(e) = self.kv.sync_receive(&mut peer.state, msg) {
-            tracing::warn!(peer = %link.node, "bad key-value sync message ({e:#}); restarting the exchange");
+        if let Err(e) = self.target.receive(&mut peer.state, msg) {
+            tracing::warn!(peer = %link.node, doc = ?self.doc, "bad sync message ({e:#}); restarting the exchange");
             peer.state = sync::State::new();
         }
         drop(peers);

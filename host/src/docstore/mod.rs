@@ -1,0 +1,233 @@
+//! `DocStore`: an Automerge document kept in a file in the data directory,
+//! durably. Shared by the key-value store and the scripts manifest.
+//!
+//! The file is an Automerge snapshot followed by incremental change chunks,
+//! which `load` reads back as one document ([`file`]). A flusher appends
+//! what changed (`fsync` per batch) and compacts the file into a fresh
+//! snapshot (temp file + rename) when the appended tail outgrows the
+//! snapshot. [`DocStore::durable`] waits until every earlier write is on
+//! disk: callers acknowledge writes only after it. A corrupted file is moved
+//! aside and its valid prefix kept.
+//!
+//! Sync ([`DocStore::sync_generate`], [`DocStore::sync_receive`]) is
+//! Automerge's sync protocol; the owner decides what a merge means (which
+//! keys changed, which files to write).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use automerge::sync::{self, SyncDoc};
+use automerge::{AutoCommit, ChangeHash};
+use tokio::sync::{Notify, watch};
+
+pub mod file;
+
+struct Inner {
+    doc: AutoCommit,
+    /// Changes not yet appended to the file.
+    unsaved: bool,
+    /// Bytes of the snapshot at the start of the file, and of the appended
+    /// tail after it: compaction is due when the tail outgrows the snapshot.
+    snapshot_bytes: u64,
+    tail_bytes: u64,
+}
+
+pub struct DocStore {
+    inner: Mutex<Inner>,
+    path: Option<PathBuf>,
+    /// What the document is, for log lines ("key-value store").
+    what: &'static str,
+    /// Serialises file I/O (flushes and compactions).
+    io: Mutex<()>,
+    dirty: Notify,
+    /// Sequence number of the last local write, and of the last one known
+    /// to be on disk: a write is acknowledged once `durable >= its seq`.
+    written: AtomicU64,
+    durable: watch::Sender<u64>,
+    /// Bumped on every change, local or merged: replication listens.
+    version: watch::Sender<u64>,
+}
+
+/// The store stopped before a write reached the disk.
+#[derive(Debug, thiserror::Error)]
+#[error("the store is shutting down")]
+pub struct Closed;
+
+impl DocStore {
+    /// Open (or create) the document at `path`; `None` keeps it in memory.
+    pub fn open(path: Option<PathBuf>, what: &'static str) -> Result<Self> {
+        let (doc, snapshot_bytes) = match &path {
+            Some(p) => file::load_or_recover(p, what)?,
+            None => (AutoCommit::new(), 0),
+        };
+        Ok(DocStore {
+            inner: Mutex::new(Inner {
+                doc,
+                unsaved: false,
+                snapshot_bytes,
+                tail_bytes: 0,
+            }),
+            path,
+            what,
+            io: Mutex::new(()),
+            dirty: Notify::new(),
+            written: AtomicU64::new(0),
+            durable: watch::Sender::new(0),
+            version: watch::Sender::new(0),
+        })
+    }
+
+    pub fn read<R>(&self, f: impl FnOnce(&AutoCommit) -> R) -> R {
+        f(&self.inner.lock().unwrap().doc)
+    }
+
+    /// Change the document (one commit) and schedule it for the disk.
+    pub fn write<R, E>(&self, f: impl FnOnce(&mut AutoCommit) -> Result<R, E>) -> Result<R, E> {
+        let mut inner = self.inner.lock().unwrap();
+        let r = f(&mut inner.doc)?;
+        inner.doc.commit();
+        inner.unsaved = true;
+        self.written.fetch_add(1, Ordering::AcqRel);
+        drop(inner);
+        self.dirty.notify_one();
+        self.version.send_modify(|v| *v += 1);
+        Ok(r)
+    }
+
+    /// Wait until every write made before this call is on disk (fsynced).
+    /// Returns at once for an in-memory document.
+    pub async fn durable(&self) -> Result<(), Closed> {
+        if self.path.is_none() {
+            return Ok(());
+        }
+        let want = self.written.load(Ordering::Acquire);
+        let mut rx = self.durable.subscribe();
+        rx.wait_for(|done| *done >= want)
+            .await
+            .map(drop)
+            .map_err(|_| Closed)
+    }
+
+    /// Changes whenever the document does (local writes and merges).
+    pub fn watch_version(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The next sync message for a peer, if there is anything to say.
+    pub fn sync_generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .doc
+            .sync()
+            .generate_sync_message(state)
+            .map(|m| m.encode())
+    }
+
+    /// Apply a peer's sync message. If the document changed, `changed`
+    /// runs (under the lock) with the heads before and after, and its
+    /// result is returned.
+    pub fn sync_receive<T>(
+        &self,
+        state: &mut sync::State,
+        msg: &[u8],
+        changed: impl FnOnce(&mut AutoCommit, &[ChangeHash], &[ChangeHash]) -> T,
+    ) -> Result<Option<T>> {
+        let msg = sync::Message::decode(msg)?;
+        let mut inner = self.inner.lock().unwrap();
+        let before = inner.doc.get_heads();
+        inner.doc.sync().receive_sync_message(state, msg)?;
+        let after = inner.doc.get_heads();
+        if before == after {
+            return Ok(None);
+        }
+        inner.unsaved = true;
+        let r = changed(&mut inner.doc, &before, &after);
+        drop(inner);
+        self.dirty.notify_one();
+        self.version.send_modify(|v| *v += 1);
+        Ok(Some(r))
+    }
+
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.inner.lock().unwrap().doc.get_heads()
+    }
+
+    /// Append unsaved changes to the file and fsync; compact when due.
+    /// Blocking: call from `spawn_blocking` or at shutdown.
+    pub fn flush(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let _io = self.io.lock().unwrap();
+        let (chunk, compact, seq) = {
+            let mut inner = self.inner.lock().unwrap();
+            let seq = self.written.load(Ordering::Acquire);
+            if !inner.unsaved {
+                self.durable.send_if_modified(|d| {
+                    let newer = seq > *d;
+                    *d = (*d).max(seq);
+                    newer
+                });
+                return Ok(());
+            }
+            inner.unsaved = false;
+            let compact = inner.tail_bytes > (1 << 20).max(inner.snapshot_bytes);
+            if compact {
+                (inner.doc.save(), true, seq)
+            } else {
+                (inner.doc.save_incremental(), false, seq)
+            }
+        };
+        let result = if compact {
+            file::write_snapshot(path, &chunk)
+        } else {
+            file::append_chunk(path, &chunk)
+        };
+        let mut inner = self.inner.lock().unwrap();
+        match result {
+            Ok(()) => {
+                if compact {
+                    inner.snapshot_bytes = chunk.len() as u64;
+                    inner.tail_bytes = 0;
+                } else {
+                    inner.tail_bytes += chunk.len() as u64;
+                }
+                drop(inner);
+                self.durable.send_modify(|d| *d = (*d).max(seq));
+                Ok(())
+            }
+            Err(err) => {
+                // Not written: make the next flush retry with a full
+                // snapshot, which covers the lost chunk.
+                inner.unsaved = true;
+                inner.tail_bytes = u64::MAX / 2;
+                Err(err)
+            }
+        }
+    }
+
+    /// Flush in the background whenever something changed. No timer: the
+    /// writes that arrive while one fsync runs share the next one, which
+    /// is all the batching a durable acknowledgement allows.
+    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let kv = self.clone();
+        tokio::spawn(async move {
+            loop {
+                kv.dirty.notified().await;
+                let k = kv.clone();
+                match tokio::task::spawn_blocking(move || k.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        tracing::error!("{} not saved: {err:#}", kv.what);
+                        // Retry shortly rather than spin on a full disk.
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        kv.dirty.notify_one();
+                    }
+                    Err(err) => tracing::error!("{} flush task failed: {err}", kv.what),
+                }
+            }
+        })
+    }
+}
