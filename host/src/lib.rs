@@ -15,7 +15,10 @@
 //!   state and links itself.
 //! - [`script`] — `ScriptSupervisor` (which scripts run, hot reload) and
 //!   `ScriptInstance` (one store, one mailbox, CPU budget, crash restart).
-//! - [`watcher`] — debounced file-system notifications → supervisor.
+//! - [`scriptsync`] — `ScriptsSync`: the scripts directory replicated (a
+//!   manifest document + content-addressed blobs fetched from peers).
+//! - [`watcher`] — debounced file-system notifications → supervisor (and
+//!   scripts sync).
 //! - [`router`] — subscriptions and delivery of events, commands, calls and
 //!   key-value change notifications.
 //! - [`cluster`] — QUIC links with mutual TLS to the other nodes,
@@ -43,6 +46,7 @@ pub mod node;
 pub mod pattern;
 pub mod router;
 pub mod script;
+pub mod scriptsync;
 pub mod services;
 pub mod shutdown;
 pub mod watcher;

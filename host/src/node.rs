@@ -15,6 +15,7 @@ use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::{KvDoc, KvLimits};
 use crate::router::{Router, now_ms};
 use crate::script::ScriptSupervisor;
+use crate::scriptsync::ScriptsSync;
 use crate::services::Services;
 use crate::watcher::ScriptsWatcher;
 
@@ -28,6 +29,7 @@ pub struct Node {
     flusher: JoinHandle<()>,
     /// Background tasks stopped at shutdown (replication).
     tasks: Vec<JoinHandle<()>>,
+    scripts_sync: Option<Arc<ScriptsSync>>,
 }
 
 impl Node {
@@ -61,24 +63,48 @@ impl Node {
             started_ms: now_ms(),
             console: None,
         });
+        // The scripts directory is replicated when this node is in a cluster.
+        let scripts_sync = match &cfg.cluster {
+            Some(_) => Some(ScriptsSync::open(&cfg.name, &scripts_dir, &cfg.data_dir)?),
+            None => None,
+        };
         let supervisor = Arc::new(ScriptSupervisor::new(services.clone(), cache, scripts_dir)?);
         // Watch before the first scan, so a file written in between is not
         // missed (a double report is harmless: same hash, no reload).
         let watcher = if cfg.watch {
-            Some(ScriptsWatcher::start(supervisor.clone())?)
+            Some(ScriptsWatcher::start(
+                supervisor.clone(),
+                scripts_sync.clone(),
+            )?)
         } else {
             None
         };
         supervisor.scan().await;
         // Join after the first scan: peers' calls find the handlers ready.
         let mut tasks = Vec::new();
-        let cluster = match cfg.cluster.clone() {
-            Some(c) => {
+        let mut scripts_sync_handle = None;
+        let cluster = match (cfg.cluster.clone(), scripts_sync) {
+            (Some(c), Some(sync)) => {
+                tasks.extend(sync.spawn());
+                // What changed here while the node was off is recorded
+                // before peers are asked for their changes.
+                sync.rescan().await?;
                 let kv_sync = DocReplicator::new(DocId::Kv, services.kv.clone());
+                let manifest_sync = DocReplicator::new(DocId::Scripts, sync.clone());
                 tasks.push(kv_sync.spawn());
-                Some(Cluster::start(c, services.router.clone(), vec![kv_sync]).await?)
+                tasks.push(manifest_sync.spawn());
+                let cluster = Cluster::start(
+                    c,
+                    services.router.clone(),
+                    vec![kv_sync, manifest_sync],
+                    Some(sync.clone()),
+                )
+                .await?;
+                sync.set_cluster(cluster.clone());
+                scripts_sync_handle = Some(sync);
+                Some(cluster)
             }
-            None => {
+            _ => {
                 tracing::info!(
                     "no cluster token: running as a single node \
                      (`covey cluster init` / `covey cluster join` to form a cluster)"
@@ -103,6 +129,7 @@ impl Node {
             control: None,
             flusher,
             tasks,
+            scripts_sync: scripts_sync_handle,
         };
         node.control = Some(control.serve(node.status_source()));
         Ok(node)
@@ -119,6 +146,10 @@ impl Node {
 
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
+    }
+
+    pub fn scripts_sync(&self) -> Option<&Arc<ScriptsSync>> {
+        self.scripts_sync.as_ref()
     }
 
     pub fn services(&self) -> &Arc<Services> {
@@ -151,6 +182,9 @@ impl Node {
         }
         for t in self.tasks.drain(..) {
             t.abort();
+        }
+        if let Some(sync) = self.scripts_sync.take() {
+            tokio::task::spawn_blocking(move || sync.flush()).await??;
         }
         self.supervisor.shutdown().await;
         self.flusher.abort();

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::script::ScriptSupervisor;
+use crate::scriptsync::ScriptsSync;
 
 /// How long a path must stay quiet before it is (re)loaded.
 pub const QUIET: Duration = Duration::from_millis(10);
@@ -30,7 +31,12 @@ pub struct ScriptsWatcher {
 }
 
 impl ScriptsWatcher {
-    pub fn start(supervisor: Arc<ScriptSupervisor>) -> Result<Self> {
+    /// Watch the supervisor's directory; with `sync`, every change is also
+    /// recorded for the other nodes.
+    pub fn start(
+        supervisor: Arc<ScriptSupervisor>,
+        sync: Option<Arc<ScriptsSync>>,
+    ) -> Result<Self> {
         let dir = supervisor.dir().to_path_buf();
         let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
         let mut watcher =
@@ -49,7 +55,7 @@ impl ScriptsWatcher {
         watcher
             .watch(&dir, RecursiveMode::Recursive)
             .with_context(|| format!("watching {}", dir.display()))?;
-        let task = tokio::spawn(debounce(rx, supervisor));
+        let task = tokio::spawn(debounce(rx, supervisor, sync));
         Ok(ScriptsWatcher {
             _watcher: watcher,
             task,
@@ -63,7 +69,11 @@ impl Drop for ScriptsWatcher {
     }
 }
 
-async fn debounce(mut rx: mpsc::UnboundedReceiver<PathBuf>, supervisor: Arc<ScriptSupervisor>) {
+async fn debounce(
+    mut rx: mpsc::UnboundedReceiver<PathBuf>,
+    supervisor: Arc<ScriptSupervisor>,
+    sync: Option<Arc<ScriptsSync>>,
+) {
     let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
     loop {
         let next_due = pending.values().min().map(|t| *t + QUIET);
@@ -81,9 +91,16 @@ async fn debounce(mut rx: mpsc::UnboundedReceiver<PathBuf>, supervisor: Arc<Scri
                     .map(|(p, _)| p.clone())
                     .collect();
                 due.sort();
+                let any = !due.is_empty();
                 for p in due {
                     pending.remove(&p);
                     apply(&supervisor, p).await;
+                }
+                if any
+                    && let Some(sync) = &sync
+                    && let Err(e) = sync.rescan().await
+                {
+                    tracing::warn!("scripts sync: recording a local change: {e:#}");
                 }
             }
         }

@@ -68,7 +68,15 @@ pub struct PeerLink {
 pub trait Inbound: Send + Sync + 'static {
     fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'static>);
     fn link_closed(&self, link: &Arc<PeerLink>, why: String);
+    /// A blob (script file contents) by hash, for a peer that asks.
+    fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>>;
 }
+
+/// Requests on their own bidirectional stream, by first byte.
+const REQ_PROBE: u8 = 1;
+const REQ_BLOB: u8 = 2;
+/// Largest blob a peer may send (a script file).
+pub const MAX_BLOB: usize = 64 << 20;
 
 impl PeerLink {
     /// Wrap a connection whose hello exchange is done; the caller starts
@@ -106,7 +114,7 @@ impl PeerLink {
         inbound: Arc<I>,
     ) {
         tokio::spawn(self.clone().write_loop(rx, send));
-        tokio::spawn(self.clone().answer_probes());
+        tokio::spawn(self.clone().answer_requests(inbound.clone()));
         let link = self.clone();
         tokio::spawn(async move {
             let why = link.read_loop(recv, max_payload, &inbound).await;
@@ -253,18 +261,60 @@ impl PeerLink {
         }
     }
 
-    /// Answer liveness probes (see [`probe`]).
-    async fn answer_probes(self: Arc<Self>) {
+    /// Answer requests made on their own streams: liveness probes (see
+    /// [`probe`]) and blob fetches (see [`fetch_blob`]), which would
+    /// otherwise hold up events behind a large file.
+    async fn answer_requests<I: Inbound>(self: Arc<Self>, inbound: Arc<I>) {
         while let Ok((mut send, mut recv)) = self.conn.accept_bi().await {
+            let inbound = inbound.clone();
             tokio::spawn(async move {
-                let mut b = [0u8; 1];
-                if recv.read_exact(&mut b).await.is_ok() {
-                    let _ = send.write_all(&b).await;
-                    let _ = send.finish();
-                    let _ = send.stopped().await;
+                let mut kind = [0u8; 1];
+                if recv.read_exact(&mut kind).await.is_err() {
+                    return;
                 }
+                match kind[0] {
+                    REQ_PROBE => {
+                        let _ = send.write_all(&kind).await;
+                    }
+                    REQ_BLOB => {
+                        let mut hash = [0u8; 32];
+                        if recv.read_exact(&mut hash).await.is_err() {
+                            return;
+                        }
+                        let blob = tokio::task::spawn_blocking(move || inbound.blob(&hash))
+                            .await
+                            .ok()
+                            .flatten();
+                        let _ = match blob {
+                            Some(b) => {
+                                send.write_all_chunks(&mut [Bytes::from_static(&[1]), b.into()])
+                                    .await
+                            }
+                            None => send.write_all(&[0]).await,
+                        };
+                    }
+                    _ => return,
+                }
+                let _ = send.finish();
+                let _ = send.stopped().await;
             });
         }
+    }
+}
+
+/// Fetch a blob from the peer at the other end of `conn`: none if it does
+/// not have it.
+pub async fn fetch_blob(conn: &Connection, hash: &[u8; 32]) -> anyhow::Result<Option<Vec<u8>>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut req = vec![REQ_BLOB];
+    req.extend_from_slice(hash);
+    send.write_all(&req).await?;
+    send.finish()?;
+    let reply = recv.read_to_end(MAX_BLOB + 1).await?;
+    match reply.split_first() {
+        Some((1, body)) => Ok(Some(body.to_vec())),
+        Some((0, _)) => Ok(None),
+        _ => anyhow::bail!("malformed blob reply"),
     }
 }
 
@@ -274,7 +324,7 @@ impl PeerLink {
 pub async fn probe(conn: &Connection, timeout: Duration) -> bool {
     let attempt = async {
         let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        send.write_all(&[1]).await.ok()?;
+        send.write_all(&[REQ_PROBE]).await.ok()?;
         send.finish().ok()?;
         let mut b = [0u8; 1];
         recv.read_exact(&mut b).await.ok()?;

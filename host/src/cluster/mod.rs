@@ -81,6 +81,11 @@ pub trait Replica: Send + Sync + 'static {
     fn receive(&self, link: &Arc<PeerLink>, msg: &[u8]);
 }
 
+/// Where a node finds the blobs (script file contents) peers ask for.
+pub trait BlobSource: Send + Sync + 'static {
+    fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>>;
+}
+
 /// First and longest wait between dials of a down peer.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -106,6 +111,7 @@ struct Shared {
     accept_task: Mutex<Option<JoinHandle<()>>>,
     discovery: Mutex<Option<discovery::Discovery>>,
     replicas: Vec<Arc<dyn Replica>>,
+    blobs: Option<Arc<dyn BlobSource>>,
     config: ClusterConfig,
 }
 
@@ -116,6 +122,7 @@ impl Cluster {
         config: ClusterConfig,
         router: Arc<Router>,
         replicas: Vec<Arc<dyn Replica>>,
+        blobs: Option<Arc<dyn BlobSource>>,
     ) -> Result<Cluster> {
         let node = router.node_name().to_string();
         let creds = NodeCredentials::issue(&config.token, &node, config.cipher)?;
@@ -155,6 +162,7 @@ impl Cluster {
             accept_task: Mutex::new(None),
             discovery: Mutex::new(None),
             replicas,
+            blobs,
             config: config.clone(),
         });
         router.set_remote(shared.clone());
@@ -194,6 +202,26 @@ impl Cluster {
 
     pub fn status(&self, node: &str) -> PeerStatus {
         self.shared.members.status(node)
+    }
+
+    /// Names of the peers that are up.
+    pub fn up_peers(&self) -> Vec<String> {
+        self.shared
+            .members
+            .up_links()
+            .iter()
+            .map(|l| l.node.to_string())
+            .collect()
+    }
+
+    /// Fetch a blob from `node`: none if it does not have it.
+    pub async fn fetch_blob(&self, node: &str, hash: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        let link = self
+            .shared
+            .members
+            .link(node)
+            .with_context(|| format!("node `{node}` is not linked"))?;
+        link::fetch_blob(&link.conn, hash).await
     }
 
     /// Leave: say goodbye on mDNS, close every link (peers see the node
@@ -538,6 +566,10 @@ impl Inbound for Shared {
                 link.close(close::PROTOCOL, "a second hello on a link");
             }
         }
+    }
+
+    fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        self.blobs.as_ref()?.blob(hash)
     }
 
     fn link_closed(&self, link: &Arc<PeerLink>, why: String) {

@@ -121,3 +121,119 @@ async fn a_late_joiner_receives_everything_and_a_returning_node_catches_up() {
     // Nothing written on b was lost by leaving: its own store kept it.
     assert_eq!(b.kv_string("early/0").as_deref(), Some("v0"));
 }
+
+fn lua_version(v: &str) -> String {
+    format!("covey.handle('*', 'ver', function() return '{v}' end)\n")
+}
+
+/// Wait until `t` runs `rel` answering `ver` with `want`.
+async fn runs(t: &TestNode, want: &str) {
+    eventually(20, &format!("{} runs version {want}", t.name), || async {
+        t.call("ver", "").await.ok().as_deref() == Some(want)
+    })
+    .await;
+}
+
+fn write_script(t: &TestNode, rel: &str, text: &str) {
+    let path = t.scripts.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("partial~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_created_edited_deleted_anywhere_reach_every_node() {
+    let (_token, [a, b, c]) = three(|_| {}).await;
+    // Created on a, in a nested folder: runs on every node.
+    write_script(&a, "deep/er/greet.lua", &lua_version("v1"));
+    for t in [&a, &b, &c] {
+        runs(t, "v1").await;
+    }
+    assert!(c.scripts.join("deep/er/greet.lua").exists());
+    // Edited on b: every node reloads it.
+    write_script(&b, "deep/er/greet.lua", &lua_version("v2"));
+    for t in [&a, &b, &c] {
+        runs(t, "v2").await;
+    }
+    // Renamed on c: the old path goes, the new one runs, everywhere.
+    std::fs::rename(
+        c.scripts.join("deep/er/greet.lua"),
+        c.scripts.join("greet.lua"),
+    )
+    .unwrap();
+    for t in [&a, &b, &c] {
+        eventually(20, "rename synced", || async {
+            !t.scripts.join("deep/er/greet.lua").exists() && t.scripts.join("greet.lua").exists()
+        })
+        .await;
+        runs(t, "v2").await;
+    }
+    // Deleted on a: gone everywhere, and nothing answers any more.
+    std::fs::remove_file(a.scripts.join("greet.lua")).unwrap();
+    for t in [&a, &b, &c] {
+        eventually(20, "delete synced", || async {
+            !t.scripts.join("greet.lua").exists() && t.call("ver", "").await.is_err()
+        })
+        .await;
+    }
+    // No echo: each change was recorded once, by the node where it was made
+    // (the manifest holds one entry per path, no conflicts).
+    assert!(
+        std::fs::read_dir(&a.scripts)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains("conflict")),
+        "no conflict copies from echoes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_the_directory_and_offline_edits_conflict_visibly() {
+    let token = ClusterToken::generate();
+    let a = join("a", &token, &[], &[], |_| {}).await;
+    write_script(&a, "greet.lua", &lua_version("base"));
+    std::fs::write(a.scripts.join("notes.txt"), "not a script, synced too").unwrap();
+    runs(&a, "base").await;
+    let mut b = join("b", &token, &[addr(&a)], &[], |_| {}).await;
+    wait_up(&[&a, &b]).await;
+    runs(&b, "base").await;
+    assert_eq!(
+        std::fs::read_to_string(b.scripts.join("notes.txt")).unwrap(),
+        "not a script, synced too"
+    );
+
+    // b goes offline; both sides edit the same file.
+    b.stop().await;
+    write_script(&a, "greet.lua", &lua_version("from-a"));
+    runs(&a, "from-a").await;
+    write_script(&b, "greet.lua", &lua_version("from-b"));
+    let mut cfg = b.config();
+    cfg.cluster = Some(crate::cluster::cluster_config(&token, &[addr(&a)]));
+    b.restart(cfg).await;
+    wait_up(&[&a, &b]).await;
+
+    // One winner on both nodes; the other version kept as a conflict copy.
+    let winner = |t: &TestNode| std::fs::read_to_string(t.scripts.join("greet.lua")).unwrap();
+    eventually(20, "same winner on a and b", || async {
+        winner(&a) == winner(&b)
+    })
+    .await;
+    let won = winner(&a);
+    let lost = if won.contains("from-a") {
+        "from-b"
+    } else {
+        "from-a"
+    };
+    for t in [&a, &b] {
+        eventually(20, &format!("conflict copy on {}", t.name), || async {
+            std::fs::read_dir(&t.scripts).unwrap().flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("greet.lua.conflict-")
+                    && std::fs::read_to_string(e.path()).unwrap().contains(lost)
+            })
+        })
+        .await;
+        runs(t, if lost == "from-a" { "from-b" } else { "from-a" }).await;
+    }
+}

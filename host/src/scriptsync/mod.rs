@@ -1,0 +1,406 @@
+//! `ScriptsSync`: the scripts directory, the same on every node.
+//!
+//! - [`manifest`] — the replicated document: path → hash, size, origin,
+//!   deleted.
+//! - [`blobs`] — file contents by hash, fetched from peers on demand.
+//!
+//! Data paths: watcher → `rescan` → manifest (a local create, edit, delete
+//! or rename becomes manifest entries) → peers; peers → manifest merge →
+//! `reconcile` → files written atomically into the directory → watcher →
+//! supervisor (the same hot-reload path as a local edit).
+//!
+//! What is on disk is tracked in `<data>/scripts-applied.json`: path →
+//! hash, size and modification time of the version this node last wrote
+//! or recorded. A rescan hashes only files whose size or time changed, so
+//! the file this node just wrote for a peer is not echoed back as a new
+//! change; and at start it tells an offline edit or delete (the file
+//! differs from what was applied) from a file not yet received.
+
+pub mod blobs;
+pub mod manifest;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Context, Result};
+use automerge::sync;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use self::blobs::{BlobStore, Hash, hex};
+use self::manifest::Entry;
+use crate::cluster::{BlobSource, Cluster};
+use crate::docstore::DocStore;
+use crate::docsync::SyncTarget;
+use crate::script::supervisor::is_ignored_name;
+
+/// Largest file synced (bigger ones stay local, with a warning).
+pub const MAX_FILE: u64 = 32 << 20;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+struct Applied {
+    hash: Hash,
+    size: u64,
+    mtime_ns: u128,
+}
+
+pub struct ScriptsSync {
+    node: String,
+    dir: PathBuf,
+    store: Arc<DocStore>,
+    blobs: BlobStore,
+    applied_path: PathBuf,
+    applied: Mutex<BTreeMap<String, Applied>>,
+    /// One rescan or reconcile at a time.
+    turn: tokio::sync::Mutex<()>,
+    cluster: OnceLock<Cluster>,
+    reconcile_needed: Notify,
+    /// Conflict copies already written this run (so each is logged once).
+    copies: Mutex<HashSet<String>>,
+}
+
+impl ScriptsSync {
+    pub fn open(node: &str, dir: &Path, data: &Path) -> Result<Arc<Self>> {
+        let applied_path = data.join("scripts-applied.json");
+        let applied = match std::fs::read(&applied_path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{} is unreadable ({e}); treating every file as changed",
+                    applied_path.display()
+                );
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
+        Ok(Arc::new(ScriptsSync {
+            node: node.to_string(),
+            dir: dir.to_path_buf(),
+            store: Arc::new(DocStore::open(
+                Some(data.join("scripts.automerge")),
+                "scripts manifest",
+            )?),
+            blobs: BlobStore::open(data.join("blobs"))?,
+            applied_path,
+            applied: Mutex::new(applied),
+            turn: tokio::sync::Mutex::new(()),
+            cluster: OnceLock::new(),
+            reconcile_needed: Notify::new(),
+            copies: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// Write what is not on disk yet (blocking; at shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.store.flush()
+    }
+
+    /// The manifest's heads (equal on two nodes = same manifest).
+    pub fn heads(&self) -> Vec<automerge::ChangeHash> {
+        self.store.heads()
+    }
+
+    /// The cluster to fetch blobs through (set once it is started).
+    pub fn set_cluster(&self, cluster: Cluster) {
+        let _ = self.cluster.set(cluster);
+        self.reconcile_needed.notify_one();
+    }
+
+    /// Start the background work: flushing the manifest, and reconciling
+    /// the directory whenever the manifest or the peers change.
+    pub fn spawn(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        let flusher = self.store.spawn_flusher();
+        let me = self.clone();
+        let reconciler = tokio::spawn(async move {
+            loop {
+                me.reconcile_needed.notified().await;
+                if let Err(e) = me.reconcile().await {
+                    tracing::warn!("scripts sync: {e:#}");
+                }
+            }
+        });
+        vec![flusher, reconciler]
+    }
+
+    /// Record local changes: every file whose size or time differs from
+    /// what was applied is hashed; changed hashes and vanished files
+    /// become manifest entries. Called on watcher events and at start.
+    pub async fn rescan(self: &Arc<Self>) -> Result<()> {
+        let _turn = self.turn.lock().await;
+        let me = self.clone();
+        let recorded = tokio::task::spawn_blocking(move || me.rescan_blocking()).await??;
+        if recorded > 0 {
+            self.store.durable().await?;
+        }
+        Ok(())
+    }
+
+    fn rescan_blocking(&self) -> Result<usize> {
+        let mut files = Vec::new();
+        walk(&self.dir, &self.dir, &mut files);
+        let mut applied = self.applied.lock().unwrap();
+        let mut recorded = 0;
+        let mut seen = HashSet::new();
+        for (rel, path) in &files {
+            seen.insert(rel.clone());
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let stat = (meta.len(), mtime_ns(&meta));
+            if let Some(a) = applied.get(rel)
+                && (a.size, a.mtime_ns) == stat
+            {
+                continue;
+            }
+            if meta.len() > MAX_FILE {
+                tracing::warn!(
+                    "{rel} is {} bytes, over the {MAX_FILE}-byte sync limit: not synced",
+                    meta.len()
+                );
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(path) else {
+                continue;
+            };
+            let hash = blobs::hash(&bytes);
+            let now = Applied {
+                hash,
+                size: bytes.len() as u64,
+                mtime_ns: stat.1,
+            };
+            let known = applied.insert(rel.clone(), now);
+            let current = self.store.read(|doc| manifest::get(doc, rel));
+            if known.map(|a| a.hash) == Some(hash)
+                || current
+                    .as_ref()
+                    .is_some_and(|e| !e.deleted && e.hash == hash)
+            {
+                continue; // touched, not changed; or what a peer sent
+            }
+            self.blobs.put(&hash, &bytes)?;
+            let entry = Entry {
+                hash,
+                size: bytes.len() as u64,
+                origin: self.node.clone(),
+                deleted: false,
+            };
+            self.store
+                .write(|doc| manifest::put(doc, rel, &entry))
+                .map_err(anyhow::Error::from)?;
+            tracing::info!(
+                path = rel,
+                hash = &hex(&hash)[..12],
+                "scripts sync: recorded local change"
+            );
+            recorded += 1;
+        }
+        let gone: Vec<String> = applied
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for rel in gone {
+            let last = applied.remove(&rel).expect("listed above");
+            let entry = Entry {
+                hash: last.hash,
+                size: 0,
+                origin: self.node.clone(),
+                deleted: true,
+            };
+            let current = self.store.read(|doc| manifest::get(doc, &rel));
+            if current.is_some_and(|e| e.deleted) {
+                continue;
+            }
+            self.store
+                .write(|doc| manifest::put(doc, &rel, &entry))
+                .map_err(anyhow::Error::from)?;
+            tracing::info!(path = rel, "scripts sync: recorded local delete");
+            recorded += 1;
+        }
+        save_applied(&self.applied_path, &applied)?;
+        Ok(recorded)
+    }
+
+    /// Bring the directory in line with the manifest: write what peers
+    /// changed (fetching contents as needed), delete what they deleted,
+    /// keep conflicting versions as conflict copies.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let _turn = self.turn.lock().await;
+        let entries = self.store.read(manifest::all);
+        let mut missing = 0;
+        for (rel, (winner, losers)) in entries {
+            let on_disk = self.applied.lock().unwrap().get(&rel).copied();
+            if winner.deleted {
+                if let Some(a) = on_disk {
+                    let path = self.dir.join(&rel);
+                    // Only what was applied: an edit the watcher has not
+                    // reported yet is not thrown away.
+                    if file_hash(&path) == Some(a.hash) {
+                        let _ = std::fs::remove_file(&path);
+                        tracing::info!(path = rel, origin = winner.origin, "scripts sync: deleted");
+                    }
+                    self.applied.lock().unwrap().remove(&rel);
+                }
+            } else if on_disk.map(|a| a.hash) != Some(winner.hash) {
+                match self.blob(&winner.hash, &winner.origin).await {
+                    Some(bytes) => {
+                        self.write_file(&rel, &bytes)?;
+                        tracing::info!(path = rel, origin = winner.origin, "scripts sync: updated");
+                    }
+                    None => missing += 1,
+                }
+            }
+            for loser in losers
+                .iter()
+                .filter(|l| !l.deleted && l.hash != winner.hash)
+            {
+                let copy = format!("{rel}.conflict-{}-{}", loser.origin, &hex(&loser.hash)[..8]);
+                if self.copies.lock().unwrap().contains(&copy)
+                    || file_hash(&self.dir.join(&copy)) == Some(loser.hash)
+                {
+                    continue;
+                }
+                match self.blob(&loser.hash, &loser.origin).await {
+                    Some(bytes) => {
+                        write_plain(&self.dir.join(&copy), &bytes)?;
+                        self.copies.lock().unwrap().insert(copy.clone());
+                        tracing::warn!(
+                            path = rel,
+                            winner = winner.origin,
+                            kept_as = copy,
+                            "scripts sync: concurrent edits; the other version is kept as a conflict copy"
+                        );
+                    }
+                    None => missing += 1,
+                }
+            }
+        }
+        let applied = self.applied.lock().unwrap().clone();
+        save_applied(&self.applied_path, &applied)?;
+        if missing > 0 {
+            tracing::debug!(
+                missing,
+                "scripts sync: contents not available yet; will retry"
+            );
+        }
+        Ok(())
+    }
+
+    /// Write a synced file and note it as applied, so the watcher's event
+    /// for it is recognised and not sent back out.
+    fn write_file(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.dir.join(rel);
+        blobs::write_atomic(&path, bytes)?;
+        let meta = std::fs::metadata(&path)?;
+        self.applied.lock().unwrap().insert(
+            rel.to_string(),
+            Applied {
+                hash: blobs::hash(bytes),
+                size: meta.len(),
+                mtime_ns: mtime_ns(&meta),
+            },
+        );
+        Ok(())
+    }
+
+    /// Contents by hash: from the local store, else from the origin node,
+    /// else from any peer that is up.
+    async fn blob(&self, hash: &Hash, origin: &str) -> Option<Vec<u8>> {
+        if let Some(b) = self.blobs.get(hash) {
+            return Some(b);
+        }
+        let cluster = self.cluster.get()?;
+        let mut peers = cluster.up_peers();
+        peers.sort_by_key(|p| p != origin);
+        for peer in peers {
+            match cluster.fetch_blob(&peer, hash).await {
+                Ok(Some(bytes)) if blobs::hash(&bytes) == *hash => {
+                    if let Err(e) = self.blobs.put(hash, &bytes) {
+                        tracing::warn!("scripts sync: cannot store a blob: {e:#}");
+                    }
+                    return Some(bytes);
+                }
+                Ok(Some(_)) => tracing::warn!(peer, "scripts sync: peer sent a damaged blob"),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(peer, "scripts sync: fetching a blob: {e:#}"),
+            }
+        }
+        None
+    }
+}
+
+impl BlobSource for ScriptsSync {
+    fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        self.blobs.get(hash)
+    }
+}
+
+impl SyncTarget for ScriptsSync {
+    fn generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
+        self.store.sync_generate(state)
+    }
+
+    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
+        if self.store.sync_receive(state, msg, |_, _, _| ())?.is_some() {
+            self.reconcile_needed.notify_one();
+        }
+        Ok(())
+    }
+
+    fn version(&self) -> watch::Receiver<u64> {
+        self.store.watch_version()
+    }
+}
+
+/// Files under `dir`, as (relative `/` path, full path); hidden and
+/// temporary files (and directories) are skipped.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_ignored_name(&name) {
+            continue;
+        }
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => walk(root, &path, out),
+            Ok(t) if t.is_file() => {
+                if let Ok(rel) = path.strip_prefix(root) {
+                    let rel = rel
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    out.push((rel, path));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn file_hash(path: &Path) -> Option<Hash> {
+    std::fs::read(path).ok().map(|b| blobs::hash(&b))
+}
+
+/// A conflict copy is a plain local file (the next rescan records it).
+fn write_plain(path: &Path, bytes: &[u8]) -> Result<()> {
+    blobs::write_atomic(path, bytes)
+}
+
+fn save_applied(path: &Path, applied: &BTreeMap<String, Applied>) -> Result<()> {
+    let bytes = serde_json::to_vec(applied)?;
+    blobs::write_atomic(path, &bytes).with_context(|| format!("saving {}", path.display()))
+}
