@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
 use crate::cluster::members::PeerReport;
+use crate::kvdoc::KvDoc;
 use crate::router::{Router, now_ms};
+use crate::scriptsync::ScriptsSync;
 
 pub const SOCKET_FILE: &str = "control.sock";
 
@@ -38,6 +40,11 @@ pub struct StatusReport {
     pub messages_delivered: u64,
     pub messages_handled: u64,
     pub messages_dropped: u64,
+    /// Fingerprint of the key-value document's heads: equal on two nodes
+    /// means the same contents.
+    pub kv_heads: String,
+    /// The same for the scripts manifest (clustered nodes only).
+    pub scripts_heads: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -50,6 +57,8 @@ pub struct ClusterReport {
 /// Where the status comes from.
 pub struct StatusSource {
     pub router: Arc<Router>,
+    pub kv: Arc<KvDoc>,
+    pub scripts_sync: Option<Arc<ScriptsSync>>,
     pub cluster: Option<Cluster>,
     pub started_ms: u64,
 }
@@ -76,8 +85,23 @@ impl StatusSource {
             messages_delivered: stats.delivered.load(Ordering::Relaxed),
             messages_handled: stats.handled.load(Ordering::Relaxed),
             messages_dropped: stats.dropped.load(Ordering::Relaxed),
+            kv_heads: heads_fingerprint(&self.kv.heads()),
+            scripts_heads: self
+                .scripts_sync
+                .as_ref()
+                .map(|s| heads_fingerprint(&s.heads())),
         }
     }
+}
+
+fn heads_fingerprint(heads: &[automerge::ChangeHash]) -> String {
+    let mut sorted: Vec<_> = heads.iter().map(|h| h.0).collect();
+    sorted.sort();
+    let mut hasher = blake3::Hasher::new();
+    for h in &sorted {
+        hasher.update(h);
+    }
+    hasher.finalize().to_hex()[..16].to_string()
 }
 
 /// A bound control socket, not yet answering.

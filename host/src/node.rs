@@ -139,6 +139,8 @@ impl Node {
     fn status_source(&self) -> crate::control::StatusSource {
         crate::control::StatusSource {
             router: self.services.router.clone(),
+            kv: self.services.kv.clone(),
+            scripts_sync: self.scripts_sync.clone(),
             cluster: self.cluster.clone(),
             started_ms: self.services.started_ms,
         }

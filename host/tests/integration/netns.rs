@@ -19,7 +19,10 @@ struct Lan {
     id: String,
     hub: String,
     nodes: Vec<String>,
-    children: Vec<Child>,
+    /// Running nodes by number.
+    children: Vec<(usize, Child)>,
+    /// How many times each node was started (log file per start).
+    starts: std::collections::HashMap<usize, usize>,
     dir: tempfile::TempDir,
 }
 
@@ -42,19 +45,20 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl Lan {
     /// A bridge in its own namespace and `n` node namespaces on it, with
     /// addresses 10.<x>.<y>.1..n/24.
-    fn new(n: usize) -> Result<Lan, String> {
-        let id = format!("{:x}", std::process::id() % 0xffff);
+    fn new(n: usize, tag: &str) -> Result<Lan, String> {
+        let id = format!("{tag}{:x}", std::process::id() % 0xfff);
         let mut lan = Lan {
             hub: format!("cvh{id}"),
             id: id.clone(),
             nodes: Vec::new(),
             children: Vec::new(),
+            starts: Default::default(),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
         };
         ip(&["netns", "add", &lan.hub])?;
         ip(&["-n", &lan.hub, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lan.hub, "link", "set", "br0", "up"])?;
-        let subnet = std::process::id() % 200 + 20;
+        let subnet = (std::process::id() + tag.len() as u32 * 7) % 200 + 20;
         for i in 1..=n {
             let ns = format!("cvn{id}x{i}");
             ip(&["netns", "add", &ns])?;
@@ -95,7 +99,17 @@ impl Lan {
     fn run(&mut self, i: usize, token: &ClusterToken) {
         let data = self.data(i);
         std::fs::create_dir_all(&data).unwrap();
-        let log = std::fs::File::create(data.with_extension("log")).unwrap();
+        let start = {
+            let n = self.starts.entry(i).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let log_path = if start == 1 {
+            data.with_extension("log")
+        } else {
+            data.with_extension(format!("{start}.log"))
+        };
+        let log = std::fs::File::create(log_path).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.nodes[i - 1]])
             .arg(env!("CARGO_BIN_EXE_covey"))
@@ -106,11 +120,12 @@ impl Lan {
             .args(["--discovery", "mdns", "--iface", "eth0"])
             .args(["--peer-timeout-ms", "1500", "--log", "covey=debug,info"])
             .env("COVEY_CLUSTER_TOKEN", token.encode())
-            .stdout(Stdio::null())
-            .stderr(log)
+            .env("NO_COLOR", "1")
+            .stdout(log)
+            .stderr(Stdio::null())
             .spawn()
             .expect("starting covey");
-        self.children.push(child);
+        self.children.push((i, child));
     }
 
     /// `n<i>`'s view of its peers: (name, up), or none if not answering.
@@ -130,14 +145,44 @@ impl Lan {
             .collect()
     }
 
+    /// Everything node `i` logged, over all its starts.
     fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.data(i).with_extension("log")).unwrap_or_default()
+        let mut all = String::new();
+        for start in 1..=*self.starts.get(&i).unwrap_or(&1) {
+            let p = if start == 1 {
+                self.data(i).with_extension("log")
+            } else {
+                self.data(i).with_extension(format!("{start}.log"))
+            };
+            all.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+        }
+        all
+    }
+
+    /// Stop node `i`: SIGKILL (no goodbye, no flush) or SIGTERM (clean).
+    fn stop(&mut self, i: usize, kill9: bool) {
+        let pos = self.children.iter().position(|(n, _)| *n == i).unwrap();
+        let (_, mut child) = self.children.remove(pos);
+        if kill9 {
+            child.kill().unwrap();
+        } else {
+            unsafe { kill(child.id() as i32, 15) };
+        }
+        child.wait().unwrap();
+    }
+
+    fn scripts(&self, i: usize) -> PathBuf {
+        self.data(i).join("scripts")
+    }
+
+    async fn status(&self, i: usize) -> Option<StatusReport> {
+        covey::control::fetch_status(&self.data(i)).await.ok()
     }
 }
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for (_, c) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -145,6 +190,10 @@ impl Drop for Lan {
             let _ = ip(&["netns", "del", ns]);
         }
     }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
 }
 
 fn names(v: &[&str]) -> Vec<String> {
@@ -163,7 +212,7 @@ async fn all_linked(lan: &Lan, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mdns_discovery_partition_and_heal_across_namespaces() {
-    let mut lan = match Lan::new(4) {
+    let mut lan = match Lan::new(4, "d") {
         Ok(lan) => lan,
         Err(e) => {
             eprintln!("SKIPPED mdns_discovery_partition_and_heal_across_namespaces: {e}");
@@ -208,4 +257,151 @@ async fn mdns_discovery_partition_and_heal_across_namespaces() {
     // Heal: everyone links again without help.
     ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "up"]).unwrap();
     all_linked(&lan, "linked again after healing").await;
+}
+
+/// Every node runs this once it is synced there: a write every 10 ms, each
+/// printed once `set` returned (acknowledged = on disk).
+const WRITER: &str = r#"
+local me = covey.node()
+local n = 0
+covey.every(10, function()
+  n = n + 1
+  covey.kv.set("w/" .. me .. "/" .. n, "x")
+  print("acked " .. me .. " " .. n)
+  return true
+end)
+"#;
+
+/// (node, n) of every acknowledged write in a log.
+fn acked(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter_map(|l| {
+            let mut it = l.split("acked ").nth(1)?.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn write_file(path: &std::path::Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("partial~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_and_kill_9_while_writing_then_everything_converges() {
+    let mut lan = match Lan::new(3, "f") {
+        Ok(lan) => lan,
+        Err(e) => {
+            eprintln!("SKIPPED partition_and_kill_9_while_writing_then_everything_converges: {e}");
+            return;
+        }
+    };
+    let token = ClusterToken::generate();
+    for i in 1..=3 {
+        lan.run(i, &token);
+    }
+    all_linked(&lan, "links up").await;
+    // The writer is dropped on n1 only and spreads to every node.
+    write_file(&lan.scripts(1).join("writer.lua"), WRITER);
+    for i in 1..=3 {
+        let lan = &lan;
+        eventually(30, &format!("writer running on n{i}"), || async move {
+            acked(&lan.log(i)).len() > 5
+        })
+        .await;
+    }
+
+    // Partition n3 away; both sides keep writing and edit scripts: a file
+    // each, and the same file on both sides.
+    ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "down"]).unwrap();
+    {
+        let lan = &lan;
+        eventually(15, "n3 cut off", || async move {
+            lan.up_peers(3).await.is_empty()
+        })
+        .await;
+    }
+    write_file(&lan.scripts(1).join("side/one.lua"), "-- written on n1\n");
+    write_file(&lan.scripts(3).join("side/three.lua"), "-- written on n3\n");
+    write_file(&lan.scripts(1).join("shared.txt"), "n1's version\n");
+    write_file(&lan.scripts(3).join("shared.txt"), "n3's version\n");
+    // Meanwhile n2 dies without warning and comes back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    lan.stop(2, true);
+    lan.run(2, &token);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Heal, then stop the writers (deleting the script anywhere stops it
+    // everywhere) and wait until all documents are identical.
+    ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "up"]).unwrap();
+    all_linked(&lan, "linked again after healing").await;
+    std::fs::remove_file(lan.scripts(2).join("writer.lua")).unwrap();
+    {
+        let lan = &lan;
+        eventually(60, "identical documents on every node", || async move {
+            let mut seen = Vec::new();
+            for i in 1..=3 {
+                match lan.status(i).await {
+                    Some(s) => seen.push((s.kv_heads, s.scripts_heads)),
+                    None => return false,
+                }
+            }
+            (1..=3).all(|i| !lan.scripts(i).join("writer.lua").exists())
+                && seen.iter().all(|s| *s == seen[0])
+        })
+        .await;
+        // Still identical a moment later: the writers really stopped.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let logs: Vec<String> = (1..=3).map(|i| lan.log(i)).collect();
+    for i in 1..=3 {
+        lan.stop(i, false);
+    }
+
+    // Every acknowledged write, including n2's before its kill -9 and both
+    // sides' during the partition, is on every node.
+    let acks: Vec<(String, u64)> = logs.iter().flat_map(|l| acked(l)).collect();
+    assert!(acks.len() > 100, "few writes: {}", acks.len());
+    for i in 1..=3 {
+        let kv = covey::kvdoc::KvDoc::open(
+            Some(lan.data(i).join("kv.automerge")),
+            covey::kvdoc::KvLimits::default(),
+            std::sync::Arc::new(covey::router::Router::new("check", 1024)),
+        )
+        .unwrap();
+        let missing: Vec<_> = acks
+            .iter()
+            .filter(|(node, n)| kv.get(&format!("w/{node}/{n}")).is_none())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "n{i} lacks {} of {} acknowledged writes, e.g. {:?}",
+            missing.len(),
+            acks.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    // Scripts: both sides' files everywhere, one winner for the shared
+    // file everywhere, the other version kept as a conflict copy.
+    let shared = std::fs::read_to_string(lan.scripts(1).join("shared.txt")).unwrap();
+    for i in 1..=3 {
+        let dir = lan.scripts(i);
+        assert!(dir.join("side/one.lua").exists() && dir.join("side/three.lua").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("shared.txt")).unwrap(),
+            shared
+        );
+        let copies: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("shared.txt.conflict-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "n{i}: {copies:?}");
+        let copy = std::fs::read_to_string(dir.join(&copies[0])).unwrap();
+        assert_ne!(copy, shared);
+        assert!(copy.contains("version"), "{copy}");
+    }
 }
