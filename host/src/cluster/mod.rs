@@ -204,6 +204,13 @@ impl Cluster {
         self.shared.members.status(node)
     }
 
+    /// Link to `host:port` too (and keep re-dialling it while down), as
+    /// if it had been given with `--peer`.
+    pub fn add_peer(&self, spec: &str) {
+        self.shared
+            .ensure_dialer(format!("peer:{spec}"), DialTarget::Static(spec.to_string()));
+    }
+
     /// Names of the peers that are up.
     pub fn up_peers(&self) -> Vec<String> {
         self.shared

@@ -1,0 +1,242 @@
+//! Replication benchmark: `cargo bench -p covey --bench replication`.
+//!
+//! In-process nodes linked over QUIC on loopback. Prints:
+//! - `set` on node A → a `watch` on node B firing (p50/p99);
+//! - convergence of two nodes that each wrote 10,000 keys apart, from the
+//!   moment they link;
+//! - a new node receiving 100 script files totalling 10 MB;
+//! - memory and disk for 100,000 keys.
+//!
+//! `COVEY_BENCH_QUICK=1` for a smoke run.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use covey::cluster::ClusterConfig;
+use covey::cluster::credentials::ClusterToken;
+use covey::router::{Delivery, PeerStatus, SubKind};
+use covey::{Node, NodeConfig};
+use tokio::sync::mpsc;
+
+fn main() {
+    // SAFETY: single-threaded here; see the same line in the covey binary.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
+    println!(
+        "covey replication benchmark ({} mode), {} cores",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        set_to_watch(if quick { 200 } else { 2_000 }).await;
+        heal_convergence(if quick { 1_000 } else { 10_000 }).await;
+        late_joiner_scripts(if quick { 20 } else { 100 }, 100 * 1024).await;
+    });
+    keys_footprint(if quick { 10_000 } else { 100_000 });
+}
+
+async fn node(name: &str, token: &ClusterToken, seed: Option<String>, dir: &Path) -> Node {
+    let scripts = dir.join(name).join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    let mut cfg = NodeConfig::new(name, scripts, dir.join(name).join("data"));
+    let mut c = ClusterConfig::new(token.clone());
+    c.bind = "127.0.0.1:0".parse().unwrap();
+    c.mdns = false;
+    c.peers = seed.into_iter().collect();
+    cfg.cluster = Some(c);
+    Node::start(cfg).await.unwrap()
+}
+
+async fn linked(a: &Node, b: &Node) {
+    let bn = b.router().node_name().to_string();
+    while a.cluster().unwrap().status(&bn) != PeerStatus::Up {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn set_to_watch(rounds: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ClusterToken::generate();
+    let a = node("a", &token, None, dir.path()).await;
+    let seed = a.cluster().unwrap().local_addr().to_string();
+    let b = node("b", &token, Some(seed), dir.path()).await;
+    linked(&a, &b).await;
+    // A watcher on B, registered like a script's: the figure stops where a
+    // script's `on-kv-change` would be called.
+    let (tx, mut rx) = mpsc::channel(1024);
+    b.router().register("bench-watch".into(), tx);
+    b.router().subscribe(
+        "bench-watch",
+        1,
+        SubKind::Watch {
+            prefix: "lat/".into(),
+        },
+    );
+    let mut lat = Vec::with_capacity(rounds);
+    for i in 0..rounds + rounds / 10 {
+        let key = format!("lat/{i}");
+        let t = Instant::now();
+        a.kv().set(&key, b"0123456789abcdef").unwrap();
+        a.kv().durable().await.unwrap();
+        loop {
+            match rx.recv().await.unwrap() {
+                Delivery::KvChange { key: k, .. } if *k == *key => break,
+                _ => {}
+            }
+        }
+        if i >= rounds / 10 {
+            lat.push(t.elapsed());
+        }
+    }
+    println!(
+        "set on A (acknowledged, fsynced) -> watch firing on B ({rounds} sets): p50 {:.2} ms, p99 {:.2} ms",
+        ms(pct(&mut lat, 50)),
+        ms(pct(&mut lat, 99))
+    );
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+async fn heal_convergence(keys: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ClusterToken::generate();
+    // Two nodes of one cluster that have not met: as after a partition.
+    let a = node("a", &token, None, dir.path()).await;
+    let b = node("b", &token, None, dir.path()).await;
+    for i in 0..keys {
+        a.kv().set(&format!("a/{i}"), b"value from a").unwrap();
+        b.kv().set(&format!("b/{i}"), b"value from b").unwrap();
+    }
+    a.kv().durable().await.unwrap();
+    b.kv().durable().await.unwrap();
+    let t = Instant::now();
+    b.cluster()
+        .unwrap()
+        .add_peer(&a.cluster().unwrap().local_addr().to_string());
+    linked(&a, &b).await;
+    let link = t.elapsed();
+    while a.kv().heads() != b.kv().heads() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let total = t.elapsed();
+    assert_eq!(a.kv().keys("").len(), 2 * keys);
+    println!(
+        "heal: two nodes with {keys} divergent keys each converge {:.0} ms after they link \
+         ({:.0} ms from the first dial, {:.0} ms of it the QUIC handshake and hello)",
+        ms(total - link),
+        ms(total),
+        ms(link)
+    );
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+async fn late_joiner_scripts(files: usize, size: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ClusterToken::generate();
+    let a = node("a", &token, None, dir.path()).await;
+    let scripts = dir.path().join("a/scripts/bulk");
+    std::fs::create_dir_all(&scripts).unwrap();
+    let mut expected = Vec::new();
+    for i in 0..files {
+        // Lua files that are mostly a long comment: valid scripts, and
+        // incompressible enough (random-ish text) to be a fair size.
+        let mut text = format!("-- file {i}\n--[[\n");
+        let mut x: u64 = 0x9e3779b97f4a7c15 ^ i as u64;
+        while text.len() < size - 16 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push(char::from(b'a' + (x % 26) as u8));
+        }
+        text.push_str("\n]]\n");
+        let name = format!("s{i:03}.lua");
+        std::fs::write(scripts.join(&name), &text).unwrap();
+        expected.push((name, text.len()));
+    }
+    // Wait until A recorded them all.
+    let sync = a.scripts_sync().unwrap().clone();
+    sync.rescan().await.unwrap();
+    let total: usize = expected.iter().map(|(_, n)| n).sum();
+    let t = Instant::now();
+    let seed = a.cluster().unwrap().local_addr().to_string();
+    let b = node("b", &token, Some(seed), dir.path()).await;
+    let started = t.elapsed();
+    let dest = dir.path().join("b/scripts/bulk");
+    loop {
+        let done = expected.iter().all(|(name, len)| {
+            std::fs::metadata(dest.join(name)).is_ok_and(|m| m.len() as usize == *len)
+        });
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = t.elapsed();
+    println!(
+        "new node receives {files} scripts ({:.1} MB): {:.0} ms from its start ({:.0} ms of it the node starting)",
+        total as f64 / 1e6,
+        ms(elapsed),
+        ms(started)
+    );
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn keys_footprint(keys: usize) {
+    use covey::kvdoc::{KvDoc, KvLimits};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.automerge");
+    let router = std::sync::Arc::new(covey::router::Router::new("bench", 1 << 20));
+    let before = rss_kib();
+    let kv = KvDoc::open(Some(path.clone()), KvLimits::default(), router).unwrap();
+    let t = Instant::now();
+    for i in 0..keys {
+        kv.set(
+            &format!("sensor/{i:06}/reading"),
+            format!("{{\"t\":{i}}}").as_bytes(),
+        )
+        .unwrap();
+    }
+    let write = t.elapsed();
+    kv.flush().unwrap();
+    let grown = rss_kib().saturating_sub(before);
+    let disk = std::fs::metadata(&path).unwrap().len();
+    // Compacted, as a restart or the flusher's next compaction leaves it.
+    drop(kv);
+    let t = Instant::now();
+    let router = std::sync::Arc::new(covey::router::Router::new("bench", 1 << 20));
+    let kv = KvDoc::open(Some(path.clone()), KvLimits::default(), router).unwrap();
+    let load = t.elapsed();
+    assert_eq!(kv.len(), keys);
+    println!(
+        "{keys} keys (~25-byte keys, ~10-byte values): {:.1} MiB more RSS, {:.1} MiB on disk, \
+         {:.0} ms to write them one by one, {:.0} ms to load",
+        grown as f64 / 1024.0,
+        disk as f64 / (1 << 20) as f64,
+        ms(write),
+        ms(load)
+    );
+}
