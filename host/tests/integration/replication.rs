@@ -237,3 +237,44 @@ async fn a_late_joiner_gets_the_directory_and_offline_edits_conflict_visibly() {
         runs(t, if lost == "from-a" { "from-b" } else { "from-a" }).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_store_keeps_its_valid_part_and_resyncs_from_peers() {
+    let token = ClusterToken::generate();
+    let a = join("a", &token, &[], &[], |_| {}).await;
+    let mut b = join("b", &token, &[addr(&a)], &[], |_| {}).await;
+    wait_up(&[&a, &b]).await;
+    for i in 0..200 {
+        a.node()
+            .kv()
+            .set(&format!("k/{i}"), format!("v{i}").as_bytes())
+            .unwrap();
+    }
+    converged(&[&b], "k/199", Some("v199")).await;
+    b.stop().await;
+    // Damage the end of b's store file.
+    let file = b.data.join("kv.automerge");
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(len - len / 3).unwrap();
+    drop(f);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .map(|mut f| std::io::Write::write_all(&mut f, b"\x85\x6f\x4a\x83garbage"))
+        .unwrap()
+        .unwrap();
+    let mut cfg = b.config();
+    cfg.cluster = Some(crate::cluster::cluster_config(&token, &[addr(&a)]));
+    b.restart(cfg).await;
+    // The bad file is kept aside, not deleted; the rest comes from a.
+    let aside = std::fs::read_dir(&b.data)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+    assert!(aside, "corrupted file moved aside");
+    wait_up(&[&a, &b]).await;
+    converged(&[&b], "k/199", Some("v199")).await;
+    converged(&[&b], "k/0", Some("v0")).await;
+    assert_eq!(b.node().kv().keys("k/").len(), 200);
+}
