@@ -39,6 +39,8 @@ use crate::script::supervisor::is_ignored_name;
 
 /// Largest file synced (bigger ones stay local, with a warning).
 pub const MAX_FILE: u64 = 32 << 20;
+/// How soon to retry contents that no linked peer had.
+const RETRY_MISSING: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 struct Applied {
@@ -116,8 +118,18 @@ impl ScriptsSync {
         let reconciler = tokio::spawn(async move {
             loop {
                 me.reconcile_needed.notified().await;
-                if let Err(e) = me.reconcile().await {
-                    tracing::warn!("scripts sync: {e:#}");
+                match me.reconcile().await {
+                    // Contents no linked peer could give yet (its origin is
+                    // down): try again in a while.
+                    Ok(missing) if missing > 0 => {
+                        let me = me.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RETRY_MISSING).await;
+                            me.reconcile_needed.notify_one();
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("scripts sync: {e:#}"),
                 }
             }
         });
@@ -226,7 +238,8 @@ impl ScriptsSync {
     /// Bring the directory in line with the manifest: write what peers
     /// changed (fetching contents as needed), delete what they deleted,
     /// keep conflicting versions as conflict copies.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+    /// Returns how many versions could not be fetched yet.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<usize> {
         let _turn = self.turn.lock().await;
         let entries = self.store.read(manifest::all);
         let mut missing = 0;
@@ -285,7 +298,7 @@ impl ScriptsSync {
                 "scripts sync: contents not available yet; will retry"
             );
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// Write a synced file and note it as applied, so the watcher's event

@@ -1,0 +1,135 @@
+//! Dialling: every peer this node knows of is kept linked. A dial loop per
+//! target (a `--peer` address, or a node learnt from mDNS or gossip) dials
+//! while the node is down, with backoff, and sleeps while it is up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::link::{self, PeerLink};
+use super::{Shared, credentials};
+use crate::router::PeerStatus;
+
+/// First and longest wait between dials of a down peer.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A dialled link that survives this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_millis(500);
+
+pub(super) enum DialTarget {
+    /// A `--peer` address; its node name is learnt from the hello.
+    Static(String),
+    /// A node learnt from mDNS or a peer; its address is in `Members`.
+    Node(String),
+}
+
+impl Shared {
+    /// A node heard of (mDNS or gossip): remember it and keep it dialled.
+    pub(super) fn learn(self: &Arc<Self>, node: &str, addr: SocketAddr) {
+        if node == self.me.node || self.members.status(node) == PeerStatus::Up {
+            return;
+        }
+        self.members.note_addr(node, addr);
+        self.ensure_dialer(format!("node:{node}"), DialTarget::Node(node.to_string()));
+    }
+
+    pub(super) fn ensure_dialer(self: &Arc<Self>, key: String, target: DialTarget) {
+        let mut dialers = self.dialers.lock().unwrap();
+        if dialers.get(&key).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let task = tokio::spawn(self.clone().dial_loop(target));
+        dialers.insert(key, task);
+    }
+
+    /// Keep one target linked: dial while its node is down, with backoff;
+    /// sleep while it is up.
+    async fn dial_loop(self: Arc<Self>, target: DialTarget) {
+        let mut name = match &target {
+            DialTarget::Node(n) => Some(n.clone()),
+            DialTarget::Static(_) => None,
+        };
+        let mut backoff = BACKOFF_MIN;
+        let mut failures = 0u32;
+        loop {
+            let mut changed = self.members.watch();
+            if let Some(n) = &name
+                && self.members.status(n) == PeerStatus::Up
+            {
+                let _ = changed.changed().await;
+                continue;
+            }
+            let result = match &target {
+                DialTarget::Static(spec) => self.dial_spec(spec).await,
+                DialTarget::Node(n) => match self.members.addr(n) {
+                    Some(addr) => self.dial(addr).await,
+                    None => Err(anyhow::anyhow!("no address known")),
+                },
+            };
+            // A link the peer closes at once (a duplicate name, another
+            // protocol version) counts as a failed dial, so it is retried
+            // with backoff, not in a tight loop.
+            let result = match result {
+                Ok(link) => {
+                    tokio::select! {
+                        _ = link.conn.closed() => Err(anyhow::anyhow!(link::closed_reason(&link.conn))),
+                        _ = tokio::time::sleep(STABLE_AFTER) => Ok(link),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(link) => {
+                    name = Some(link.node.to_string());
+                    backoff = BACKOFF_MIN;
+                    failures = 0;
+                }
+                Err(e) => {
+                    let what = match &target {
+                        DialTarget::Static(s) => s.clone(),
+                        DialTarget::Node(n) => format!("node `{n}`"),
+                    };
+                    failures += 1;
+                    // Loud once, then quiet: a peer that is off for a week
+                    // should not fill the log.
+                    if failures == 1 {
+                        tracing::warn!("cannot link to {what}: {e:#} (retrying)");
+                    } else {
+                        tracing::debug!("cannot link to {what}: {e:#}");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn dial_spec(self: &Arc<Self>, spec: &str) -> Result<Arc<PeerLink>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(spec)
+            .await
+            .with_context(|| format!("resolving `{spec}`"))?
+            .collect();
+        let mut last = anyhow::anyhow!("`{spec}` resolved to no address");
+        for addr in addrs {
+            match self.dial(addr).await {
+                Ok(link) => return Ok(link),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<Arc<PeerLink>> {
+        let connecting =
+            self.endpoint
+                .connect_with(self.client.clone(), addr, credentials::SERVER_NAME)?;
+        let conn = connecting
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        self.establish(conn, true)
+            .await
+            .with_context(|| format!("linking with {addr}"))
+    }
+}
