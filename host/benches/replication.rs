@@ -18,19 +18,12 @@ use covey::router::{Delivery, PeerStatus, SubKind};
 use covey::{Node, NodeConfig};
 use tokio::sync::mpsc;
 
+mod support;
+use support::{ms, pct};
+
 fn main() {
-    // SAFETY: single-threaded here; see the same line in the covey binary.
-    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
-    println!(
-        "covey replication benchmark ({} mode), {} cores",
-        if quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let quick = support::start("replication");
+    let rt = support::runtime();
     rt.block_on(async {
         set_to_watch(if quick { 200 } else { 2_000 }).await;
         heal_convergence(if quick { 1_000 } else { 10_000 }).await;
@@ -56,15 +49,6 @@ async fn linked(a: &Node, b: &Node) {
     while a.cluster().unwrap().status(&bn) != PeerStatus::Up {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn pct(v: &mut [Duration], p: usize) -> Duration {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 async fn set_to_watch(rounds: usize) {

@@ -23,27 +23,16 @@ use covey::{Node, NodeConfig};
 mod guests;
 use guests::guest;
 
-fn main() {
-    // SAFETY: single-threaded here; see the same line in the covey binary.
-    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
-    println!(
-        "covey runtime benchmark ({} mode)",
-        if quick { "quick" } else { "full" }
-    );
-    println!(
-        "machine: {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+mod support;
+use support::{ms, pct, us};
 
+fn main() {
+    let quick = support::start("runtime");
     let one_core = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::runtime();
     let only = std::env::var("COVEY_BENCH_ONLY").ok();
     if only.as_deref() != Some("lua") {
         one_core.block_on(bus_throughput(if quick { 100_000 } else { 2_000_000 }));
@@ -295,19 +284,6 @@ unsafe fn libc_kill(pid: i32) {
         fn kill(pid: i32, sig: i32) -> i32;
     }
     unsafe { kill(pid, 15) };
-}
-
-fn pct(v: &mut [Duration], p: usize) -> Duration {
-    v.sort();
-    v[((v.len() - 1) * p) / 100]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 /// Time from a `.lua` file renamed into place to its new version answering.

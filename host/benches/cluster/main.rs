@@ -26,22 +26,15 @@ use covey::{Node, NodeConfig};
 mod guests;
 use guests::guest;
 
+#[path = "../support/mod.rs"]
+mod support;
+
 mod nats;
 mod quic_strategies;
 
 fn main() {
-    // SAFETY: single-threaded here; see the same line in the covey binary.
-    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
-    println!(
-        "covey cluster benchmark ({} mode), {} cores",
-        if quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let quick = support::start("cluster");
+    let rt = support::runtime();
     let calls = if quick { 2_000 } else { 20_000 };
     let events = if quick { 50_000 } else { 1_000_000 };
     rt.block_on(async {
@@ -57,14 +50,7 @@ fn main() {
     });
 }
 
-pub fn pct(v: &mut [Duration], p: usize) -> Duration {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
-pub fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
+pub use support::{pct, us};
 
 async fn start(
     name: &str,

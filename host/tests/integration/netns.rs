@@ -86,6 +86,17 @@ impl Lan {
         Ok(lan)
     }
 
+    /// `new`, or none after printing why the test `test` is skipped.
+    fn new_or_skip(n: usize, tag: &str, test: &str) -> Option<Lan> {
+        match Lan::new(n, tag) {
+            Ok(lan) => Some(lan),
+            Err(e) => {
+                eprintln!("SKIPPED {test}: {e}");
+                None
+            }
+        }
+    }
+
     /// The bridge-side end of node `i`'s cable.
     fn port(&self, i: usize) -> String {
         format!("cvo{}x{i}", self.id)
@@ -212,12 +223,12 @@ async fn all_linked(lan: &Lan, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mdns_discovery_partition_and_heal_across_namespaces() {
-    let mut lan = match Lan::new(4, "d") {
-        Ok(lan) => lan,
-        Err(e) => {
-            eprintln!("SKIPPED mdns_discovery_partition_and_heal_across_namespaces: {e}");
-            return;
-        }
+    let Some(mut lan) = Lan::new_or_skip(
+        4,
+        "d",
+        "mdns_discovery_partition_and_heal_across_namespaces",
+    ) else {
+        return;
     };
     let token = ClusterToken::generate();
     for i in 1..=3 {
@@ -291,12 +302,12 @@ fn write_file(path: &std::path::Path, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_and_kill_9_while_writing_then_everything_converges() {
-    let mut lan = match Lan::new(3, "f") {
-        Ok(lan) => lan,
-        Err(e) => {
-            eprintln!("SKIPPED partition_and_kill_9_while_writing_then_everything_converges: {e}");
-            return;
-        }
+    let Some(mut lan) = Lan::new_or_skip(
+        3,
+        "f",
+        "partition_and_kill_9_while_writing_then_everything_converges",
+    ) else {
+        return;
     };
     let token = ClusterToken::generate();
     for i in 1..=3 {

@@ -1,0 +1,41 @@
+//! What every benchmark binary shares: start-up and the figures' units.
+
+#![allow(dead_code)] // each bench uses a subset
+
+use std::time::Duration;
+
+/// Turn off wasm-exception backtraces (as the `covey` binary does), read
+/// `COVEY_BENCH_QUICK`, print the header. Returns whether this is a quick run.
+pub fn start(name: &str) -> bool {
+    // SAFETY: called first in main, single-threaded; nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    let quick = std::env::var_os("COVEY_BENCH_QUICK").is_some();
+    println!(
+        "covey {name} benchmark ({} mode), {} cores",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    quick
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The `p`th percentile (sorts `v`).
+pub fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    v[((v.len() - 1) * p) / 100]
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
