@@ -26,6 +26,11 @@ pub const PROTOCOL: u32 = 1;
 
 /// Bytes of framing allowed on top of the payload limit (names, ids).
 pub const FRAME_OVERHEAD: usize = 64 * 1024;
+/// Largest document sync message. Automerge sends everything a peer lacks
+/// in one message, so after a partition it can hold many values of up to
+/// the value limit each; messages are limited on send by the payload
+/// limit, this bound only stops a runaway frame.
+pub const MAX_SYNC_FRAME: usize = 256 << 20;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -252,7 +257,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             inner,
             buf: Vec::new(),
-            max: max_payload + FRAME_OVERHEAD,
+            max: max_payload.max(MAX_SYNC_FRAME) + FRAME_OVERHEAD,
         }
     }
 

@@ -124,9 +124,12 @@ impl PeerLink {
     }
 
     /// Queue an encoded frame; false (and counted) if the queue is full.
+    /// A frame larger than the whole byte budget (a big sync message) is
+    /// taken when the queue is empty, so it can always go eventually.
     pub fn offer(&self, frame: Bytes) -> bool {
         let len = frame.len();
-        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before + len > QUEUE_BYTES && before > 0 {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.count_drop();
             return false;

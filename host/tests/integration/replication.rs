@@ -278,3 +278,43 @@ async fn a_corrupted_store_keeps_its_valid_part_and_resyncs_from_peers() {
     converged(&[&b], "k/0", Some("v0")).await;
     assert_eq!(b.node().kv().keys("k/").len(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_values_written_apart_converge_in_one_large_sync() {
+    let token = ClusterToken::generate();
+    // Two nodes of one cluster that have not met, as after a partition:
+    // each writes 40 MiB of 1 MiB values (far over the message payload
+    // limit and a link's queue budget when sent in one sync message).
+    let a = join("a", &token, &[], &[], |_| {}).await;
+    let b = join("b", &token, &[], &[], |_| {}).await;
+    // Incompressible values (Automerge compresses its columns).
+    let mut x: u64 = 0x2545f4914f6cdd1d;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    for i in 0..40 {
+        a.node()
+            .kv()
+            .set(&format!("big/a{i}"), &noise(1 << 20))
+            .unwrap();
+        b.node()
+            .kv()
+            .set(&format!("big/b{i}"), &noise(1 << 20))
+            .unwrap();
+    }
+    b.node().cluster().unwrap().add_peer(&addr(&a).to_string());
+    wait_up(&[&a, &b]).await;
+    eventually(60, "both stores identical", || async {
+        a.node().kv().heads() == b.node().kv().heads()
+    })
+    .await;
+    assert_eq!(a.node().kv().keys("big/").len(), 80);
+    assert_eq!(b.node().kv().get("big/a39").unwrap().len(), 1 << 20);
+}
