@@ -42,18 +42,34 @@ pub struct DocStore {
     /// Serialises file I/O (flushes and compactions).
     io: Mutex<()>,
     dirty: Notify,
-    /// Sequence number of the last local write, and of the last one known
-    /// to be on disk: a write is acknowledged once `durable >= its seq`.
+    /// Sequence number of the last local write, and how far the disk got:
+    /// a write is acknowledged once `durable >= its seq`, and refused if a
+    /// flush fails while it waits.
     written: AtomicU64,
-    durable: watch::Sender<u64>,
+    durable: watch::Sender<Progress>,
     /// Bumped on every change, local or merged: replication listens.
     version: watch::Sender<u64>,
 }
 
-/// The store stopped before a write reached the disk.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// Writes up to this sequence number are on disk.
+    durable: u64,
+    /// Failed flushes so far, and the last one's reason.
+    failures: u64,
+    error: String,
+}
+
+/// Why a write was not acknowledged. The change stays in memory and the
+/// flusher keeps retrying: it may reach the disk later, but nobody was told
+/// it had.
 #[derive(Debug, thiserror::Error)]
-#[error("the store is shutting down")]
-pub struct Closed;
+pub enum NotDurable {
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("not saved: {0}")]
+    Failed(String),
+}
 
 impl DocStore {
     /// Open (or create) the document at `path`; `None` keeps it in memory.
@@ -74,7 +90,7 @@ impl DocStore {
             io: Mutex::new(()),
             dirty: Notify::new(),
             written: AtomicU64::new(0),
-            durable: watch::Sender::new(0),
+            durable: watch::Sender::new(Progress::default()),
             version: watch::Sender::new(0),
         })
     }
@@ -97,17 +113,24 @@ impl DocStore {
     }
 
     /// Wait until every write made before this call is on disk (fsynced).
-    /// Returns at once for an in-memory document.
-    pub async fn durable(&self) -> Result<(), Closed> {
+    /// Returns at once for an in-memory document; an error if a flush
+    /// fails meanwhile (disk full, I/O error).
+    pub async fn durable(&self) -> Result<(), NotDurable> {
         if self.path.is_none() {
             return Ok(());
         }
         let want = self.written.load(Ordering::Acquire);
         let mut rx = self.durable.subscribe();
-        rx.wait_for(|done| *done >= want)
+        let failures = rx.borrow().failures;
+        let p = rx
+            .wait_for(|p| p.durable >= want || p.failures > failures)
             .await
-            .map(drop)
-            .map_err(|_| Closed)
+            .map_err(|_| NotDurable::Closed)?;
+        if p.durable >= want {
+            Ok(())
+        } else {
+            Err(NotDurable::Failed(p.error.clone()))
+        }
     }
 
     /// Changes whenever the document does (local writes and merges).
@@ -165,9 +188,9 @@ impl DocStore {
             let mut inner = self.inner.lock().unwrap();
             let seq = self.written.load(Ordering::Acquire);
             if !inner.unsaved {
-                self.durable.send_if_modified(|d| {
-                    let newer = seq > *d;
-                    *d = (*d).max(seq);
+                self.durable.send_if_modified(|p| {
+                    let newer = seq > p.durable;
+                    p.durable = p.durable.max(seq);
                     newer
                 });
                 return Ok(());
@@ -195,7 +218,7 @@ impl DocStore {
                     inner.tail_bytes += chunk.len() as u64;
                 }
                 drop(inner);
-                self.durable.send_modify(|d| *d = (*d).max(seq));
+                self.durable.send_modify(|p| p.durable = p.durable.max(seq));
                 Ok(())
             }
             Err(err) => {
@@ -203,6 +226,12 @@ impl DocStore {
                 // snapshot, which covers the lost chunk.
                 inner.unsaved = true;
                 inner.tail_bytes = u64::MAX / 2;
+                drop(inner);
+                let reason = format!("{err:#}");
+                self.durable.send_modify(|p| {
+                    p.failures += 1;
+                    p.error = reason;
+                });
                 Err(err)
             }
         }
@@ -229,5 +258,46 @@ impl DocStore {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{ROOT, ReadDoc};
+
+    fn put(store: &DocStore, key: &str) {
+        store.write(|d| d.put(ROOT, key, "v").map(drop)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_be_saved_is_refused_then_saved_on_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.automerge");
+        let store = Arc::new(DocStore::open(Some(path.clone()), "test document").unwrap());
+        // Every write to the file now fails with "no space left on device".
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let flusher = store.spawn_flusher();
+        put(&store, "first");
+        let err = store.durable().await.unwrap_err().to_string();
+        assert!(err.contains("space"), "{err}");
+        // The flusher retries with a full snapshot (temp file + rename),
+        // which replaces the broken file: later writes are acknowledged,
+        // and the refused one is saved too.
+        put(&store, "second");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.durable().await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "never saved");
+            put(&store, "again");
+        }
+        flusher.abort();
+        let reopened = DocStore::open(Some(path), "test document").unwrap();
+        for key in ["first", "second"] {
+            assert!(
+                reopened.read(|d| d.get(ROOT, key).unwrap().is_some()),
+                "{key}"
+            );
+        }
     }
 }
