@@ -332,7 +332,8 @@ mod tests {
     #[tokio::test]
     async fn oversized_and_garbage_frames_are_errors() {
         let mut wire = Vec::new();
-        wire.extend_from_slice(&(1_000_000u32).to_le_bytes());
+        let over = (MAX_SYNC_FRAME + FRAME_OVERHEAD + 1) as u32;
+        wire.extend_from_slice(&over.to_le_bytes());
         let mut r = FrameReader::new(&wire[..], 10);
         assert!(matches!(r.next().await, Err(FrameError::TooLarge(..))));
         let mut wire = Vec::new();
