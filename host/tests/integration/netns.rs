@@ -197,7 +197,12 @@ impl Drop for Lan {
             // What each node said, to see why a wait timed out.
             for i in self.starts.keys() {
                 let log = self.log(*i);
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|l| !l.contains("acked"))
+                    .take(40)
+                    .collect();
                 eprintln!("--- n{i} log (last 40 lines) ---");
                 for l in tail.iter().rev() {
                     eprintln!("{l}");
