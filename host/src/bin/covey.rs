@@ -116,8 +116,11 @@ fn cluster(cmd: ClusterCommand) -> Result<()> {
 }
 
 async fn run(cfg: NodeConfig) -> Result<()> {
+    // Listen for SIGTERM/SIGINT before starting, so a signal during start
+    // (scripts loading, peers linking) still ends in a clean shutdown.
+    let stop = covey::shutdown::signal();
     let node = covey::Node::start(cfg).await?;
-    covey::shutdown::signal().await;
+    stop.await;
     tracing::info!("shutting down");
     node.shutdown().await
 }

@@ -100,14 +100,12 @@ async fn subscriptions_commands_and_patterns() {
     let router = t.node().router();
     router.emit("sensor.temp", b"21.5".to_vec()).unwrap();
     router.emit("other", b"x".to_vec()).unwrap();
+    // The probe counts an event, then records it: wait for both.
     eventually(5, "sensor event seen", || async {
         t.kv_i64("probe-events/sensor.temp") == 1
+            && t.kv_string("probe-events-last/sensor.temp").as_deref() == Some("n1|21.5")
     })
     .await;
-    assert_eq!(
-        t.kv_string("probe-events-last/sensor.temp").unwrap(),
-        "n1|21.5"
-    );
     assert_eq!(t.kv_i64("probe-events/other"), 0);
     // From-pattern: only events from node `elsewhere`.
     t.call("probe.subscribe", "elsewhere|from.test")

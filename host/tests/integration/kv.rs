@@ -46,12 +46,14 @@ async fn watch_reports_each_change_once() {
     kv.incr("w/n", 7).unwrap();
     kv.set("unwatched", b"x").unwrap();
     kv.delete("w/a").unwrap();
+    // The probe counts a change, then records its value: wait for both.
     eventually(5, "changes seen", || async {
-        t.kv_i64("probe-seen/w/a") == 3 && t.kv_i64("probe-seen/w/n") == 1
+        t.kv_i64("probe-seen/w/a") == 3
+            && t.kv_i64("probe-seen/w/n") == 1
+            && t.kv_string("probe-last/w/a").as_deref() == Some("<deleted>")
+            && t.kv_string("probe-last/w/n").as_deref() == Some("7")
     })
     .await;
-    assert_eq!(t.kv_string("probe-last/w/a").unwrap(), "<deleted>");
-    assert_eq!(t.kv_string("probe-last/w/n").unwrap(), "7");
     assert_eq!(t.kv_i64("probe-seen/unwatched"), 0);
     assert_eq!(t.call("probe.unwatch", &id).await.unwrap(), "true");
     kv.set("w/b", b"1").unwrap();
