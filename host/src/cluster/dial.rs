@@ -27,11 +27,14 @@ pub(super) enum DialTarget {
 
 impl Shared {
     /// A node heard of (mDNS or gossip): remember it and keep it dialled.
-    pub(super) fn learn(self: &Arc<Self>, node: &str, addr: SocketAddr) {
-        if node == self.me.node || self.members.status(node) == PeerStatus::Up {
+    pub(super) fn learn(self: &Arc<Self>, node: &str, addrs: &[SocketAddr]) {
+        if node == self.me.node || addrs.is_empty() {
             return;
         }
-        self.members.note_addr(node, addr);
+        self.members.note_addrs(node, addrs);
+        if self.members.status(node) == PeerStatus::Up {
+            return;
+        }
         self.ensure_dialer(format!("node:{node}"), DialTarget::Node(node.to_string()));
     }
 
@@ -63,10 +66,7 @@ impl Shared {
             }
             let result = match &target {
                 DialTarget::Static(spec) => self.dial_spec(spec).await,
-                DialTarget::Node(n) => match self.members.addr(n) {
-                    Some(addr) => self.dial(addr).await,
-                    None => Err(anyhow::anyhow!("no address known")),
-                },
+                DialTarget::Node(n) => self.dial_any(&self.members.candidates(n)).await,
             };
             // A link the peer closes at once (a duplicate name, another
             // protocol version) counts as a failed dial, so it is retried
@@ -111,9 +111,16 @@ impl Shared {
             .await
             .with_context(|| format!("resolving `{spec}`"))?
             .collect();
-        let mut last = anyhow::anyhow!("`{spec}` resolved to no address");
+        self.dial_any(&addrs)
+            .await
+            .with_context(|| format!("`{spec}`"))
+    }
+
+    /// Dial each address in turn; the first link wins.
+    async fn dial_any(self: &Arc<Self>, addrs: &[SocketAddr]) -> Result<Arc<PeerLink>> {
+        let mut last = anyhow::anyhow!("no address known");
         for addr in addrs {
-            match self.dial(addr).await {
+            match self.dial(*addr).await {
                 Ok(link) => return Ok(link),
                 Err(e) => last = e,
             }

@@ -80,10 +80,9 @@ impl Discovery {
                     .map(|ip| socket_addr(ip, svc.port))
                     .collect();
                 addrs.sort_by_key(|a| preference(a.ip()));
-                if let Some(addr) = addrs.first() {
-                    tracing::debug!(node, %addr, "found over mDNS");
-                    shared.learn(node, *addr);
-                }
+                addrs.dedup();
+                tracing::debug!(node, ?addrs, "found over mDNS");
+                shared.learn(node, &addrs);
             }
         });
         Ok(Discovery {

@@ -16,6 +16,9 @@ use crate::router::{PeerStatus, now_ms};
 
 struct Member {
     addr: Option<SocketAddr>,
+    /// Addresses to dial while it is down, best first (mDNS can announce
+    /// several: Ethernet, Wi-Fi, a container bridge that is unreachable).
+    candidates: Vec<SocketAddr>,
     since_ms: u64,
     link: Option<Arc<PeerLink>>,
     version: String,
@@ -67,8 +70,14 @@ impl Members {
         self.map.lock().unwrap().get(node)?.link.clone()
     }
 
-    pub fn addr(&self, node: &str) -> Option<SocketAddr> {
-        self.map.lock().unwrap().get(node)?.addr
+    /// Where to dial `node`, best first.
+    pub fn candidates(&self, node: &str) -> Vec<SocketAddr> {
+        self.map
+            .lock()
+            .unwrap()
+            .get(node)
+            .map(|m| m.candidates.clone())
+            .unwrap_or_default()
     }
 
     pub fn up_links(&self) -> Arc<Vec<Arc<PeerLink>>> {
@@ -80,32 +89,31 @@ impl Members {
         self.changed.subscribe()
     }
 
-    /// Remember an address for `node` (from mDNS or a peer). Returns true
-    /// if the node was not known before.
-    pub fn note_addr(&self, node: &str, addr: SocketAddr) -> bool {
+    /// Remember addresses for `node` (from mDNS or a peer), ahead of the
+    /// ones known before. Returns true if the node was not known before.
+    pub fn note_addrs(&self, node: &str, addrs: &[SocketAddr]) -> bool {
+        const KEEP: usize = 8;
         let mut map = self.map.lock().unwrap();
-        match map.get_mut(node) {
-            Some(m) => {
-                if m.link.is_none() {
-                    m.addr = Some(addr);
-                }
-                false
-            }
-            None => {
-                map.insert(
-                    node.into(),
-                    Member {
-                        addr: Some(addr),
-                        since_ms: now_ms(),
-                        link: None,
-                        version: String::new(),
-                    },
-                );
-                drop(map);
-                self.changed.send_modify(|v| *v += 1);
-                true
-            }
+        let fresh = !map.contains_key(node);
+        let m = map.entry(node.into()).or_insert_with(|| Member {
+            addr: None,
+            candidates: Vec::new(),
+            since_ms: now_ms(),
+            link: None,
+            version: String::new(),
+        });
+        let mut merged: Vec<SocketAddr> = addrs.to_vec();
+        merged.extend(m.candidates.iter().filter(|a| !addrs.contains(a)));
+        merged.truncate(KEEP);
+        m.candidates = merged;
+        if m.link.is_none() {
+            m.addr = m.candidates.first().copied();
         }
+        drop(map);
+        if fresh {
+            self.changed.send_modify(|v| *v += 1);
+        }
+        fresh
     }
 
     /// `link` is now the link to its node; returns the one it replaces.
@@ -113,11 +121,15 @@ impl Members {
         let mut map = self.map.lock().unwrap();
         let m = map.entry(link.node.clone()).or_insert(Member {
             addr: None,
+            candidates: Vec::new(),
             since_ms: 0,
             link: None,
             version: String::new(),
         });
         m.addr = Some(link.addr);
+        // The address that worked goes first for the next reconnect.
+        m.candidates.retain(|a| *a != link.addr);
+        m.candidates.insert(0, link.addr);
         m.version = link.hello.version.clone();
         let old = m.link.replace(link);
         if old.is_none() {
@@ -196,5 +208,28 @@ impl Members {
         let links = map.values_mut().filter_map(|m| m.link.take()).collect();
         self.refresh(&map);
         links
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_addresses_are_kept_newest_first_without_repeats() {
+        let m = Members::default();
+        let a: SocketAddr = "10.0.0.1:7466".parse().unwrap();
+        let b: SocketAddr = "172.17.0.1:7466".parse().unwrap();
+        let c: SocketAddr = "[fd00::1]:7466".parse().unwrap();
+        assert!(m.note_addrs("pi", &[a, b]));
+        assert_eq!(m.status("pi"), PeerStatus::Down);
+        assert!(!m.note_addrs("pi", &[c, a]));
+        assert_eq!(m.candidates("pi"), [c, a, b]);
+        let many: Vec<SocketAddr> = (0..20)
+            .map(|i| SocketAddr::from(([10, 0, 1, i], 7466)))
+            .collect();
+        m.note_addrs("pi", &many);
+        assert_eq!(m.candidates("pi").len(), 8);
+        assert!(m.candidates("nobody").is_empty());
     }
 }

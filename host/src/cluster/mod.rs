@@ -443,7 +443,7 @@ impl Inbound for Shared {
             }
             Frame::Peers(list) => {
                 for p in list {
-                    self.learn(&p.node, p.addr);
+                    self.learn(&p.node, &[p.addr]);
                 }
             }
             Frame::Sync { doc, msg } => {
