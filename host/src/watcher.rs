@@ -96,11 +96,16 @@ async fn debounce(
                     pending.remove(&p);
                     apply(&supervisor, p).await;
                 }
-                if any
-                    && let Some(sync) = &sync
-                    && let Err(e) = sync.rescan().await
-                {
-                    tracing::warn!("scripts sync: recording a local change: {e:#}");
+                // Recorded in the background: a rescan waits while the
+                // directory is being updated from peers (maybe fetching
+                // contents), and reloads must not wait with it.
+                if any && let Some(sync) = &sync {
+                    let sync = sync.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = sync.rescan().await {
+                            tracing::warn!("scripts sync: recording a local change: {e:#}");
+                        }
+                    });
                 }
             }
         }

@@ -5,11 +5,11 @@
 //! protocol version; announcements of other clusters (or other protocol
 //! versions) on the same LAN are ignored before any packet is sent to them.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Weak;
 
 use anyhow::{Context, Result};
-use mdns_sd::{IfKind, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::task::JoinHandle;
 
 use super::Shared;
@@ -74,13 +74,20 @@ impl Discovery {
                 let Some(shared) = cluster.upgrade() else {
                     return;
                 };
+                // IPv6 link-local addresses are left out: they need the
+                // right interface scope, and links over them were seen to
+                // stall (handshake and keep-alives fine, stream data not).
                 let mut addrs: Vec<SocketAddr> = svc
                     .addresses
                     .iter()
-                    .map(|ip| socket_addr(ip, svc.port))
+                    .map(|ip| SocketAddr::new(ip.to_ip_addr(), svc.port))
+                    .filter(|a| !matches!(a.ip(), IpAddr::V6(v6) if v6.is_unicast_link_local()))
                     .collect();
                 addrs.sort_by_key(|a| preference(a.ip()));
                 addrs.dedup();
+                if addrs.is_empty() {
+                    continue;
+                }
                 tracing::debug!(node, ?addrs, "found over mDNS");
                 shared.learn(node, &addrs);
             }
@@ -102,25 +109,13 @@ impl Discovery {
     }
 }
 
-/// Which announced address to dial first: IPv4, then global IPv6, then
-/// link-local IPv6 (needs the right scope), loopback last.
+/// Which announced address to dial first: IPv4, then global IPv6,
+/// loopback last.
 fn preference(ip: IpAddr) -> u8 {
     match ip {
         IpAddr::V4(v4) if v4.is_loopback() => 3,
         IpAddr::V4(_) => 0,
         IpAddr::V6(v6) if v6.is_loopback() => 3,
-        IpAddr::V6(v6) if v6.is_unicast_link_local() => 2,
         IpAddr::V6(_) => 1,
-    }
-}
-
-/// The address to dial for one announced IP: IPv4 first in the caller's
-/// order; IPv6 link-local addresses need their interface as scope.
-fn socket_addr(ip: &ScopedIp, port: u16) -> SocketAddr {
-    match ip {
-        ScopedIp::V6(v6) if v6.addr().is_unicast_link_local() => {
-            SocketAddr::V6(SocketAddrV6::new(*v6.addr(), port, 0, v6.scope_id().index))
-        }
-        other => SocketAddr::new(other.to_ip_addr(), port),
     }
 }

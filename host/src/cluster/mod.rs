@@ -88,6 +88,9 @@ pub trait BlobSource: Send + Sync + 'static {
     fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>>;
 }
 
+/// Longest wait for one blob from a peer.
+const BLOB_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A running cluster membership of this node (clones share it).
 #[derive(Clone)]
 pub struct Cluster {
@@ -224,7 +227,11 @@ impl Cluster {
             .members
             .link(node)
             .with_context(|| format!("node `{node}` is not linked"))?;
-        link::fetch_blob(&link.conn, hash).await
+        // Generous: 32 MiB over a slow Wi-Fi link; a dead peer fails much
+        // sooner through the link's idle timeout.
+        tokio::time::timeout(BLOB_TIMEOUT, link::fetch_blob(&link.conn, hash))
+            .await
+            .with_context(|| format!("fetching from `{node}` timed out"))?
     }
 
     /// Leave: say goodbye on mDNS, close every link (peers see the node

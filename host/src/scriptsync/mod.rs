@@ -236,10 +236,24 @@ impl ScriptsSync {
     }
 
     /// Bring the directory in line with the manifest: write what peers
-    /// changed (fetching contents as needed), delete what they deleted,
-    /// keep conflicting versions as conflict copies.
+    /// changed, delete what they deleted, keep conflicting versions as
+    /// conflict copies. Contents are fetched first, without holding the
+    /// directory, so a slow peer never delays recording local changes.
     /// Returns how many versions could not be fetched yet.
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize> {
+        let entries = self.store.read(manifest::all);
+        for (rel, (winner, losers)) in &entries {
+            let on_disk = self.applied.lock().unwrap().get(rel).copied();
+            if !winner.deleted && on_disk.map(|a| a.hash) != Some(winner.hash) {
+                self.fetch(&winner.hash, &winner.origin).await;
+            }
+            for loser in losers
+                .iter()
+                .filter(|l| !l.deleted && l.hash != winner.hash)
+            {
+                self.fetch(&loser.hash, &loser.origin).await;
+            }
+        }
         let _turn = self.turn.lock().await;
         let entries = self.store.read(manifest::all);
         let mut missing = 0;
@@ -257,7 +271,7 @@ impl ScriptsSync {
                     self.applied.lock().unwrap().remove(&rel);
                 }
             } else if on_disk.map(|a| a.hash) != Some(winner.hash) {
-                match self.blob(&winner.hash, &winner.origin).await {
+                match self.blobs.get(&winner.hash) {
                     Some(bytes) => {
                         self.write_file(&rel, &bytes)?;
                         tracing::info!(path = rel, origin = winner.origin, "scripts sync: updated");
@@ -275,7 +289,7 @@ impl ScriptsSync {
                 {
                     continue;
                 }
-                match self.blob(&loser.hash, &loser.origin).await {
+                match self.blobs.get(&loser.hash) {
                     Some(bytes) => {
                         write_plain(&self.dir.join(&copy), &bytes)?;
                         self.copies.lock().unwrap().insert(copy.clone());
@@ -318,13 +332,15 @@ impl ScriptsSync {
         Ok(())
     }
 
-    /// Contents by hash: from the local store, else from the origin node,
+    /// Make sure the blob store has `hash`: fetched from the origin node,
     /// else from any peer that is up.
-    async fn blob(&self, hash: &Hash, origin: &str) -> Option<Vec<u8>> {
-        if let Some(b) = self.blobs.get(hash) {
-            return Some(b);
+    async fn fetch(&self, hash: &Hash, origin: &str) {
+        if self.blobs.has(hash) {
+            return;
         }
-        let cluster = self.cluster.get()?;
+        let Some(cluster) = self.cluster.get() else {
+            return;
+        };
         let mut peers = cluster.up_peers();
         peers.sort_by_key(|p| p != origin);
         for peer in peers {
@@ -333,14 +349,13 @@ impl ScriptsSync {
                     if let Err(e) = self.blobs.put(hash, &bytes) {
                         tracing::warn!("scripts sync: cannot store a blob: {e:#}");
                     }
-                    return Some(bytes);
+                    return;
                 }
                 Ok(Some(_)) => tracing::warn!(peer, "scripts sync: peer sent a damaged blob"),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(peer, "scripts sync: fetching a blob: {e:#}"),
             }
         }
-        None
     }
 }
 

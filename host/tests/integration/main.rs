@@ -10,7 +10,6 @@ mod durability;
 mod isolation;
 mod kv;
 mod lua;
-mod netns;
 mod process;
 mod reload;
 mod replication;

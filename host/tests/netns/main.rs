@@ -12,7 +12,17 @@ use std::time::Duration;
 use covey::cluster::credentials::ClusterToken;
 use covey::control::StatusReport;
 
-use crate::common::eventually;
+// The shared helpers (this binary uses a few of them).
+#[allow(dead_code)]
+#[path = "../integration/common.rs"]
+mod common;
+
+use common::eventually;
+
+/// The namespace tests run one at a time, and in their own test binary so
+/// that no in-process test competes with their processes for the CPU and
+/// the disk: what they time is failure detection, not a loaded machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Namespaces, veths and processes of one test; removed on drop.
 struct Lan {
@@ -239,6 +249,7 @@ async fn all_linked(lan: &Lan, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mdns_discovery_partition_and_heal_across_namespaces() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let Some(mut lan) = Lan::new_or_skip(
         4,
         "d",
@@ -318,6 +329,7 @@ fn write_file(path: &std::path::Path, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_and_kill_9_while_writing_then_everything_converges() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let Some(mut lan) = Lan::new_or_skip(
         3,
         "f",
