@@ -19,7 +19,7 @@ use covey::{Node, NodeConfig};
 use tokio::sync::mpsc;
 
 mod support;
-use support::{ms, pct};
+use support::{ms, pct, sample};
 
 fn main() {
     let quick = support::start("replication");
@@ -69,22 +69,19 @@ async fn set_to_watch(rounds: usize) {
             prefix: "lat/".into(),
         },
     );
-    let mut lat = Vec::with_capacity(rounds);
-    for i in 0..rounds + rounds / 10 {
+    let mut lat = sample(rounds, async |i| {
         let key = format!("lat/{i}");
-        let t = Instant::now();
-        a.kv().set(&key, b"0123456789abcdef").unwrap();
-        a.kv().durable().await.unwrap();
+        a.kv().set(&key, b"0123456789abcdef")?;
+        a.kv().durable().await?;
         loop {
             match rx.recv().await.unwrap() {
-                Delivery::KvChange { key: k, .. } if *k == *key => break,
+                Delivery::KvChange { key: k, .. } if *k == *key => return Ok(()),
                 _ => {}
             }
         }
-        if i >= rounds / 10 {
-            lat.push(t.elapsed());
-        }
-    }
+    })
+    .await
+    .unwrap();
     println!(
         "set on A (acknowledged, fsynced) -> watch firing on B ({rounds} sets): p50 {:.2} ms, p99 {:.2} ms",
         ms(pct(&mut lat, 50)),

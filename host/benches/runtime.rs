@@ -136,14 +136,7 @@ async fn instantiate_times(rounds: usize) {
     let bytes = std::fs::read(guest("echo")).unwrap();
     let sup = node.supervisor();
 
-    // Cold: a fresh cache directory each time forces Cranelift.
-    let cold = {
-        let t = Instant::now();
-        let engine = node.engine().clone();
-        let cache = covey::engine::ComponentCache::new(engine, None);
-        cache.load(&bytes).unwrap();
-        t.elapsed()
-    };
+    let cold = cold_compile(&node, &bytes);
     let hash = blake3::hash(&bytes);
     let code = Arc::new(sup.compile("echo.wasm", bytes.clone(), hash).await.unwrap());
     let mut cached = Vec::new();
@@ -152,21 +145,7 @@ async fn instantiate_times(rounds: usize) {
         sup.compile("echo.wasm", bytes.clone(), hash).await.unwrap();
         cached.push(t.elapsed());
     }
-    let mut inst = Vec::new();
-    let (tx, _rx) = tokio::sync::mpsc::channel(16);
-    for i in 0..rounds {
-        let env = ScriptEnv {
-            script: "echo.wasm".into(),
-            generation: i as u64 + 1,
-            services: node.services().clone(),
-            mailbox: tx.clone(),
-            lua: None,
-        };
-        let t = Instant::now();
-        let live = instantiate(env, &code).await.unwrap();
-        inst.push(t.elapsed());
-        drop(live);
-    }
+    let mut inst = instantiations(&node, "echo.wasm", &code, rounds).await;
     println!(
         "component ({} KB echo): cold compile {:.1} ms, load from cache p50 {:.2} ms, \
          instantiate+init p50 {:.0} us (p99 {:.0} us)",
@@ -178,6 +157,39 @@ async fn instantiate_times(rounds: usize) {
     );
     node.shutdown().await.unwrap();
     drop(dir);
+}
+
+/// Compile `bytes` with Cranelift, bypassing the on-disk cache.
+fn cold_compile(node: &Node, bytes: &[u8]) -> Duration {
+    let cache = covey::engine::ComponentCache::new(node.engine().clone(), None);
+    let t = Instant::now();
+    cache.load(bytes).unwrap();
+    t.elapsed()
+}
+
+/// Time `rounds` instantiations (+ `init`) of compiled `code` as `script`.
+async fn instantiations(
+    node: &Node,
+    script: &str,
+    code: &covey::script::LoadedScript,
+    rounds: usize,
+) -> Vec<Duration> {
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let mut times = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let env = ScriptEnv {
+            script: script.into(),
+            generation: i as u64 + 1,
+            services: node.services().clone(),
+            mailbox: tx.clone(),
+            lua: code.lua.clone(),
+        };
+        let t = Instant::now();
+        let live = instantiate(env, code).await.unwrap();
+        times.push(t.elapsed());
+        drop(live);
+    }
+    times
 }
 
 async fn reload_latency(swaps: usize) {
@@ -353,31 +365,12 @@ fn lua_cpu_vs_native() {
 async fn lua_instantiate_times(rounds: usize) {
     let (node, _dir) = node_with(&[]).await;
     let guest = covey::script::supervisor::LUA_GUEST;
-    let cold = {
-        let cache = covey::engine::ComponentCache::new(node.engine().clone(), None);
-        let t = Instant::now();
-        cache.load(guest).unwrap();
-        t.elapsed()
-    };
+    let cold = cold_compile(&node, guest);
     let text = b"covey.handle('*', 'x', function() return 'y' end)".to_vec();
     let hash = blake3::hash(&text);
     let sup = node.supervisor();
     let code = Arc::new(sup.prepare("x.lua", text, hash).await.unwrap());
-    let (tx, _rx) = tokio::sync::mpsc::channel(16);
-    let mut inst = Vec::new();
-    for i in 0..rounds {
-        let env = ScriptEnv {
-            script: "x.lua".into(),
-            generation: i as u64 + 1,
-            services: node.services().clone(),
-            mailbox: tx.clone(),
-            lua: code.lua.clone(),
-        };
-        let t = Instant::now();
-        let live = instantiate(env, &code).await.unwrap();
-        inst.push(t.elapsed());
-        drop(live);
-    }
+    let mut inst = instantiations(&node, "x.lua", &code, rounds).await;
     println!(
         "lua guest: {} KB component, cold compile {:.0} ms, instantiate + run a small script p50 {:.2} ms (p99 {:.2} ms)",
         guest.len() / 1024,

@@ -6,7 +6,7 @@
 //! existing esc configs work, plus Covey's own; unknown keys are an error
 //! (a typo should not silently fall back to a default).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -378,14 +378,18 @@ fn resolve_cluster(
             bail!("peer {p:?}: expected host:port");
         }
     }
+    // Defaults (bind address, port, mDNS on) are `ClusterConfig::new`'s.
     let mut c = ClusterConfig::new(token);
-    let ip = args
-        .listen
-        .or(file.listen)
-        .unwrap_or(IpAddr::from([0u16; 8]));
-    c.bind = SocketAddr::new(ip, port.unwrap_or(crate::cluster::DEFAULT_PORT));
+    if let Some(ip) = args.listen.or(file.listen) {
+        c.bind.set_ip(ip);
+    }
+    if let Some(port) = port {
+        c.bind.set_port(port);
+    }
+    if let Some(on) = mdns {
+        c.mdns = on;
+    }
     c.peers = peers;
-    c.mdns = mdns.unwrap_or(true);
     c.ifaces = ifaces;
     if let Some(ms) = args.peer_timeout_ms.or(file.peer_timeout_ms) {
         if !(300..=600_000).contains(&ms) {

@@ -50,7 +50,7 @@ fn main() {
     });
 }
 
-pub use support::{pct, us};
+pub use support::{pct, sample, us};
 
 async fn start(
     name: &str,
@@ -96,9 +96,7 @@ async fn covey_bench(calls: usize, events: u64) -> Duration {
     // `events.call` to B's echo per invocation (64-byte payload).
     let payload = "x".repeat(64);
     let arg = format!("b|echo|2000|{payload}");
-    let mut g2g = Vec::with_capacity(calls);
-    for i in 0..calls + calls / 10 {
-        let t = Instant::now();
+    let mut g2g = sample(calls, async |_| {
         let r = ra
             .call(
                 None,
@@ -107,18 +105,14 @@ async fn covey_bench(calls: usize, events: u64) -> Duration {
                 arg.clone().into_bytes(),
                 Duration::from_secs(5),
             )
-            .await
-            .unwrap();
-        let d = t.elapsed();
-        assert!(r.starts_with(b"ok:"), "{}", String::from_utf8_lossy(&r));
-        if i >= calls / 10 {
-            g2g.push(d);
-        }
-    }
+            .await?;
+        anyhow::ensure!(r.starts_with(b"ok:"), "{}", String::from_utf8_lossy(&r));
+        Ok(())
+    })
+    .await
+    .unwrap();
     // Host of A → guest on B.
-    let mut h2g = Vec::with_capacity(calls);
-    for i in 0..calls + calls / 10 {
-        let t = Instant::now();
+    let mut h2g = sample(calls, async |_| {
         ra.call(
             None,
             "b",
@@ -126,12 +120,11 @@ async fn covey_bench(calls: usize, events: u64) -> Duration {
             payload.clone().into_bytes(),
             Duration::from_secs(5),
         )
-        .await
-        .unwrap();
-        if i >= calls / 10 {
-            h2g.push(t.elapsed());
-        }
-    }
+        .await?;
+        Ok(())
+    })
+    .await
+    .unwrap();
     let p50 = pct(&mut g2g, 50);
     println!(
         "call round trip, guest on A -> echo guest on B ({calls} calls): p50 {:.0} us, p99 {:.0} us",

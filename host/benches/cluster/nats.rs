@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 
-use super::{pct, us};
+use super::{pct, sample, us};
 
 struct Server(Child);
 
@@ -63,16 +63,12 @@ pub async fn bench(calls: usize, events: u64) -> Result<Duration> {
         }
     });
     let payload = bytes::Bytes::from(vec![b'x'; 64]);
-    let mut rtt = Vec::with_capacity(calls);
-    for i in 0..calls + calls / 10 {
-        let t = Instant::now();
+    let mut rtt = sample(calls, async |_| {
         let reply = requester.request("echo", payload.clone()).await?;
-        let d = t.elapsed();
-        assert_eq!(reply.payload.len(), 64);
-        if i >= calls / 10 {
-            rtt.push(d);
-        }
-    }
+        anyhow::ensure!(reply.payload.len() == 64, "short reply");
+        Ok(())
+    })
+    .await?;
     answering.abort();
     let p50 = pct(&mut rtt, 50);
     println!(

@@ -26,6 +26,24 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Time `one` over `n + n / 10` runs (given the run's index); the first
+/// tenth only warms up and is not in the result.
+pub async fn sample(
+    n: usize,
+    mut one: impl AsyncFnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Duration>> {
+    let warm = n / 10;
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n + warm {
+        let t = std::time::Instant::now();
+        one(i).await?;
+        if i >= warm {
+            times.push(t.elapsed());
+        }
+    }
+    Ok(times)
+}
+
 /// The `p`th percentile (sorts `v`).
 pub fn pct(v: &mut [Duration], p: usize) -> Duration {
     v.sort();

@@ -154,6 +154,8 @@ impl ScriptsSync {
         walk(&self.dir, &self.dir, &mut files);
         let mut applied = self.applied.lock().unwrap();
         let mut recorded = 0;
+        // Whether `applied` changed and must be saved.
+        let mut changed = false;
         let mut seen = HashSet::new();
         for (rel, path) in &files {
             seen.insert(rel.clone());
@@ -183,6 +185,7 @@ impl ScriptsSync {
                 mtime_ns: stat.1,
             };
             let known = applied.insert(rel.clone(), now);
+            changed = true;
             let current = self.store.read(|doc| manifest::get(doc, rel));
             if known.map(|a| a.hash) == Some(hash)
                 || current
@@ -215,6 +218,7 @@ impl ScriptsSync {
             .collect();
         for rel in gone {
             let last = applied.remove(&rel).expect("listed above");
+            changed = true;
             let entry = Entry {
                 hash: last.hash,
                 size: 0,
@@ -231,7 +235,9 @@ impl ScriptsSync {
             tracing::info!(path = rel, "scripts sync: recorded local delete");
             recorded += 1;
         }
-        save_applied(&self.applied_path, &applied)?;
+        if changed {
+            save_applied(&self.applied_path, &applied)?;
+        }
         Ok(recorded)
     }
 
@@ -257,6 +263,8 @@ impl ScriptsSync {
         let _turn = self.turn.lock().await;
         let entries = self.store.read(manifest::all);
         let mut missing = 0;
+        // Whether `applied` changed and must be saved.
+        let mut changed = false;
         for (rel, (winner, losers)) in entries {
             let on_disk = self.applied.lock().unwrap().get(&rel).copied();
             if winner.deleted {
@@ -269,11 +277,13 @@ impl ScriptsSync {
                         tracing::info!(path = rel, origin = winner.origin, "scripts sync: deleted");
                     }
                     self.applied.lock().unwrap().remove(&rel);
+                    changed = true;
                 }
             } else if on_disk.map(|a| a.hash) != Some(winner.hash) {
                 match self.blobs.get(&winner.hash) {
                     Some(bytes) => {
                         self.write_file(&rel, &bytes)?;
+                        changed = true;
                         tracing::info!(path = rel, origin = winner.origin, "scripts sync: updated");
                     }
                     None => missing += 1,
@@ -291,7 +301,8 @@ impl ScriptsSync {
                 }
                 match self.blobs.get(&loser.hash) {
                     Some(bytes) => {
-                        write_plain(&self.dir.join(&copy), &bytes)?;
+                        // A plain local file: the next rescan records it.
+                        blobs::write_atomic(&self.dir.join(&copy), &bytes)?;
                         self.copies.lock().unwrap().insert(copy.clone());
                         tracing::warn!(
                             path = rel,
@@ -304,8 +315,10 @@ impl ScriptsSync {
                 }
             }
         }
-        let applied = self.applied.lock().unwrap().clone();
-        save_applied(&self.applied_path, &applied)?;
+        if changed {
+            let applied = self.applied.lock().unwrap().clone();
+            save_applied(&self.applied_path, &applied)?;
+        }
         if missing > 0 {
             tracing::debug!(
                 missing,
@@ -421,11 +434,6 @@ fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
 
 fn file_hash(path: &Path) -> Option<Hash> {
     std::fs::read(path).ok().map(|b| blobs::hash(&b))
-}
-
-/// A conflict copy is a plain local file (the next rescan records it).
-fn write_plain(path: &Path, bytes: &[u8]) -> Result<()> {
-    blobs::write_atomic(path, bytes)
 }
 
 fn save_applied(path: &Path, applied: &BTreeMap<String, Applied>) -> Result<()> {
