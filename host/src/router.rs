@@ -168,11 +168,13 @@ impl Router {
         self.remote.get()
     }
 
-    /// Where a message for `target` (not `*`, not this node) goes.
-    fn peer_status(&self, target: &str) -> PeerStatus {
-        match self.remote.get() {
-            Some(r) => r.peer(target),
-            None => PeerStatus::Unknown,
+    /// The remote that reaches `target` (not `*`, not this node), or why
+    /// none does: it is `Down` or `Unknown`.
+    fn route(&self, target: &str) -> Result<&Arc<dyn Remote>, PeerStatus> {
+        let remote = self.remote.get().ok_or(PeerStatus::Unknown)?;
+        match remote.peer(target) {
+            PeerStatus::Up => Ok(remote),
+            other => Err(other),
         }
     }
 
@@ -311,15 +313,13 @@ impl Router {
         if target == &*self.node {
             return Ok(self.deliver_command(&msg));
         }
-        match self.peer_status(target) {
-            PeerStatus::Up => {
-                if let Some(remote) = self.remote.get() {
-                    remote.send_command(Some(target), &msg);
-                }
+        match self.route(target) {
+            Ok(remote) => {
+                remote.send_command(Some(target), &msg);
                 Ok(0)
             }
-            PeerStatus::Down => Err(SendError::NodeDown(target.to_string())),
-            PeerStatus::Unknown => Err(SendError::UnknownNode(target.to_string())),
+            Err(PeerStatus::Down) => Err(SendError::NodeDown(target.to_string())),
+            Err(_) => Err(SendError::UnknownNode(target.to_string())),
         }
     }
 
@@ -366,10 +366,10 @@ impl Router {
         if target == &*self.node {
             return self.call_local(caller, msg, timeout).await;
         }
-        match (self.peer_status(target), self.remote.get()) {
-            (PeerStatus::Up, Some(remote)) => remote.call(target, msg, timeout).await,
-            (PeerStatus::Down, _) => Err(CallError::NodeDown(target.to_string())),
-            _ => Err(CallError::UnknownNode(target.to_string())),
+        match self.route(target) {
+            Ok(remote) => remote.call(target, msg, timeout).await,
+            Err(PeerStatus::Down) => Err(CallError::NodeDown(target.to_string())),
+            Err(_) => Err(CallError::UnknownNode(target.to_string())),
         }
     }
 
