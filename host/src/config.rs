@@ -432,13 +432,14 @@ pub fn default_data_dir() -> PathBuf {
 /// Node names appear in patterns, targets and certificates: keep them plain.
 pub fn validate_node_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
+        && !name.starts_with('.')
         && name.len() <= 63
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !ok {
         bail!(
-            "invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.' \
+            "invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.' (not first) \
              (set it with --node or COVEY_NODE)"
         );
     }
@@ -515,5 +516,7 @@ mod tests {
         assert!(validate_node_name("").is_err());
         assert!(validate_node_name("*").is_err());
         assert!(validate_node_name("a b").is_err());
+        assert!(validate_node_name("..").is_err());
+        assert!(validate_node_name("../x").is_err());
     }
 }

@@ -9,6 +9,7 @@
 //! the same directory finds the socket answering and stops before it
 //! touches the store.
 
+use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub struct StatusReport {
     pub kv_heads: String,
     /// The same for the scripts manifest (clustered nodes only).
     pub scripts_heads: Option<String>,
+    /// Scripts manifest entries refused (path against the rule, bad or
+    /// oversized entry), by reason: distinct entries since start.
+    #[serde(default)]
+    pub scripts_refused: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -90,6 +95,16 @@ impl StatusSource {
                 .scripts_sync
                 .as_ref()
                 .map(|s| heads_fingerprint(&s.heads())),
+            scripts_refused: self
+                .scripts_sync
+                .as_ref()
+                .map(|s| {
+                    s.refused()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -261,6 +276,18 @@ pub fn render(r: &StatusReport) -> String {
         "messages: {} delivered, {} handled, {} dropped",
         r.messages_delivered, r.messages_handled, r.messages_dropped
     );
+    if !r.scripts_refused.is_empty() {
+        let by_reason: Vec<String> = r
+            .scripts_refused
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "scripts sync: refused manifest entries from peers: {}",
+            by_reason.join(", ")
+        );
+    }
     out
 }
 

@@ -15,6 +15,8 @@
 //!   state and links itself.
 //! - [`script`] — `ScriptSupervisor` (which scripts run, hot reload) and
 //!   `ScriptInstance` (one store, one mailbox, CPU budget, crash restart).
+//! - [`scriptdir`] — the rule for names in the scripts directory and file
+//!   operations confined to it (what peers' manifest entries may touch).
 //! - [`scriptsync`] — `ScriptsSync`: the scripts directory replicated (a
 //!   manifest document + content-addressed blobs fetched from peers).
 //! - [`watcher`] — debounced file-system notifications → supervisor (and
@@ -30,6 +32,7 @@
 //! - [`docsync`] — `DocReplicator`: a document kept in sync with every peer.
 //! - [`kvdoc`] — the key-value store (keys, counters, limits) on a `DocStore`.
 //! - [`pattern`] — esc-style `*` patterns.
+//! - [`files`] — crash-safe whole-file writes; hex.
 //! - [`shutdown`] — SIGINT/SIGTERM.
 
 pub mod bindings;
@@ -41,11 +44,13 @@ pub mod docstore;
 pub mod docsync;
 pub mod engine;
 pub mod exec;
+pub mod files;
 pub mod kvdoc;
 pub mod node;
 pub mod pattern;
 pub mod router;
 pub mod script;
+pub mod scriptdir;
 pub mod scriptsync;
 pub mod services;
 pub mod shutdown;

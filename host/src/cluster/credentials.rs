@@ -34,6 +34,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::files;
+
 /// ALPN protocol of Covey links; a peer speaking another version fails the
 /// handshake with a clear "no application protocol" error.
 pub const ALPN: &[u8] = b"covey/1";
@@ -85,18 +87,14 @@ impl ClusterToken {
 
     /// The token's text form.
     pub fn encode(&self) -> String {
-        let mut s = String::from(TOKEN_PREFIX);
-        for b in self.secret {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        format!("{TOKEN_PREFIX}{}", files::hex(&self.secret))
     }
 
     /// Public identifier of the cluster (16 hex digits): announced over
     /// mDNS and sent in the hello; reveals nothing about the secret.
     pub fn fingerprint(&self) -> String {
         let k = blake3::derive_key("covey 2026 cluster fingerprint", &self.secret);
-        k[..8].iter().map(|b| format!("{b:02x}")).collect()
+        files::hex(&k[..8])
     }
 
     /// Read the token saved by `covey cluster join` in `data_dir`, if any.
@@ -116,20 +114,9 @@ impl ClusterToken {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let path = token_path(data_dir);
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts
-                .open(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            writeln!(f, "{}", self.encode())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
+        let text = format!("{}\n", self.encode());
+        files::write_atomic(&path, text.as_bytes(), files::Mode::Private)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
 }

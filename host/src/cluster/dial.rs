@@ -31,7 +31,17 @@ impl Shared {
         if node == self.me.node || addrs.is_empty() {
             return;
         }
-        self.members.note_addrs(node, addrs);
+        if let Err(e) = crate::config::validate_node_name(node) {
+            tracing::debug!("ignoring addresses of a peer: {e}");
+            return;
+        }
+        if self.members.note_addrs(node, addrs).is_err() {
+            tracing::debug!(
+                "ignoring addresses of a new peer: {} nodes known already",
+                super::members::MAX_NODES
+            );
+            return;
+        }
         if self.members.status(node) == PeerStatus::Up {
             return;
         }

@@ -32,6 +32,9 @@ pub const FRAME_OVERHEAD: usize = 64 * 1024;
 /// limit, this bound only stops a runaway frame.
 pub const MAX_SYNC_FRAME: usize = 256 << 20;
 
+/// Read buffer kept between frames.
+const KEEP_BUFFER: usize = 1 << 20;
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub proto: u32,
@@ -279,9 +282,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len > self.max {
             return Err(FrameError::TooLarge(len, self.max));
         }
-        self.buf.resize(len, 0);
-        self.inner.read_exact(&mut self.buf).await?;
-        Ok(postcard::from_bytes(&self.buf)?)
+        // The length is the peer's word: memory grows with the bytes that
+        // actually arrive, not with what the prefix promises.
+        self.buf.clear();
+        let got = (&mut self.inner)
+            .take(len as u64)
+            .read_to_end(&mut self.buf)
+            .await?;
+        if got < len {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        let frame = postcard::from_bytes(&self.buf)?;
+        // A rare large frame (a sync after a partition) does not keep its
+        // buffer for the life of the link.
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
+        Ok(frame)
     }
 }
 
@@ -341,5 +358,18 @@ mod tests {
         wire.extend_from_slice(&[200, 200, 200]);
         let mut r = FrameReader::new(&wire[..], 10);
         assert!(matches!(r.next().await, Err(FrameError::Decode(_))));
+    }
+
+    #[tokio::test]
+    async fn a_length_prefix_alone_allocates_nothing_like_it() {
+        // A peer announces a frame just under the limit, sends 1 KiB of it
+        // and stops: an error, and the buffer never grew towards the
+        // announced size.
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&(MAX_SYNC_FRAME as u32).to_le_bytes());
+        wire.extend_from_slice(&[0u8; 1024]);
+        let mut r = FrameReader::new(&wire[..], 10);
+        assert!(matches!(r.next().await, Err(FrameError::Io(_))));
+        assert!(r.buf.capacity() < 64 * 1024, "{}", r.buf.capacity());
     }
 }

@@ -75,8 +75,8 @@ pub trait Inbound: Send + Sync + 'static {
 /// Requests on their own bidirectional stream, by first byte.
 const REQ_PROBE: u8 = 1;
 const REQ_BLOB: u8 = 2;
-/// Largest blob a peer may send (a script file).
-pub const MAX_BLOB: usize = 64 << 20;
+/// Largest blob a peer may send: a script file (the scripts sync limit).
+pub const MAX_BLOB: usize = 32 << 20;
 
 impl PeerLink {
     /// Wrap a connection whose hello exchange is done; the caller starts

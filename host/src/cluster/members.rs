@@ -14,6 +14,13 @@ use super::link::PeerLink;
 use crate::bindings::NodeInfo;
 use crate::router::{PeerStatus, now_ms};
 
+/// Most nodes remembered (a "small fleet" is far below this).
+pub const MAX_NODES: usize = 1024;
+
+/// [`Members::note_addrs`] refused a new node: [`MAX_NODES`] are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyNodes;
+
 struct Member {
     addr: Option<SocketAddr>,
     /// Addresses to dial while it is down, best first (mDNS can announce
@@ -90,11 +97,17 @@ impl Members {
     }
 
     /// Remember addresses for `node` (from mDNS or a peer), ahead of the
-    /// ones known before. Returns true if the node was not known before.
-    pub fn note_addrs(&self, node: &str, addrs: &[SocketAddr]) -> bool {
+    /// ones known before. Returns whether the node was not known before,
+    /// or `Err` if it is new and [`MAX_NODES`] are known already (gossip
+    /// is peer data: it cannot make this node remember, and dial, without
+    /// bound).
+    pub fn note_addrs(&self, node: &str, addrs: &[SocketAddr]) -> Result<bool, TooManyNodes> {
         const KEEP: usize = 8;
         let mut map = self.map.lock().unwrap();
         let fresh = !map.contains_key(node);
+        if fresh && map.len() >= MAX_NODES {
+            return Err(TooManyNodes);
+        }
         let m = map.entry(node.into()).or_insert_with(|| Member {
             addr: None,
             candidates: Vec::new(),
@@ -113,7 +126,7 @@ impl Members {
         if fresh {
             self.changed.send_modify(|v| *v += 1);
         }
-        fresh
+        Ok(fresh)
     }
 
     /// `link` is now the link to its node; returns the one it replaces.
@@ -221,15 +234,27 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:7466".parse().unwrap();
         let b: SocketAddr = "172.17.0.1:7466".parse().unwrap();
         let c: SocketAddr = "[fd00::1]:7466".parse().unwrap();
-        assert!(m.note_addrs("pi", &[a, b]));
+        assert!(m.note_addrs("pi", &[a, b]).unwrap());
         assert_eq!(m.status("pi"), PeerStatus::Down);
-        assert!(!m.note_addrs("pi", &[c, a]));
+        assert!(!m.note_addrs("pi", &[c, a]).unwrap());
         assert_eq!(m.candidates("pi"), [c, a, b]);
         let many: Vec<SocketAddr> = (0..20)
             .map(|i| SocketAddr::from(([10, 0, 1, i], 7466)))
             .collect();
-        m.note_addrs("pi", &many);
+        m.note_addrs("pi", &many).unwrap();
         assert_eq!(m.candidates("pi").len(), 8);
         assert!(m.candidates("nobody").is_empty());
+    }
+
+    #[test]
+    fn gossip_cannot_grow_the_member_list_without_bound() {
+        let m = Members::default();
+        let a: SocketAddr = "10.0.0.1:7466".parse().unwrap();
+        for i in 0..MAX_NODES {
+            assert!(m.note_addrs(&format!("n{i}"), &[a]).unwrap());
+        }
+        assert_eq!(m.note_addrs("one-more", &[a]), Err(TooManyNodes));
+        // Known nodes still take new addresses.
+        assert_eq!(m.note_addrs("n0", &[a]), Ok(false));
     }
 }

@@ -332,6 +332,9 @@ impl Shared {
                 format!("cluster {} is not {}", hello.cluster, self.me.cluster),
             );
         }
+        if let Err(e) = crate::config::validate_node_name(&hello.node) {
+            return refuse(close::PROTOCOL, format!("peer's {e}"));
+        }
         if hello.node == self.me.node {
             return refuse(
                 close::DUPLICATE_NAME,

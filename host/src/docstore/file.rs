@@ -1,7 +1,7 @@
 //! The store's file: an Automerge snapshot followed by appended change
 //! chunks; loading with recovery of a corrupted file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
@@ -90,18 +90,6 @@ pub fn append_chunk(path: &Path, chunk: &[u8]) -> Result<()> {
 }
 
 pub fn write_snapshot(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        // Make the rename itself durable.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::files::write_atomic(path, bytes, crate::files::Mode::Shared)
+        .with_context(|| format!("writing {}", path.display()))
 }

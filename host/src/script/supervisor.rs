@@ -20,6 +20,7 @@ use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{self, ScriptState};
 use crate::engine::ComponentCache;
 use crate::router::ScriptId;
+use crate::scriptdir::is_ignored_name;
 use crate::services::Services;
 
 struct Handle {
@@ -333,15 +334,6 @@ impl ScriptSupervisor {
             let _ = h.task.await;
         }
     }
-}
-
-/// Files and directories the loader ignores: hidden ones and editor
-/// temporaries (`*~`, `.#*`, `#*#`, `*.swp`, `*.swx`, `*.tmp`).
-pub fn is_ignored_name(name: &str) -> bool {
-    name.starts_with('.')
-        || name.ends_with('~')
-        || (name.starts_with('#') && name.ends_with('#'))
-        || [".swp", ".swx", ".tmp"].iter().any(|s| name.ends_with(s))
 }
 
 /// Is `rel` (relative to the scripts directory) a script to run? Components

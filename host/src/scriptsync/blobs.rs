@@ -14,7 +14,7 @@ pub fn hash(bytes: &[u8]) -> Hash {
 }
 
 pub fn hex(hash: &Hash) -> String {
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    crate::files::hex(hash)
 }
 
 pub struct BlobStore {
@@ -53,24 +53,7 @@ impl BlobStore {
         if path.exists() {
             return Ok(());
         }
-        write_atomic(&path, bytes)
+        crate::files::write_atomic(&path, bytes, crate::files::Mode::Shared)
+            .with_context(|| format!("writing {}", path.display()))
     }
-}
-
-/// Write a file so readers see the old contents or the new, never a part:
-/// temp file in the same directory, fsync, rename.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().context("path without a parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.covey-tmp"));
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }

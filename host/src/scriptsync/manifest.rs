@@ -13,6 +13,7 @@ use automerge::{AutoCommit, ROOT, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 
 use super::blobs::Hash;
+use crate::scriptdir::ScriptPath;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -40,25 +41,91 @@ pub fn get(doc: &AutoCommit, path: &str) -> Option<Entry> {
     decode(&v)
 }
 
-/// Every path with its winning entry and the losing ones (if any).
-pub fn all(doc: &AutoCommit) -> BTreeMap<String, (Entry, Vec<Entry>)> {
-    let mut out = BTreeMap::new();
+/// The manifest as this node accepts it: every valid path with its
+/// winning entry and the losing ones, and what was refused.
+#[derive(Default)]
+pub struct Manifest {
+    pub entries: BTreeMap<ScriptPath, (Entry, Vec<Entry>)>,
+    pub refused: Vec<Refused>,
+}
+
+/// A manifest key this node will not act on: a path against the rule,
+/// a value that is not an entry, a size over the sync limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Refused {
+    /// The key, shortened and escaped for logs.
+    pub key: String,
+    /// The origin the entry claims (if it decoded).
+    pub origin: Option<String>,
+    pub reason: &'static str,
+    pub why: String,
+}
+
+/// Read the manifest, checking every key and entry: anything a peer could
+/// have written is checked here, before it reaches the file system.
+pub fn all(doc: &AutoCommit) -> Manifest {
+    let mut out = Manifest::default();
     for item in doc.map_range(ROOT, ..) {
         let key = item.key.to_string();
-        let Ok(values) = doc.get_all(ROOT, key.as_str()) else {
-            continue;
-        };
-        let Some(winner) = get(doc, &key) else {
-            continue;
-        };
-        let losers = values
-            .iter()
-            .filter_map(|(v, _)| decode(v))
-            .filter(|e| *e != winner)
-            .collect();
-        out.insert(key, (winner, losers));
+        match accept(doc, &key) {
+            Ok((path, versions)) => {
+                out.entries.insert(path, versions);
+            }
+            Err((reason, why, origin)) => out.refused.push(Refused {
+                key: for_log(&key),
+                origin,
+                reason,
+                why,
+            }),
+        }
     }
     out
+}
+
+type Refusal = (&'static str, String, Option<String>);
+
+fn accept(doc: &AutoCommit, key: &str) -> Result<(ScriptPath, (Entry, Vec<Entry>)), Refusal> {
+    let path = ScriptPath::parse(key).map_err(|e| (e.reason(), e.to_string(), None))?;
+    let undecodable = || {
+        (
+            "undecodable",
+            "value is not a manifest entry".to_string(),
+            None,
+        )
+    };
+    let winner = get(doc, key).ok_or_else(undecodable)?;
+    let values = doc.get_all(ROOT, key).map_err(|_| undecodable())?;
+    let losers: Vec<Entry> = values
+        .iter()
+        .filter_map(|(v, _)| decode(v))
+        .filter(|e| *e != winner)
+        .collect();
+    if let Some(e) = std::iter::once(&winner)
+        .chain(&losers)
+        .find(|e| e.size > super::MAX_FILE)
+    {
+        return Err((
+            "too-large",
+            format!("{} bytes (limit {})", e.size, super::MAX_FILE),
+            Some(e.origin.clone()),
+        ));
+    }
+    Ok((path, (winner, losers)))
+}
+
+/// `text` for a log line: at most 120 characters, control characters
+/// escaped.
+pub fn for_log(text: &str) -> String {
+    let mut s: String = text
+        .chars()
+        .take(120)
+        .collect::<String>()
+        .escape_debug()
+        .collect();
+    if text.chars().count() > 120 {
+        s.push('…');
+    }
+    s
 }
 
 pub fn put(

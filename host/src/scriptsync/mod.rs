@@ -22,7 +22,6 @@ pub mod manifest;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result};
 use automerge::sync;
@@ -35,12 +34,21 @@ use self::manifest::Entry;
 use crate::cluster::{BlobSource, Cluster};
 use crate::docstore::DocStore;
 use crate::docsync::SyncTarget;
-use crate::script::supervisor::is_ignored_name;
+use crate::scriptdir::{self, FileStat, ScriptDir, ScriptPath, is_ignored_name};
 
-/// Largest file synced (bigger ones stay local, with a warning).
-pub const MAX_FILE: u64 = 32 << 20;
+/// Largest file synced (bigger ones stay local, with a warning): the
+/// largest blob a link accepts.
+pub const MAX_FILE: u64 = crate::cluster::link::MAX_BLOB as u64;
 /// How soon to retry contents that no linked peer had.
 const RETRY_MISSING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What applying one manifest entry did.
+enum Outcome {
+    Changed,
+    /// Its contents are not here yet.
+    Missing,
+    Nothing,
+}
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 struct Applied {
@@ -51,7 +59,9 @@ struct Applied {
 
 pub struct ScriptsSync {
     node: String,
-    dir: PathBuf,
+    root: PathBuf,
+    /// Every write and delete made on peers' behalf goes through this.
+    dir: ScriptDir,
     store: Arc<DocStore>,
     blobs: BlobStore,
     applied_path: PathBuf,
@@ -62,6 +72,10 @@ pub struct ScriptsSync {
     reconcile_needed: Notify,
     /// Conflict copies already written this run (so each is logged once).
     copies: Mutex<HashSet<String>>,
+    /// Manifest entries refused this run (so each is logged once).
+    refused: Mutex<HashSet<manifest::Refused>>,
+    /// Local files whose names break the path rule (warned about once).
+    unsyncable: Mutex<HashSet<String>>,
 }
 
 impl ScriptsSync {
@@ -79,7 +93,8 @@ impl ScriptsSync {
         };
         Ok(Arc::new(ScriptsSync {
             node: node.to_string(),
-            dir: dir.to_path_buf(),
+            root: dir.to_path_buf(),
+            dir: ScriptDir::new(dir),
             store: Arc::new(DocStore::open(
                 Some(data.join("scripts.automerge")),
                 "scripts manifest",
@@ -91,6 +106,8 @@ impl ScriptsSync {
             cluster: OnceLock::new(),
             reconcile_needed: Notify::new(),
             copies: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashSet::new()),
+            unsyncable: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -151,7 +168,18 @@ impl ScriptsSync {
 
     fn rescan_blocking(&self) -> Result<usize> {
         let mut files = Vec::new();
-        walk(&self.dir, &self.dir, &mut files);
+        walk(&self.root, &self.root, &mut files);
+        // Names a peer would refuse are not offered to them.
+        files.retain(|(rel, _)| match ScriptPath::parse(rel) {
+            Ok(_) => true,
+            Err(e) => {
+                if self.unsyncable.lock().unwrap().insert(rel.clone()) {
+                    let rel = manifest::for_log(rel);
+                    tracing::warn!(path = rel, "scripts sync: not synced: {e}");
+                }
+                false
+            }
+        });
         let mut applied = self.applied.lock().unwrap();
         let mut recorded = 0;
         // Whether `applied` changed and must be saved.
@@ -162,9 +190,9 @@ impl ScriptsSync {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue;
             };
-            let stat = (meta.len(), mtime_ns(&meta));
+            let stat = FileStat::of_std(&meta);
             if let Some(a) = applied.get(rel)
-                && (a.size, a.mtime_ns) == stat
+                && (a.size, a.mtime_ns) == (stat.size, stat.mtime_ns)
             {
                 continue;
             }
@@ -182,7 +210,7 @@ impl ScriptsSync {
             let now = Applied {
                 hash,
                 size: bytes.len() as u64,
-                mtime_ns: stat.1,
+                mtime_ns: stat.mtime_ns,
             };
             let known = applied.insert(rel.clone(), now);
             changed = true;
@@ -245,73 +273,38 @@ impl ScriptsSync {
     /// changed, delete what they deleted, keep conflicting versions as
     /// conflict copies. Contents are fetched first, without holding the
     /// directory, so a slow peer never delays recording local changes.
-    /// Returns how many versions could not be fetched yet.
+    /// An entry that is refused or cannot be applied is logged and
+    /// skipped; the others are applied. Returns how many versions could
+    /// not be fetched yet.
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize> {
-        let entries = self.store.read(manifest::all);
-        for (rel, (winner, losers)) in &entries {
-            let on_disk = self.applied.lock().unwrap().get(rel).copied();
-            if !winner.deleted && on_disk.map(|a| a.hash) != Some(winner.hash) {
+        let manifest = self.store.read(manifest::all);
+        self.note_refused(&manifest.refused);
+        for (path, (winner, losers)) in &manifest.entries {
+            let on_disk = self.applied_hash(path);
+            if !winner.deleted && on_disk != Some(winner.hash) {
                 self.fetch(&winner.hash, &winner.origin).await;
             }
-            for loser in losers
-                .iter()
-                .filter(|l| !l.deleted && l.hash != winner.hash)
-            {
+            for loser in live_losers(winner, losers) {
                 self.fetch(&loser.hash, &loser.origin).await;
             }
         }
         let _turn = self.turn.lock().await;
-        let entries = self.store.read(manifest::all);
+        let manifest = self.store.read(manifest::all);
         let mut missing = 0;
         // Whether `applied` changed and must be saved.
         let mut changed = false;
-        for (rel, (winner, losers)) in entries {
-            let on_disk = self.applied.lock().unwrap().get(&rel).copied();
-            if winner.deleted {
-                if let Some(a) = on_disk {
-                    let path = self.dir.join(&rel);
-                    // Only what was applied: an edit the watcher has not
-                    // reported yet is not thrown away.
-                    if file_hash(&path) == Some(a.hash) {
-                        let _ = std::fs::remove_file(&path);
-                        tracing::info!(path = rel, origin = winner.origin, "scripts sync: deleted");
-                    }
-                    self.applied.lock().unwrap().remove(&rel);
-                    changed = true;
-                }
-            } else if on_disk.map(|a| a.hash) != Some(winner.hash) {
-                match self.blobs.get(&winner.hash) {
-                    Some(bytes) => {
-                        self.write_file(&rel, &bytes)?;
-                        changed = true;
-                        tracing::info!(path = rel, origin = winner.origin, "scripts sync: updated");
-                    }
-                    None => missing += 1,
-                }
+        for (path, (winner, losers)) in &manifest.entries {
+            match self.apply(path, winner) {
+                Ok(Outcome::Changed) => changed = true,
+                Ok(Outcome::Missing) => missing += 1,
+                Ok(Outcome::Nothing) => {}
+                Err(e) => self.failed(path.as_str(), &winner.origin, &e),
             }
-            for loser in losers
-                .iter()
-                .filter(|l| !l.deleted && l.hash != winner.hash)
-            {
-                let copy = format!("{rel}.conflict-{}-{}", loser.origin, &hex(&loser.hash)[..8]);
-                if self.copies.lock().unwrap().contains(&copy)
-                    || file_hash(&self.dir.join(&copy)) == Some(loser.hash)
-                {
-                    continue;
-                }
-                match self.blobs.get(&loser.hash) {
-                    Some(bytes) => {
-                        // A plain local file: the next rescan records it.
-                        blobs::write_atomic(&self.dir.join(&copy), &bytes)?;
-                        self.copies.lock().unwrap().insert(copy.clone());
-                        tracing::warn!(
-                            path = rel,
-                            winner = winner.origin,
-                            kept_as = copy,
-                            "scripts sync: concurrent edits; the other version is kept as a conflict copy"
-                        );
-                    }
-                    None => missing += 1,
+            for loser in live_losers(winner, losers) {
+                match self.conflict_copy(path, winner, loser) {
+                    Ok(true) => {}
+                    Ok(false) => missing += 1,
+                    Err(e) => self.failed(path.as_str(), &loser.origin, &e),
                 }
             }
         }
@@ -328,21 +321,163 @@ impl ScriptsSync {
         Ok(missing)
     }
 
-    /// Write a synced file and note it as applied, so the watcher's event
-    /// for it is recognised and not sent back out.
-    fn write_file(&self, rel: &str, bytes: &[u8]) -> Result<()> {
-        let path = self.dir.join(rel);
-        blobs::write_atomic(&path, bytes)?;
-        let meta = std::fs::metadata(&path)?;
+    fn applied_hash(&self, path: &ScriptPath) -> Option<Hash> {
+        self.applied
+            .lock()
+            .unwrap()
+            .get(path.as_str())
+            .map(|a| a.hash)
+    }
+
+    /// Make the file at `path` what the winning entry says.
+    fn apply(&self, path: &ScriptPath, winner: &Entry) -> Result<Outcome> {
+        let rel = path.as_str();
+        let on_disk = self.applied_hash(path);
+        if winner.deleted {
+            let Some(hash) = on_disk else {
+                return Ok(Outcome::Nothing);
+            };
+            // Only what was applied: an edit the watcher has not reported
+            // yet is not thrown away.
+            if self.dir.read(path).map(|b| blobs::hash(&b)) == Some(hash) {
+                self.dir
+                    .remove(path)
+                    .with_context(|| format!("deleting {rel}"))?;
+                tracing::info!(path = rel, origin = winner.origin, "scripts sync: deleted");
+            }
+            self.applied.lock().unwrap().remove(rel);
+            return Ok(Outcome::Changed);
+        }
+        if on_disk == Some(winner.hash) {
+            return Ok(Outcome::Nothing);
+        }
+        let Some(bytes) = self.blobs.get(&winner.hash) else {
+            return Ok(Outcome::Missing);
+        };
+        // Noted as applied, so the watcher's event for it is recognised
+        // and not sent back out.
+        let stat = self
+            .dir
+            .write(path, &bytes)
+            .with_context(|| format!("writing {rel}"))?;
         self.applied.lock().unwrap().insert(
             rel.to_string(),
             Applied {
-                hash: blobs::hash(bytes),
-                size: meta.len(),
-                mtime_ns: mtime_ns(&meta),
+                hash: winner.hash,
+                size: stat.size,
+                mtime_ns: stat.mtime_ns,
             },
         );
-        Ok(())
+        tracing::info!(path = rel, origin = winner.origin, "scripts sync: updated");
+        Ok(Outcome::Changed)
+    }
+
+    /// Keep a losing concurrent version beside the winner, once. False if
+    /// its contents are not here yet.
+    fn conflict_copy(&self, path: &ScriptPath, winner: &Entry, loser: &Entry) -> Result<bool> {
+        // The origin is peer data: only a sanitised form goes into the name.
+        let name = format!(
+            "{path}.conflict-{}-{}",
+            scriptdir::name_part(&loser.origin),
+            &hex(&loser.hash)[..8]
+        );
+        let copy = ScriptPath::parse(&name)
+            .with_context(|| format!("conflict copy name {:?}", manifest::for_log(&name)))?;
+        if self.copies.lock().unwrap().contains(copy.as_str())
+            || self.dir.read(&copy).map(|b| blobs::hash(&b)) == Some(loser.hash)
+        {
+            return Ok(true);
+        }
+        let Some(bytes) = self.blobs.get(&loser.hash) else {
+            return Ok(false);
+        };
+        // A plain local file: the next rescan records it.
+        self.dir
+            .write(&copy, &bytes)
+            .with_context(|| format!("writing {copy}"))?;
+        self.copies.lock().unwrap().insert(copy.to_string());
+        tracing::warn!(
+            path = path.as_str(),
+            winner = winner.origin,
+            kept_as = copy.as_str(),
+            "scripts sync: concurrent edits; the other version is kept as a conflict copy"
+        );
+        Ok(true)
+    }
+
+    /// An entry that could not be applied (a directory where a file
+    /// should be, a symlink leading out, a full disk): logged and counted
+    /// once, the rest of the manifest still applied; retried at the next
+    /// change.
+    fn failed(&self, rel: &str, origin: &str, e: &anyhow::Error) {
+        self.note_refused(&[manifest::Refused {
+            key: manifest::for_log(rel),
+            origin: Some(origin.to_string()),
+            reason: "not-applied",
+            why: format!("{e:#}"),
+        }]);
+    }
+
+    /// Log and count each refused (or unappliable) manifest entry once
+    /// per run.
+    fn note_refused(&self, refused: &[manifest::Refused]) {
+        let mut seen = self.refused.lock().unwrap();
+        for r in refused {
+            if seen.insert(r.clone()) {
+                tracing::warn!(
+                    path = r.key,
+                    origin = r.origin.as_deref().map(manifest::for_log),
+                    reason = r.reason,
+                    "scripts sync: refused a manifest entry: {}",
+                    r.why
+                );
+            }
+        }
+    }
+
+    /// Manifest entries refused or not applied so far (distinct, this
+    /// run), by reason.
+    pub fn refused(&self) -> BTreeMap<&'static str, u64> {
+        let mut out = BTreeMap::new();
+        for r in self.refused.lock().unwrap().iter() {
+            *out.entry(r.reason).or_default() += 1;
+        }
+        out
+    }
+
+    /// Put entries into the manifest as a modified (hostile) peer could:
+    /// any key, any origin, the path rule skipped; several versions are
+    /// written as concurrent edits (a conflict). `None` is a delete. Only
+    /// for tests of what the other nodes do with such entries.
+    #[doc(hidden)]
+    pub async fn inject_unchecked(&self, key: &str, versions: &[(&str, Option<&[u8]>)]) {
+        let entries: Vec<Entry> = versions
+            .iter()
+            .map(|(origin, contents)| {
+                let bytes = contents.unwrap_or_default();
+                let hash = blobs::hash(bytes);
+                self.blobs.put(&hash, bytes).expect("blob stored");
+                Entry {
+                    hash,
+                    size: bytes.len() as u64,
+                    origin: origin.to_string(),
+                    deleted: contents.is_none(),
+                }
+            })
+            .collect();
+        self.store
+            .write(|doc| {
+                let mut forks: Vec<_> = entries.iter().map(|_| doc.fork()).collect();
+                for (fork, entry) in forks.iter_mut().zip(&entries) {
+                    manifest::put(fork, key, entry)?;
+                }
+                for fork in &mut forks {
+                    doc.merge(fork)?;
+                }
+                Ok::<_, automerge::AutomergeError>(())
+            })
+            .expect("manifest written");
+        self.store.durable().await.expect("manifest durable");
     }
 
     /// Make sure the blob store has `hash`: fetched from the origin node,
@@ -358,6 +493,13 @@ impl ScriptsSync {
         peers.sort_by_key(|p| p != origin);
         for peer in peers {
             match cluster.fetch_blob(&peer, hash).await {
+                Ok(Some(bytes)) if bytes.len() as u64 > MAX_FILE => {
+                    tracing::warn!(
+                        peer,
+                        size = bytes.len(),
+                        "scripts sync: peer sent an oversized blob"
+                    )
+                }
                 Ok(Some(bytes)) if blobs::hash(&bytes) == *hash => {
                     if let Err(e) = self.blobs.put(hash, &bytes) {
                         tracing::warn!("scripts sync: cannot store a blob: {e:#}");
@@ -424,19 +566,15 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
     }
 }
 
-fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-fn file_hash(path: &Path) -> Option<Hash> {
-    std::fs::read(path).ok().map(|b| blobs::hash(&b))
+/// Concurrent versions of a path other than the winner that hold contents.
+fn live_losers<'a>(winner: &'a Entry, losers: &'a [Entry]) -> impl Iterator<Item = &'a Entry> {
+    losers
+        .iter()
+        .filter(move |l| !l.deleted && l.hash != winner.hash)
 }
 
 fn save_applied(path: &Path, applied: &BTreeMap<String, Applied>) -> Result<()> {
     let bytes = serde_json::to_vec(applied)?;
-    blobs::write_atomic(path, &bytes).with_context(|| format!("saving {}", path.display()))
+    crate::files::write_atomic(path, &bytes, crate::files::Mode::Shared)
+        .with_context(|| format!("saving {}", path.display()))
 }

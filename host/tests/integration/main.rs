@@ -7,6 +7,7 @@ mod bus;
 mod cli;
 mod cluster;
 mod durability;
+mod hostile;
 mod isolation;
 mod kv;
 mod lua;
