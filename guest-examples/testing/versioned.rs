@@ -9,9 +9,9 @@ struct Versioned;
 
 impl Script for Versioned {
     fn init() -> Result<Self, String> {
-        events::subscribe("*", "tick");
-        events::handle("*", "version");
-        timers::every(10);
+        events::subscribe("*", "tick")?;
+        events::handle("*", "version")?;
+        timers::every(10)?;
         Ok(Versioned)
     }
 

@@ -9,7 +9,7 @@
 //!
 //! impl Script for Hello {
 //!     fn init() -> Result<Self, String> {
-//!         events::subscribe("*", "greet");
+//!         events::subscribe("*", "greet")?;
 //!         Ok(Hello)
 //!     }
 //!     fn on_event(&mut self, msg: Message) {
@@ -47,7 +47,15 @@ pub mod bindings {
 
 pub use bindings::covey::script::kv::KvError;
 pub use bindings::covey::script::node::NodeInfo;
-pub use bindings::covey::script::types::{CallError, Message, SendError};
+pub use bindings::covey::script::types::{CallError, LimitExceeded, Message, SendError};
+
+/// So `init` (which returns `Result<Self, String>`) can use `?` on
+/// `subscribe`, `watch`, `every`….
+impl From<LimitExceeded> for String {
+    fn from(e: LimitExceeded) -> String {
+        format!("limit of {} {} reached", e.limit, e.what)
+    }
+}
 
 /// A Covey script. Only `init` is required; every callback has a default.
 pub trait Script: Sized + 'static {

@@ -183,6 +183,7 @@ async fn instantiations(
             services: node.services().clone(),
             mailbox: tx.clone(),
             lua: code.lua.clone(),
+            log_rate: std::sync::Arc::new(covey::capabilities::log::LogRate::new(0)),
         };
         let t = Instant::now();
         let live = instantiate(env, code).await.unwrap();

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::cluster::ClusterConfig;
 use crate::cluster::credentials::ClusterToken;
+use crate::kvdoc::KvLimits;
 use crate::services::ScriptLimits;
 
 #[derive(Parser, Debug)]
@@ -147,7 +148,8 @@ pub struct RunArgs {
     #[arg(long, env = "COVEY_DATA")]
     pub data: Option<PathBuf>,
     /// YAML config file (keys: node, port, discovery, scripts, iface, extras,
-    /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log)
+    /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log,
+    /// log_rate, kv_quota_keys, kv_quota_bytes)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Memory cap per script in MiB [default: 64]
@@ -207,6 +209,12 @@ pub struct FileConfig {
     pub max_payload: Option<usize>,
     /// Mailbox capacity per script (messages).
     pub mailbox: Option<usize>,
+    /// Log lines per second per script (0: no limit).
+    pub log_rate: Option<u32>,
+    /// Keys one script may hold in the key-value store.
+    pub kv_quota_keys: Option<u64>,
+    /// Bytes (keys + values) one script may hold in the key-value store.
+    pub kv_quota_bytes: Option<u64>,
     pub log: Option<String>,
     /// Cluster token (prefer `covey cluster join`, which keeps it in the
     /// data directory with owner-only permissions).
@@ -228,6 +236,8 @@ pub struct NodeConfig {
     pub limits: ScriptLimits,
     pub max_scripts: u32,
     pub max_payload: usize,
+    /// Key-value limits and per-script quotas.
+    pub kv: KvLimits,
     pub extras: serde_json::Map<String, serde_json::Value>,
     pub log: String,
     /// Watch the scripts directory for changes (tests may turn it off).
@@ -246,6 +256,7 @@ impl NodeConfig {
             limits: ScriptLimits::default(),
             max_scripts: 64,
             max_payload: 1 << 20,
+            kv: KvLimits::default(),
             extras: Default::default(),
             log: "info".into(),
             watch: true,
@@ -296,6 +307,7 @@ impl NodeConfig {
         if let Some(m) = file.mailbox {
             limits.mailbox = m.max(1);
         }
+        limits.log_rate = file.log_rate.unwrap_or(limits.log_rate);
         let file_cluster = FileCluster {
             token: file.cluster_token,
             port: file.port,
@@ -309,6 +321,8 @@ impl NodeConfig {
         cfg.limits = limits;
         cfg.max_scripts = file.max_scripts.unwrap_or(cfg.max_scripts).max(1);
         cfg.max_payload = file.max_payload.unwrap_or(cfg.max_payload);
+        cfg.kv.quota_keys = file.kv_quota_keys.unwrap_or(cfg.kv.quota_keys);
+        cfg.kv.quota_bytes = file.kv_quota_bytes.unwrap_or(cfg.kv.quota_bytes);
         cfg.extras = file.extras;
         cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
         cfg.cluster = resolve_cluster(args, file_cluster, &cfg.data_dir)?;

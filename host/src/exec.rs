@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow};
 
 use crate::capabilities::ScriptEnv;
+use crate::capabilities::log::LogRate;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::{KvDoc, KvLimits};
 use crate::router::{Router, ScriptId, now_ms};
@@ -67,6 +68,8 @@ pub async fn exec(file: &Path, opts: ExecOptions) -> Result<()> {
         services,
         mailbox: mailbox_tx,
         lua: code.lua.clone(),
+        // The terminal of the person who ran it: no limit.
+        log_rate: Arc::new(LogRate::new(0)),
     };
     match instantiate(env, &code).await {
         Ok(_) => Ok(()),

@@ -12,7 +12,7 @@ use crate::config::NodeConfig;
 use crate::control::ControlSocket;
 use crate::docsync::DocReplicator;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
-use crate::kvdoc::{KvDoc, KvLimits};
+use crate::kvdoc::KvDoc;
 use crate::router::{Router, now_ms};
 use crate::script::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
@@ -51,7 +51,7 @@ impl Node {
         let router = Arc::new(Router::new(&cfg.name, cfg.max_payload));
         let kv = Arc::new(KvDoc::open(
             Some(cfg.data_dir.join("kv.automerge")),
-            KvLimits::default(),
+            cfg.kv,
             router.clone(),
         )?);
         let flusher = kv.spawn_flusher();

@@ -472,3 +472,18 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// `text` from a peer or a script, for a log line: at most 120 characters, control characters
+/// escaped.
+pub fn for_log(text: &str) -> String {
+    let mut s: String = text
+        .chars()
+        .take(120)
+        .collect::<String>()
+        .escape_debug()
+        .collect();
+    if text.chars().count() > 120 {
+        s.push('…');
+    }
+    s
+}

@@ -15,6 +15,9 @@ pub struct ScriptLimits {
     pub cpu_budget: Duration,
     /// Messages a script's mailbox holds before new ones are dropped.
     pub mailbox: usize,
+    /// Log lines a script may write per second (bursts of twice that);
+    /// 0: no limit.
+    pub log_rate: u32,
 }
 
 impl Default for ScriptLimits {
@@ -23,6 +26,7 @@ impl Default for ScriptLimits {
             memory_bytes: 64 << 20,
             cpu_budget: Duration::from_millis(100),
             mailbox: 4096,
+            log_rate: 100,
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::SharedHandlers;
 use crate::covey::script::events::{self, CallError};
 use crate::covey::script::kv;
 use crate::covey::script::log::{Level, log};
+use crate::covey::script::types::LimitExceeded;
 use crate::covey::script::{config, lua_source, node, timers};
 use crate::pattern::Pattern;
 
@@ -102,6 +103,7 @@ fn kv_error(e: kv::KvError) -> mlua::Error {
         kv::KvError::ValueTooLarge(n) => format!("value over the {n}-byte limit"),
         kv::KvError::NotACounter(k) => format!("`{k}` is not a counter"),
         kv::KvError::Storage(s) => format!("storage error: {s}"),
+        kv::KvError::QuotaExceeded(s) => format!("quota exceeded: {s}"),
     })
 }
 
@@ -117,25 +119,44 @@ fn level_fn(lua: &Lua, level: Level) -> mlua::Result<Function> {
     })
 }
 
-fn subscribe(h: &SharedHandlers, from: String, name: String, f: Function, command: bool) {
-    let entry = (Pattern::new(&from), Pattern::new(&name), f);
-    if command {
-        events::handle(&from, &name);
-        h.borrow_mut().commands.push(entry);
-    } else {
-        events::subscribe(&from, &name);
-        h.borrow_mut().events.push(entry);
-    }
+/// A host limit as a Lua error ("limit reached: 10000 timers").
+fn limit_error(e: LimitExceeded) -> mlua::Error {
+    mlua::Error::runtime(format!("limit reached: {} {}", e.limit, e.what))
 }
 
-fn start_timer(h: &SharedHandlers, ms: u32, f: Function, repeating: bool, esc_tick: bool) -> u64 {
+fn subscribe(
+    h: &SharedHandlers,
+    from: String,
+    name: String,
+    f: Function,
+    command: bool,
+) -> mlua::Result<()> {
+    let entry = (Pattern::new(&from), Pattern::new(&name), f);
+    if command {
+        events::handle(&from, &name).map_err(limit_error)?;
+        h.borrow_mut().commands.push(entry);
+    } else {
+        events::subscribe(&from, &name).map_err(limit_error)?;
+        h.borrow_mut().events.push(entry);
+    }
+    Ok(())
+}
+
+fn start_timer(
+    h: &SharedHandlers,
+    ms: u32,
+    f: Function,
+    repeating: bool,
+    esc_tick: bool,
+) -> mlua::Result<u64> {
     let id = if repeating {
         timers::every(ms)
     } else {
         timers::after(ms)
-    };
+    }
+    .map_err(limit_error)?;
     h.borrow_mut().timers.insert(id, (f, esc_tick));
-    id
+    Ok(id)
 }
 
 /// Install every global the script sees.
@@ -152,8 +173,7 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
         g.set(
             global,
             lua.create_function(move |_, (from, name, f): (String, String, Function)| {
-                subscribe(&h, from, name, f, command);
-                Ok(())
+                subscribe(&h, from, name, f, command)
             })?,
         )?;
     }
@@ -190,7 +210,7 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
             "tick",
             lua.create_function(move |_, (seconds, f): (f64, Function)| {
                 let ms = (seconds * 1000.0).clamp(1.0, u32::MAX as f64) as u32;
-                Ok(start_timer(&h, ms, f, true, true))
+                start_timer(&h, ms, f, true, true)
             })?,
         )?;
     }
@@ -235,7 +255,7 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
         covey.set(
             key,
             lua.create_function(move |_, (ms, f): (u32, Function)| {
-                Ok(start_timer(&h, ms, f, repeating, false))
+                start_timer(&h, ms, f, repeating, false)
             })?,
         )?;
     }
@@ -297,7 +317,7 @@ fn kv_table(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<Table> {
     t.set(
         "watch",
         lua.create_function(move |_, (prefix, f): (String, Function)| {
-            let id = kv::watch(&prefix);
+            let id = kv::watch(&prefix).map_err(limit_error)?;
             h.borrow_mut().watches.insert(id, (prefix, f));
             Ok(id)
         })?,

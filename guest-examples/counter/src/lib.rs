@@ -7,7 +7,7 @@ struct Counter;
 
 impl Script for Counter {
     fn init() -> Result<Self, String> {
-        events::subscribe("*", "*");
+        events::subscribe("*", "*")?;
         Ok(Counter)
     }
 

@@ -7,8 +7,8 @@ struct Echo;
 
 impl Script for Echo {
     fn init() -> Result<Self, String> {
-        events::handle("*", "echo");
-        events::handle("*", "echo.upper");
+        events::handle("*", "echo")?;
+        events::handle("*", "echo.upper")?;
         Ok(Echo)
     }
 

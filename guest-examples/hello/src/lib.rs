@@ -13,8 +13,8 @@ impl Script for Hello {
         let interval = config::get("hello_interval_ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(3000);
-        events::subscribe("*", "hello");
-        timers::every(interval);
+        events::subscribe("*", "hello")?;
+        timers::every(interval)?;
         log::info(&format!("hello from {}, every {interval} ms", node::name()));
         Ok(Hello { sent: 0 })
     }

@@ -11,8 +11,8 @@ struct Ping {
 
 impl Script for Ping {
     fn init() -> Result<Self, String> {
-        events::subscribe("*", "serve");
-        events::subscribe("*", "pong");
+        events::subscribe("*", "serve")?;
+        events::subscribe("*", "pong")?;
         Ok(Ping { left: 0 })
     }
 

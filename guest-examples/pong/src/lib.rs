@@ -7,7 +7,7 @@ struct Pong;
 
 impl Script for Pong {
     fn init() -> Result<Self, String> {
-        events::subscribe("*", "ping");
+        events::subscribe("*", "ping")?;
         Ok(Pong)
     }
 

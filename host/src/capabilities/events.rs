@@ -13,10 +13,13 @@ use wasmtime::component::{HasSelf, Linker};
 use super::{ScriptEnv, ScriptState};
 use crate::bindings::covey::script::events as wit;
 use crate::bindings::covey::script::types;
-use crate::bindings::{CallError, Message, SendError};
+use crate::bindings::{CallError, LimitExceeded, Message, SendError};
 use crate::pattern::Pattern;
 use crate::router::{ScriptId, SubKind};
 use crate::services::Services;
+
+/// Subscriptions and handlers one script may hold at once.
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
 
 pub struct EventsCtx {
     script: ScriptId,
@@ -45,7 +48,16 @@ impl EventsCtx {
         self.subs.iter().any(|(_, k)| k.matches_command(msg))
     }
 
-    fn add(&mut self, kind: SubKind) -> u64 {
+    fn add(&mut self, kind: SubKind) -> Result<u64, LimitExceeded> {
+        if self.subs.len() >= MAX_SUBSCRIPTIONS {
+            // Only a repeat of one it holds (answered with its id).
+            return self
+                .subs
+                .iter()
+                .find(|(_, k)| *k == kind)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| LimitExceeded::new("subscriptions", MAX_SUBSCRIPTIONS));
+        }
         let id = self
             .services
             .router
@@ -53,7 +65,7 @@ impl EventsCtx {
         if !self.subs.iter().any(|(i, _)| *i == id) {
             self.subs.push((id, kind));
         }
-        id
+        Ok(id)
     }
 }
 
@@ -65,14 +77,14 @@ pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
 impl types::Host for EventsCtx {}
 
 impl wit::Host for EventsCtx {
-    async fn subscribe(&mut self, from: String, name: String) -> u64 {
+    async fn subscribe(&mut self, from: String, name: String) -> Result<u64, LimitExceeded> {
         self.add(SubKind::Event {
             from: Pattern::new(&from),
             name: Pattern::new(&name),
         })
     }
 
-    async fn handle(&mut self, from: String, name: String) -> u64 {
+    async fn handle(&mut self, from: String, name: String) -> Result<u64, LimitExceeded> {
         self.add(SubKind::Command {
             from: Pattern::new(&from),
             name: Pattern::new(&name),

@@ -1,22 +1,27 @@
 //! `covey:script/kv`: the replicated key-value store as a script sees it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Result;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::{ScriptEnv, ScriptState};
+use crate::bindings::LimitExceeded;
 use crate::bindings::covey::script::kv::{self as wit, KvError as WitError};
 use crate::kvdoc::KvError;
 use crate::router::{ScriptId, SubKind};
 use crate::services::Services;
 
+/// Watches one script may hold at once; more is almost certainly a leak.
+pub const MAX_WATCHES: usize = 10_000;
+
 pub struct KvCtx {
     script: ScriptId,
     generation: u64,
     services: Arc<Services>,
-    watches: HashSet<u64>,
+    /// This generation's watches: id → prefix.
+    watches: HashMap<u64, String>,
 }
 
 impl KvCtx {
@@ -25,13 +30,13 @@ impl KvCtx {
             script: env.script.clone(),
             generation: env.generation,
             services: env.services.clone(),
-            watches: HashSet::new(),
+            watches: HashMap::new(),
         }
     }
 
     /// Is `watch` one of this generation's watches?
     pub fn is_watching(&self, watch: u64) -> bool {
-        self.watches.contains(&watch)
+        self.watches.contains_key(&watch)
     }
 }
 
@@ -42,6 +47,7 @@ impl From<KvError> for WitError {
             KvError::ValueTooLarge(n) => WitError::ValueTooLarge(n),
             KvError::NotACounter(s) => WitError::NotACounter(s),
             KvError::Storage(s) => WitError::Storage(s),
+            KvError::QuotaExceeded(s) => WitError::QuotaExceeded(s),
         }
     }
 }
@@ -59,7 +65,7 @@ impl wit::Host for KvCtx {
     // succeed never loses the value to a crash (the fsync is shared by the
     // writes that arrive meanwhile).
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
-        self.services.kv.set(&key, &value)?;
+        self.services.kv.set_by(Some(&self.script), &key, &value)?;
         Ok(self.services.kv.durable().await?)
     }
 
@@ -74,22 +80,33 @@ impl wit::Host for KvCtx {
     }
 
     async fn incr(&mut self, key: String, delta: i64) -> Result<i64, WitError> {
-        let value = self.services.kv.incr(&key, delta)?;
+        let value = self.services.kv.incr_by(Some(&self.script), &key, delta)?;
         self.services.kv.durable().await?;
         Ok(value)
     }
 
-    async fn watch(&mut self, prefix: String) -> u64 {
+    async fn watch(&mut self, prefix: String) -> Result<u64, LimitExceeded> {
+        if self.watches.len() >= MAX_WATCHES {
+            // Only a repeat of one it holds (answered with its id).
+            return self
+                .watches
+                .iter()
+                .find(|(_, p)| **p == prefix)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| LimitExceeded::new("watches", MAX_WATCHES));
+        }
         let id = self.services.router.subscribe(
             &self.script,
             self.generation,
-            SubKind::Watch { prefix },
+            SubKind::Watch {
+                prefix: prefix.clone(),
+            },
         );
-        self.watches.insert(id);
-        id
+        self.watches.insert(id, prefix);
+        Ok(id)
     }
 
     async fn unwatch(&mut self, id: u64) -> bool {
-        self.watches.remove(&id) && self.services.router.unsubscribe(&self.script, id)
+        self.watches.remove(&id).is_some() && self.services.router.unsubscribe(&self.script, id)
     }
 }

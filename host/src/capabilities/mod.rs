@@ -37,6 +37,8 @@ pub struct ScriptEnv {
     pub mailbox: mpsc::Sender<Delivery>,
     /// For `.lua` scripts: the source the Lua guest runs.
     pub lua: Option<lua::LuaScript>,
+    /// The script's log rate limit (outlives generations).
+    pub log_rate: Arc<log::LogRate>,
 }
 
 /// CPU budget of the export call in progress, counted in epoch ticks.

@@ -15,6 +15,7 @@ use tokio::time::MissedTickBehavior;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::{ScriptEnv, ScriptState};
+use crate::bindings::LimitExceeded;
 use crate::bindings::covey::script::timers as wit;
 use crate::router::Delivery;
 
@@ -62,10 +63,9 @@ impl TimersCtx {
         self.timers.len()
     }
 
-    fn start(&mut self, ms: u32, repeating: bool) -> u64 {
+    fn start(&mut self, ms: u32, repeating: bool) -> Result<u64, LimitExceeded> {
         if self.timers.len() >= MAX_TIMERS {
-            tracing::warn!("script has {MAX_TIMERS} timers; refusing another (returns id 0)");
-            return 0;
+            return Err(LimitExceeded::new("timers", MAX_TIMERS));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -93,7 +93,7 @@ impl TimersCtx {
             }
         });
         self.timers.insert(id, Timer { task, repeating });
-        id
+        Ok(id)
     }
 
     fn cancel_timer(&mut self, id: u64) -> bool {
@@ -120,11 +120,11 @@ pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
 }
 
 impl wit::Host for TimersCtx {
-    async fn after(&mut self, ms: u32) -> u64 {
+    async fn after(&mut self, ms: u32) -> Result<u64, LimitExceeded> {
         self.start(ms, false)
     }
 
-    async fn every(&mut self, ms: u32) -> u64 {
+    async fn every(&mut self, ms: u32) -> Result<u64, LimitExceeded> {
         self.start(ms, true)
     }
 

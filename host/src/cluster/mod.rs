@@ -35,10 +35,10 @@ use tokio::task::JoinHandle;
 
 use self::credentials::{CipherPreference, ClusterToken, NodeCredentials};
 use self::dial::DialTarget;
-use self::frame::{DocId, Frame, Hello, PROTOCOL, PeerAddr, WireMessage};
+use self::frame::{DocId, Frame, Hello, PROTOCOL, PeerAddr, WireCallError, WireMessage};
 use self::link::{Inbound, PeerLink, close};
 use self::members::{Members, PeerReport};
-use crate::bindings::{Message, NodeInfo};
+use crate::bindings::{CallError, Message, NodeInfo};
 use crate::router::{CallFuture, PeerStatus, Remote, Router};
 
 /// Clustering settings, resolved from flags, environment and file.
@@ -421,7 +421,27 @@ impl Shared {
 
 impl Inbound for Shared {
     fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'static>) {
+        let limit = self.router.max_payload();
         match frame {
+            // A peer with a larger limit (or none) cannot push past ours.
+            Frame::Event(w) | Frame::Command(w) if w.payload.len() > limit => {
+                oversized(link, &w.name, w.payload.len(), limit);
+            }
+            Frame::Call { call, msg, .. } if msg.payload.len() > limit => {
+                oversized(link, &msg.name, msg.payload.len(), limit);
+                let reply = Frame::Reply {
+                    call,
+                    result: Err(WireCallError::PayloadTooLarge(limit as u64)),
+                };
+                link.offer(reply.encode());
+            }
+            Frame::Reply {
+                call,
+                result: Ok(reply),
+            } if reply.len() > limit => {
+                oversized(link, "(reply)", reply.len(), limit);
+                link.complete_call(call, Err(CallError::PayloadTooLarge(limit as u64)));
+            }
             Frame::Event(w) => {
                 self.router
                     .deliver_event(&Arc::new(w.into_message(&link.node)));
@@ -527,4 +547,13 @@ impl Remote for Shared {
     fn members(&self) -> Vec<NodeInfo> {
         self.members.infos()
     }
+}
+
+/// A message from a peer over this node's payload limit: dropped, logged.
+fn oversized(link: &PeerLink, name: &str, len: usize, limit: usize) {
+    tracing::warn!(
+        peer = %link.node,
+        name = crate::router::for_log(name),
+        "dropped a {len}-byte message from a peer: over this node's payload limit of {limit}"
+    );
 }

@@ -16,7 +16,7 @@
 //! `Router::kv_changed` path as local writes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use automerge::sync;
@@ -29,14 +29,21 @@ use crate::docsync::SyncTarget;
 use crate::router::Router;
 
 mod layout;
+pub mod quota;
 
 use layout::slot_key;
+use quota::Ledger;
 
-/// Size limits enforced on writes.
+/// Size limits enforced on writes, and each script's quota (see
+/// [`quota`]).
 #[derive(Clone, Copy, Debug)]
 pub struct KvLimits {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// Keys one script may hold.
+    pub quota_keys: u64,
+    /// Bytes (keys + values) one script may hold.
+    pub quota_bytes: u64,
 }
 
 impl Default for KvLimits {
@@ -44,6 +51,8 @@ impl Default for KvLimits {
         KvLimits {
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
+            quota_keys: 10_000,
+            quota_bytes: 16 << 20,
         }
     }
 }
@@ -59,6 +68,8 @@ pub enum KvError {
     NotACounter(String),
     #[error("storage error: {0}")]
     Storage(String),
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
 }
 
 pub struct KvDoc {
@@ -67,6 +78,8 @@ pub struct KvDoc {
     node: String,
     limits: KvLimits,
     router: Arc<Router>,
+    /// What each script holds; locked across a write's check and charge.
+    ledger: Mutex<Ledger>,
 }
 
 impl KvDoc {
@@ -77,6 +90,7 @@ impl KvDoc {
             node: router.node_name().to_string(),
             limits,
             router,
+            ledger: Mutex::new(Ledger::default()),
         })
     }
 
@@ -101,19 +115,54 @@ impl KvDoc {
         self.len() == 0
     }
 
+    /// Set `key` (not on any script's behalf: no quota).
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.set_by(None, key, value)
+    }
+
+    /// Set `key` on `writer`'s behalf, within its quota.
+    pub fn set_by(&self, writer: Option<&str>, key: &str, value: &[u8]) -> Result<(), KvError> {
         self.check_key(key)?;
         if value.len() > self.limits.max_value_bytes {
             return Err(KvError::ValueTooLarge(self.limits.max_value_bytes as u64));
         }
-        self.write(|doc| {
-            // A value replaces a counter: its slots go.
-            layout::delete_slots(doc, key).map_err(storage)?;
-            doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec()))
-                .map_err(storage)
+        let bytes = (key.len() + value.len()) as u64;
+        self.charged(writer, key, bytes, || {
+            self.write(|doc| {
+                // A value replaces a counter: its slots go.
+                layout::delete_slots(doc, key).map_err(storage)?;
+                doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec()))
+                    .map_err(storage)
+            })
         })?;
         self.router.kv_changed(key, Some(value));
         Ok(())
+    }
+
+    /// Run `write` if `writer` may hold `bytes` at `key`, and charge it.
+    fn charged<R>(
+        &self,
+        writer: Option<&str>,
+        key: &str,
+        bytes: u64,
+        write: impl FnOnce() -> Result<R, KvError>,
+    ) -> Result<R, KvError> {
+        let mut ledger = self.ledger.lock().unwrap();
+        if let Some(w) = writer {
+            let l = &self.limits;
+            ledger.check(w, key, bytes, l.quota_keys, l.quota_bytes)?;
+        }
+        let r = write()?;
+        match writer {
+            Some(w) => ledger.charge(w, key, bytes),
+            None => ledger.release(key),
+        }
+        Ok(r)
+    }
+
+    /// Keys and bytes `writer` holds (see [`quota`]).
+    pub fn usage(&self, writer: &str) -> (u64, u64) {
+        self.ledger.lock().unwrap().usage(writer)
     }
 
     pub fn delete(&self, key: &str) -> Result<bool, KvError> {
@@ -127,6 +176,7 @@ impl KvDoc {
             Ok(existed)
         })?;
         if existed {
+            self.ledger.lock().unwrap().release(key);
             self.router.kv_changed(key, None);
         }
         Ok(existed)
@@ -141,7 +191,17 @@ impl KvDoc {
     /// would be two conflicting values, and one side's increments would be
     /// hidden).
     pub fn incr(&self, key: &str, delta: i64) -> Result<i64, KvError> {
+        self.incr_by(None, key, delta)
+    }
+
+    /// [`KvDoc::incr`] on `writer`'s behalf, within its quota.
+    pub fn incr_by(&self, writer: Option<&str>, key: &str, delta: i64) -> Result<i64, KvError> {
         self.check_key(key)?;
+        let bytes = key.len() as u64 + quota::COUNTER_BYTES;
+        self.charged(writer, key, bytes, || self.incr_doc(key, delta))
+    }
+
+    fn incr_doc(&self, key: &str, delta: i64) -> Result<i64, KvError> {
         let node = self.node.clone();
         let value = self.write(|doc| {
             let mut carried = 0;
@@ -232,6 +292,9 @@ impl SyncTarget for KvDoc {
             .unwrap_or_default();
         for key in &changed {
             let value = self.get(key);
+            if value.is_none() {
+                self.ledger.lock().unwrap().release(key);
+            }
             self.router.kv_changed(key, value.as_deref());
         }
         Ok(())

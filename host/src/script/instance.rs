@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use wasmtime::{Result, Store, StoreContextMut, Trap, UpdateDeadline};
 
 use crate::bindings::{CallError, Script, ScriptPre};
+use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{CpuBudget, ScriptEnv, ScriptState};
 use crate::engine::EPOCH_TICK;
@@ -76,6 +77,7 @@ pub struct ScriptInstance {
     consecutive_failures: u32,
     restart_at: Option<Instant>,
     status: Arc<Mutex<ScriptStatus>>,
+    log_rate: Arc<LogRate>,
 }
 
 /// Deliveries handled per wake-up before control requests are looked at.
@@ -91,6 +93,7 @@ impl ScriptInstance {
         mailbox: (mpsc::Sender<Delivery>, mpsc::Receiver<Delivery>),
         control: mpsc::UnboundedReceiver<Control>,
         status: Arc<Mutex<ScriptStatus>>,
+        log_rate: Arc<LogRate>,
     ) -> Self {
         ScriptInstance {
             script,
@@ -104,6 +107,7 @@ impl ScriptInstance {
             consecutive_failures: 0,
             restart_at: None,
             status,
+            log_rate,
         }
     }
 
@@ -168,6 +172,7 @@ impl ScriptInstance {
             services: self.services.clone(),
             mailbox: self.mailbox_tx.clone(),
             lua: code.lua.clone(),
+            log_rate: self.log_rate.clone(),
         };
         match instantiate(env, &code).await {
             Ok(live) => {

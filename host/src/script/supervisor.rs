@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 use wasmtime::component::Linker;
 
 use super::instance::{Control, LoadedScript, ScriptInstance, ScriptStatus};
-use crate::bindings::ScriptPre;
+use crate::bindings::{ScriptPre, WIT_VERSION, wit_version_of};
+use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{self, ScriptState};
 use crate::engine::ComponentCache;
@@ -28,6 +29,7 @@ struct Handle {
     task: JoinHandle<()>,
     hash: blake3::Hash,
     status: Arc<Mutex<ScriptStatus>>,
+    log_rate: Arc<LogRate>,
 }
 
 /// One script as listed by `covey status`.
@@ -36,6 +38,8 @@ pub struct ScriptInfo {
     pub id: ScriptId,
     pub hash: String,
     pub status: ScriptStatus,
+    /// Log lines dropped by the rate limit since the script started.
+    pub log_dropped: u64,
 }
 
 /// What a load did.
@@ -169,12 +173,18 @@ impl ScriptSupervisor {
                 .instantiate_pre(&component)
                 .and_then(ScriptPre::new)
                 .map_err(anyhow::Error::from)
-                .with_context(|| {
-                    format!(
-                        "`{id}` does not fit the covey:script@0.1.0 `script` world \
-                         (build it against wit/covey.wit)"
-                    )
-                })?;
+                .with_context(
+                    || match wit_version_of(&component, cache.engine().engine()) {
+                        Some(v) if v != WIT_VERSION => format!(
+                            "`{id}` was built against covey:script@{v}; this host implements \
+                             covey:script@{WIT_VERSION}: rebuild it against wit/covey.wit"
+                        ),
+                        _ => format!(
+                            "`{id}` does not fit the covey:script@{WIT_VERSION} `script` world \
+                             (build it against wit/covey.wit)"
+                        ),
+                    },
+                )?;
             Ok(LoadedScript {
                 pre,
                 hash,
@@ -239,6 +249,7 @@ impl ScriptSupervisor {
         let (mailbox_tx, mailbox_rx) = mpsc::channel(self.services.limits.mailbox);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(ScriptStatus::default()));
+        let log_rate = Arc::new(LogRate::new(self.services.limits.log_rate));
         self.services
             .router
             .register(id.clone(), mailbox_tx.clone());
@@ -249,6 +260,7 @@ impl ScriptSupervisor {
             (mailbox_tx, mailbox_rx),
             control_rx,
             status.clone(),
+            log_rate.clone(),
         );
         let (started_tx, started_rx) = oneshot::channel();
         let task = tokio::spawn(instance.run(started_tx));
@@ -258,6 +270,7 @@ impl ScriptSupervisor {
                 task,
                 hash,
                 status,
+                log_rate,
             },
             started_rx,
         )
@@ -318,6 +331,7 @@ impl ScriptSupervisor {
                 id: id.clone(),
                 hash: h.hash.to_hex()[..16].to_string(),
                 status: h.status.lock().unwrap().clone(),
+                log_dropped: h.log_rate.dropped(),
             })
             .collect()
     }

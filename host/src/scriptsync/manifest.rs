@@ -72,7 +72,7 @@ pub fn all(doc: &AutoCommit) -> Manifest {
                 out.entries.insert(path, versions);
             }
             Err((reason, why, origin)) => out.refused.push(Refused {
-                key: for_log(&key),
+                key: crate::router::for_log(&key),
                 origin,
                 reason,
                 why,
@@ -111,21 +111,6 @@ fn accept(doc: &AutoCommit, key: &str) -> Result<(ScriptPath, (Entry, Vec<Entry>
         ));
     }
     Ok((path, (winner, losers)))
-}
-
-/// `text` for a log line: at most 120 characters, control characters
-/// escaped.
-pub fn for_log(text: &str) -> String {
-    let mut s: String = text
-        .chars()
-        .take(120)
-        .collect::<String>()
-        .escape_debug()
-        .collect();
-    if text.chars().count() > 120 {
-        s.push('…');
-    }
-    s
 }
 
 pub fn put(

@@ -34,6 +34,7 @@ use self::manifest::Entry;
 use crate::cluster::{BlobSource, Cluster};
 use crate::docstore::DocStore;
 use crate::docsync::SyncTarget;
+use crate::router::for_log;
 use crate::scriptdir::{self, FileStat, ScriptDir, ScriptPath, is_ignored_name};
 
 /// Largest file synced (bigger ones stay local, with a warning): the
@@ -174,7 +175,7 @@ impl ScriptsSync {
             Ok(_) => true,
             Err(e) => {
                 if self.unsyncable.lock().unwrap().insert(rel.clone()) {
-                    let rel = manifest::for_log(rel);
+                    let rel = for_log(rel);
                     tracing::warn!(path = rel, "scripts sync: not synced: {e}");
                 }
                 false
@@ -382,7 +383,7 @@ impl ScriptsSync {
             &hex(&loser.hash)[..8]
         );
         let copy = ScriptPath::parse(&name)
-            .with_context(|| format!("conflict copy name {:?}", manifest::for_log(&name)))?;
+            .with_context(|| format!("conflict copy name {:?}", for_log(&name)))?;
         if self.copies.lock().unwrap().contains(copy.as_str())
             || self.dir.read(&copy).map(|b| blobs::hash(&b)) == Some(loser.hash)
         {
@@ -411,7 +412,7 @@ impl ScriptsSync {
     /// change.
     fn failed(&self, rel: &str, origin: &str, e: &anyhow::Error) {
         self.note_refused(&[manifest::Refused {
-            key: manifest::for_log(rel),
+            key: for_log(rel),
             origin: Some(origin.to_string()),
             reason: "not-applied",
             why: format!("{e:#}"),
@@ -426,7 +427,7 @@ impl ScriptsSync {
             if seen.insert(r.clone()) {
                 tracing::warn!(
                     path = r.key,
-                    origin = r.origin.as_deref().map(manifest::for_log),
+                    origin = r.origin.as_deref().map(for_log),
                     reason = r.reason,
                     "scripts sync: refused a manifest entry: {}",
                     r.why

@@ -210,6 +210,48 @@ async fn payload_limit_is_enforced_on_send() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_push_a_message_past_this_nodes_payload_limit() {
+    // b allows 64 KiB, a only 4 KiB: what b sends over a's limit is
+    // dropped by a (a call gets payload-too-large), the rest goes through.
+    let token = ClusterToken::generate();
+    let a = join("a", &token, &[], &["echo"], |c| c.max_payload = 4096).await;
+    let b = join("b", &token, &[addr(&a)], &["probe"], |c| {
+        c.max_payload = 64 << 10
+    })
+    .await;
+    wait_up(&[&a, &b]).await;
+    let router = b.node().router();
+    let big = vec![b'x'; 8192];
+    assert_eq!(
+        router
+            .call(None, "a", "echo", big, Duration::from_secs(5))
+            .await,
+        Err(CallError::PayloadTooLarge(4096))
+    );
+    let small = vec![b'y'; 4096];
+    let reply = router
+        .call(None, "a", "echo", small.clone(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(reply, small);
+    // Nor can a reply: b answers 8 KiB, a refuses it.
+    b.node().kv().set("big", &[b'z'; 8192]).unwrap();
+    assert_eq!(
+        a.node()
+            .router()
+            .call(
+                None,
+                "b",
+                "probe.get",
+                b"big".to_vec(),
+                Duration::from_secs(5)
+            )
+            .await,
+        Err(CallError::PayloadTooLarge(4096))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_leaves_is_down_then_back_up() {
     let (token, [a, b, mut c]) = three(|_| {}).await;
     c.stop().await;

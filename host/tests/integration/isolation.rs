@@ -1,6 +1,7 @@
 //! Isolation: runaway loops, memory bombs, crashes and bad files never take
 //! the host or other scripts down.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use covey::bindings::CallError;
@@ -90,7 +91,8 @@ async fn crash_restarts_the_script() {
 async fn garbage_and_foreign_components_are_rejected_clearly() {
     let t = start(&["echo"]).await;
     let sup = t.node().supervisor();
-    let cases: [(&str, Vec<u8>, &str); 4] = [
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pong-wit-0.1.0.wasm");
+    let cases: [(&str, Vec<u8>, &str); 5] = [
         (
             "garbage.wasm",
             b"\x00\x01 random bytes".to_vec(),
@@ -109,7 +111,13 @@ async fn garbage_and_foreign_components_are_rejected_clearly() {
         (
             "foreign.wasm",
             std::fs::read(guest("testing/not-covey")).unwrap(),
-            "does not fit the covey:script@0.1.0",
+            "does not fit the covey:script@0.2.0",
+        ),
+        (
+            // The pong example as built before the 0.2.0 contract.
+            "old.wasm",
+            std::fs::read(old).unwrap(),
+            "was built against covey:script@0.1.0; this host implements covey:script@0.2.0",
         ),
     ];
     for (name, bytes, expected) in cases {

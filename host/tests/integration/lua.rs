@@ -6,7 +6,7 @@ use covey::bindings::CallError;
 
 use crate::common::{TestNode, eventually, start, start_with};
 
-fn write(t: &TestNode, name: &str, text: &str) -> std::path::PathBuf {
+pub(crate) fn write(t: &TestNode, name: &str, text: &str) -> std::path::PathBuf {
     let path = t.scripts.join(name);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let tmp = t
@@ -17,7 +17,7 @@ fn write(t: &TestNode, name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
-async fn load(t: &TestNode, name: &str, text: &str) {
+pub(crate) async fn load(t: &TestNode, name: &str, text: &str) {
     let path = write(t, name, text);
     t.node().supervisor().sync_path(&path).await.unwrap();
 }

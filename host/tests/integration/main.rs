@@ -10,6 +10,7 @@ mod durability;
 mod hostile;
 mod isolation;
 mod kv;
+mod limits;
 mod lua;
 mod process;
 mod reload;

@@ -6,8 +6,8 @@ struct Bomb;
 
 impl Script for Bomb {
     fn init() -> Result<Self, String> {
-        events::handle("*", "bomb");
-        events::handle("*", "alive");
+        events::handle("*", "bomb")?;
+        events::handle("*", "alive")?;
         Ok(Bomb)
     }
 

@@ -8,8 +8,8 @@ struct Crash;
 impl Script for Crash {
     fn init() -> Result<Self, String> {
         let _ = kv::incr("crash/inits", 1);
-        events::handle("*", "crash");
-        events::handle("*", "alive");
+        events::handle("*", "crash")?;
+        events::handle("*", "alive")?;
         Ok(Crash)
     }
 

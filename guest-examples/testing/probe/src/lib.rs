@@ -2,10 +2,18 @@
 //! drive and observe the capabilities through real WIT calls. Requests and
 //! replies are text; fields are separated by `|`.
 
-use covey_guest::{Message, Script, config, events, kv, node, timers};
+use covey_guest::{LimitExceeded, Message, Script, config, events, kv, node, timers};
 
 struct Probe {
     every_left: std::collections::HashMap<u64, u32>,
+}
+
+/// A new id as text, or why there is none.
+fn id(r: Result<u64, LimitExceeded>) -> String {
+    match r {
+        Ok(id) => id.to_string(),
+        Err(e) => format!("err:{} {}", e.what, e.limit),
+    }
 }
 
 fn field(parts: &[&str], i: usize) -> String {
@@ -14,7 +22,7 @@ fn field(parts: &[&str], i: usize) -> String {
 
 impl Script for Probe {
     fn init() -> Result<Self, String> {
-        events::handle("*", "probe.*");
+        events::handle("*", "probe.*")?;
         println!("probe started on {}", node::name());
         Ok(Probe {
             every_left: Default::default(),
@@ -52,19 +60,21 @@ impl Script for Probe {
                 "{:?}",
                 events::send_command(&field(&p, 0), &field(&p, 1), field(&p, 2).as_bytes())
             ),
-            "probe.subscribe" => events::subscribe(&field(&p, 0), &field(&p, 1)).to_string(),
+            "probe.subscribe" => id(events::subscribe(&field(&p, 0), &field(&p, 1))),
             "probe.unsubscribe" => {
                 events::unsubscribe(field(&p, 0).parse().unwrap_or(0)).to_string()
             }
-            "probe.after" => timers::after(field(&p, 0).parse().unwrap_or(10)).to_string(),
-            "probe.every" => {
-                let id = timers::every(field(&p, 0).parse().unwrap_or(10));
-                self.every_left
-                    .insert(id, field(&p, 1).parse().unwrap_or(3));
-                id.to_string()
-            }
+            "probe.after" => id(timers::after(field(&p, 0).parse().unwrap_or(10))),
+            "probe.every" => match timers::every(field(&p, 0).parse().unwrap_or(10)) {
+                Ok(id) => {
+                    self.every_left
+                        .insert(id, field(&p, 1).parse().unwrap_or(3));
+                    id.to_string()
+                }
+                Err(e) => format!("err:{} {}", e.what, e.limit),
+            },
             "probe.cancel" => timers::cancel(field(&p, 0).parse().unwrap_or(0)).to_string(),
-            "probe.watch" => kv::watch(&field(&p, 0)).to_string(),
+            "probe.watch" => id(kv::watch(&field(&p, 0))),
             "probe.unwatch" => kv::unwatch(field(&p, 0).parse().unwrap_or(0)).to_string(),
             "probe.print" => {
                 println!("{}", field(&p, 0));

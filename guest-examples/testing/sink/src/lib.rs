@@ -10,8 +10,8 @@ struct Sink {
 
 impl Script for Sink {
     fn init() -> Result<Self, String> {
-        events::subscribe("*", "bench");
-        events::handle("*", "count");
+        events::subscribe("*", "bench")?;
+        events::handle("*", "count")?;
         Ok(Sink { seen: 0 })
     }
 

@@ -14,9 +14,9 @@ fn forever() {
 
 impl Script for Spin {
     fn init() -> Result<Self, String> {
-        events::handle("*", "spin");
-        events::handle("*", "alive");
-        events::subscribe("*", "spin");
+        events::handle("*", "spin")?;
+        events::handle("*", "alive")?;
+        events::subscribe("*", "spin")?;
         Ok(Spin)
     }
 
