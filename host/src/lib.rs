@@ -33,6 +33,9 @@
 //! - [`kvdoc`] — the key-value store (keys, counters, limits) on a `DocStore`.
 //! - [`pattern`] — esc-style `*` patterns.
 //! - [`files`] — crash-safe whole-file writes; hex.
+//! - `fuzz` — fuzz targets (peer frames, manifest entries, sync messages,
+//!   config files, the WIT boundary), shared by `host/fuzz` and the corpus
+//!   replay test.
 //! - [`shutdown`] — SIGINT/SIGTERM.
 
 pub mod bindings;
@@ -45,6 +48,8 @@ pub mod docsync;
 pub mod engine;
 pub mod exec;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod kvdoc;
 pub mod node;
 pub mod pattern;

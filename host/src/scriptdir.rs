@@ -181,6 +181,13 @@ impl ScriptDir {
         dir.metadata(path.as_path()).map(|m| FileStat::of(&m))
     }
 
+    /// Size and modification time of the file at `path`.
+    pub fn stat(&self, path: &ScriptPath) -> io::Result<FileStat> {
+        self.open()?
+            .metadata(path.as_path())
+            .map(|m| FileStat::of(&m))
+    }
+
     /// The file's contents (none if it is missing or not readable).
     pub fn read(&self, path: &ScriptPath) -> Option<Vec<u8>> {
         self.open().ok()?.read(path.as_path()).ok()

@@ -352,15 +352,27 @@ impl ScriptsSync {
         if on_disk == Some(winner.hash) {
             return Ok(Outcome::Nothing);
         }
-        let Some(bytes) = self.blobs.get(&winner.hash) else {
-            return Ok(Outcome::Missing);
+        let current = self.dir.read(path).map(|b| blobs::hash(&b));
+        let stat = if current == Some(winner.hash) {
+            // Already there (the same file dropped on several nodes).
+            self.dir
+                .stat(path)
+                .with_context(|| format!("reading {rel}"))?
+        } else if current.is_some() && current != on_disk {
+            // Edited here and not recorded yet: the next rescan records
+            // the edit, which then supersedes this version. Writing now
+            // would lose it.
+            return Ok(Outcome::Nothing);
+        } else {
+            let Some(bytes) = self.blobs.get(&winner.hash) else {
+                return Ok(Outcome::Missing);
+            };
+            self.dir
+                .write(path, &bytes)
+                .with_context(|| format!("writing {rel}"))?
         };
         // Noted as applied, so the watcher's event for it is recognised
         // and not sent back out.
-        let stat = self
-            .dir
-            .write(path, &bytes)
-            .with_context(|| format!("writing {rel}"))?;
         self.applied.lock().unwrap().insert(
             rel.to_string(),
             Applied {

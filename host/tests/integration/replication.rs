@@ -318,3 +318,30 @@ async fn big_values_written_apart_converge_in_one_large_sync() {
     assert_eq!(a.node().kv().keys("big/").len(), 80);
     assert_eq!(b.node().kv().get("big/a39").unwrap().len(), 1 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_edit_not_yet_recorded_is_never_overwritten_by_a_peer() {
+    let token = ClusterToken::generate();
+    let a = join("a", &token, &[], &[], |c| c.watch = false).await;
+    let sync = a.node().scripts_sync().unwrap().clone();
+    // Edited here (the watcher is off: not recorded yet) while a peer's
+    // version of the same file arrives.
+    std::fs::write(a.scripts.join("notes.txt"), "edited here").unwrap();
+    sync.inject_unchecked("notes.txt", &[("b", Some(b"from b".as_slice()))])
+        .await;
+    sync.reconcile().await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(a.scripts.join("notes.txt")).unwrap(),
+        "edited here"
+    );
+    // Once recorded, the local edit is the newer version everywhere.
+    sync.rescan().await.unwrap();
+    sync.reconcile().await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(a.scripts.join("notes.txt")).unwrap(),
+        "edited here"
+    );
+    let heads = sync.heads();
+    sync.rescan().await.unwrap();
+    assert_eq!(sync.heads(), heads, "nothing new to record");
+}

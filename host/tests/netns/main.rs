@@ -5,233 +5,25 @@
 //! Needs root and `ip` (iproute2). Without them the test prints SKIPPED
 //! and passes: the message is in the test output, never silent.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use covey::cluster::credentials::ClusterToken;
-use covey::control::StatusReport;
 
 // The shared helpers (this binary uses a few of them).
 #[allow(dead_code)]
 #[path = "../integration/common.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "../support/lan.rs"]
+mod lan;
 
 use common::eventually;
+use lan::{Lan, ip};
 
 /// The namespace tests run one at a time, and in their own test binary so
 /// that no in-process test competes with their processes for the CPU and
 /// the disk: what they time is failure detection, not a loaded machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Namespaces, veths and processes of one test; removed on drop.
-struct Lan {
-    id: String,
-    hub: String,
-    nodes: Vec<String>,
-    /// Running nodes by number.
-    children: Vec<(usize, Child)>,
-    /// How many times each node was started (log file per start).
-    starts: std::collections::HashMap<usize, usize>,
-    dir: tempfile::TempDir,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Lan {
-    /// A bridge in its own namespace and `n` node namespaces on it, with
-    /// addresses 10.<x>.<y>.1..n/24.
-    fn new(n: usize, tag: &str) -> Result<Lan, String> {
-        let id = format!("{tag}{:x}", std::process::id() % 0xfff);
-        let mut lan = Lan {
-            hub: format!("cvh{id}"),
-            id: id.clone(),
-            nodes: Vec::new(),
-            children: Vec::new(),
-            starts: Default::default(),
-            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
-        };
-        ip(&["netns", "add", &lan.hub])?;
-        ip(&["-n", &lan.hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &lan.hub, "link", "set", "br0", "up"])?;
-        let subnet = (std::process::id() + tag.len() as u32 * 7) % 200 + 20;
-        for i in 1..=n {
-            let ns = format!("cvn{id}x{i}");
-            ip(&["netns", "add", &ns])?;
-            lan.nodes.push(ns.clone());
-            let (inside, outside) = (format!("cvi{id}x{i}"), lan.port(i));
-            ip(&[
-                "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &outside,
-                "netns", &lan.hub,
-            ])?;
-            ip(&["-n", &lan.hub, "link", "set", &outside, "master", "br0"])?;
-            ip(&["-n", &lan.hub, "link", "set", &outside, "up"])?;
-            ip(&["-n", &ns, "link", "set", &inside, "name", "eth0"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.{subnet}.7.{i}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(lan)
-    }
-
-    /// `new`, or none after printing why the test `test` is skipped.
-    fn new_or_skip(n: usize, tag: &str, test: &str) -> Option<Lan> {
-        match Lan::new(n, tag) {
-            Ok(lan) => Some(lan),
-            Err(e) => {
-                eprintln!("SKIPPED {test}: {e}");
-                None
-            }
-        }
-    }
-
-    /// The bridge-side end of node `i`'s cable.
-    fn port(&self, i: usize) -> String {
-        format!("cvo{}x{i}", self.id)
-    }
-
-    fn data(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("n{i}"))
-    }
-
-    /// Start `covey run` as node `n<i>` in its namespace.
-    fn run(&mut self, i: usize, token: &ClusterToken) {
-        let data = self.data(i);
-        std::fs::create_dir_all(&data).unwrap();
-        let start = {
-            let n = self.starts.entry(i).or_insert(0);
-            *n += 1;
-            *n
-        };
-        let log_path = if start == 1 {
-            data.with_extension("log")
-        } else {
-            data.with_extension(format!("{start}.log"))
-        };
-        let log = std::fs::File::create(log_path).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.nodes[i - 1]])
-            .arg(env!("CARGO_BIN_EXE_covey"))
-            .args(["run", "--node", &format!("n{i}"), "--data"])
-            .arg(&data)
-            .arg("--scripts")
-            .arg(data.join("scripts"))
-            .args(["--discovery", "mdns", "--iface", "eth0"])
-            .args(["--peer-timeout-ms", "1500", "--log", "covey=debug,info"])
-            .env("COVEY_CLUSTER_TOKEN", token.encode())
-            .env("NO_COLOR", "1")
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting covey");
-        self.children.push((i, child));
-    }
-
-    /// `n<i>`'s view of its peers: (name, up), or none if not answering.
-    async fn peers(&self, i: usize) -> Option<Vec<(String, bool)>> {
-        let report: StatusReport = covey::control::fetch_status(&self.data(i)).await.ok()?;
-        let cluster = report.cluster?;
-        Some(cluster.peers.into_iter().map(|p| (p.name, p.up)).collect())
-    }
-
-    async fn up_peers(&self, i: usize) -> Vec<String> {
-        self.peers(i)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(_, up)| *up)
-            .map(|(n, _)| n)
-            .collect()
-    }
-
-    /// Everything node `i` logged, over all its starts.
-    fn log(&self, i: usize) -> String {
-        let mut all = String::new();
-        for start in 1..=*self.starts.get(&i).unwrap_or(&1) {
-            let p = if start == 1 {
-                self.data(i).with_extension("log")
-            } else {
-                self.data(i).with_extension(format!("{start}.log"))
-            };
-            all.push_str(&std::fs::read_to_string(p).unwrap_or_default());
-        }
-        all
-    }
-
-    /// Stop node `i`: SIGKILL (no goodbye, no flush) or SIGTERM (clean).
-    fn stop(&mut self, i: usize, kill9: bool) {
-        let pos = self.children.iter().position(|(n, _)| *n == i).unwrap();
-        let (_, mut child) = self.children.remove(pos);
-        if kill9 {
-            child.kill().unwrap();
-        } else {
-            unsafe { kill(child.id() as i32, 15) };
-        }
-        child.wait().unwrap();
-    }
-
-    fn scripts(&self, i: usize) -> PathBuf {
-        self.data(i).join("scripts")
-    }
-
-    async fn status(&self, i: usize) -> Option<StatusReport> {
-        covey::control::fetch_status(&self.data(i)).await.ok()
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // What each node said, to see why a wait timed out.
-            for i in self.starts.keys() {
-                let log = self.log(*i);
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .filter(|l| !l.contains("acked"))
-                    .take(40)
-                    .collect();
-                eprintln!("--- n{i} log (last 40 lines) ---");
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-        }
-        for (_, c) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.nodes.iter().chain([&self.hub]) {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
-unsafe extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
-}
 
 fn names(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()

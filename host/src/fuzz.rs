@@ -1,0 +1,343 @@
+//! Fuzz targets: what a peer, a config file or a script can hand the host,
+//! with the properties that must hold for any input. Shared by the
+//! cargo-fuzz crate (`host/fuzz`, nightly, coverage-guided) and the corpus
+//! replay test (`host/tests/fuzz_replay.rs`, stable, every CI run), so a
+//! crash found once stays a regression test.
+//!
+//! A target panics only when a property fails (or the code under test
+//! panics, which is the bug being looked for); every input is otherwise
+//! "fine".
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ROOT, ScalarValue, sync};
+
+use crate::cluster::frame::{FrameError, FrameReader};
+use crate::docsync::SyncTarget;
+use crate::kvdoc::{KvDoc, KvLimits};
+use crate::router::Router;
+use crate::scriptdir::{ScriptDir, ScriptPath, name_part};
+use crate::scriptsync::manifest::{self, Entry};
+
+/// Poll a future that never waits (it reads from a byte slice).
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
+    {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("reading from a slice never waits"),
+    }
+}
+
+/// Cluster frames off a link: any bytes decode to frames or a clean error;
+/// a decoded frame re-encodes to a frame that decodes to itself.
+pub fn frame(data: &[u8]) {
+    let mut reader = FrameReader::new(data, 1 << 20);
+    loop {
+        match ready(reader.next()) {
+            Ok(f) => {
+                let again = f.encode();
+                let mut r = FrameReader::new(&again[..], 1 << 20);
+                assert_eq!(ready(r.next()).expect("re-encoded frame decodes"), f);
+            }
+            Err(FrameError::Closed | FrameError::Io(_)) => return,
+            Err(FrameError::Decode(_) | FrameError::TooLarge(..)) => return,
+        }
+    }
+}
+
+/// Manifest entries as a hostile peer could write them: `data` is split
+/// into (path, origin, contents) records by NUL-free separators. Whatever
+/// the entries, every path the manifest accepts is inside the scripts
+/// directory, a write there lands inside it (a symlink to outside is
+/// planted), and the conflict-copy name part is one plain name.
+pub fn manifest(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut doc = AutoCommit::new();
+    for record in text.split('\u{1e}').take(16) {
+        let mut fields = record.splitn(3, '\u{1f}');
+        let path = fields.next().unwrap_or_default();
+        let origin = fields.next().unwrap_or_default();
+        let contents = fields.next().unwrap_or_default().as_bytes();
+        let entry = Entry {
+            hash: crate::scriptsync::blobs::hash(contents),
+            size: contents.len() as u64,
+            origin: origin.to_string(),
+            deleted: contents.is_empty(),
+        };
+        manifest::put(&mut doc, path, &entry).expect("put");
+        // Some values that are not entries at all.
+        if origin == "raw" {
+            doc.put(ROOT, path, ScalarValue::Bytes(contents.to_vec()))
+                .expect("put");
+        }
+        let part = name_part(origin);
+        assert!(!part.is_empty() && !part.starts_with('.'), "{part:?}");
+        assert!(
+            part.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "{part:?}"
+        );
+    }
+    let m = manifest::all(&doc);
+    let sandbox = sandbox();
+    for (path, (winner, _)) in &m.entries {
+        assert_inside(path);
+        let _guard = sandbox.lock.lock().unwrap();
+        if sandbox.dir.write(path, &winner.hash[..4]).is_ok() {
+            let _ = sandbox.dir.remove(path);
+        }
+        assert!(
+            std::fs::read_dir(&sandbox.outside)
+                .unwrap()
+                .next()
+                .is_none(),
+            "{path} wrote outside the scripts directory"
+        );
+    }
+    // Arbitrary text through the rule directly.
+    if let Ok(p) = ScriptPath::parse(&text) {
+        assert_inside(&p);
+    }
+}
+
+fn assert_inside(path: &ScriptPath) {
+    let joined = Path::new("/scripts").join(path.as_str());
+    assert!(joined.starts_with("/scripts/"), "{path}");
+    for c in Path::new(path.as_str()).components() {
+        let Component::Normal(name) = c else {
+            panic!("{path}: {c:?}");
+        };
+        let name = name.to_string_lossy();
+        assert!(!crate::scriptdir::is_ignored_name(&name), "{path}");
+    }
+}
+
+struct Sandbox {
+    _tmp: PathBuf,
+    dir: ScriptDir,
+    outside: PathBuf,
+    lock: Mutex<()>,
+}
+
+/// A scripts directory with a symlink `link` to a directory beside it.
+fn sandbox() -> &'static Sandbox {
+    static S: OnceLock<Sandbox> = OnceLock::new();
+    S.get_or_init(|| {
+        // Memory-backed where there is one: the writes are fsynced.
+        let base = Path::new("/dev/shm");
+        let base = if base.is_dir() {
+            base.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let tmp = base.join(format!("covey-fuzz-{}", std::process::id()));
+        let root = tmp.join("scripts");
+        let outside = tmp.join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let _ = std::os::unix::fs::symlink(&outside, root.join("link"));
+        Sandbox {
+            dir: ScriptDir::new(&root),
+            _tmp: tmp,
+            outside,
+            lock: Mutex::new(()),
+        }
+    })
+}
+
+/// A peer's sync message for the key-value store: merged or refused with
+/// an error, never a panic; afterwards the store still reads, writes and
+/// generates messages.
+pub fn sync_message(data: &[u8]) {
+    let kv = KvDoc::open(
+        None,
+        KvLimits::default(),
+        Arc::new(Router::new("fuzz", 1 << 20)),
+    )
+    .expect("in-memory store");
+    kv.set("existing", b"value").unwrap();
+    let mut state = sync::State::new();
+    let _ = kv.receive(&mut state, data);
+    let _ = kv.keys("");
+    kv.set("after", b"still works").unwrap();
+    assert_eq!(kv.get("after").as_deref(), Some(&b"still works"[..]));
+    let _ = kv.generate(&mut state);
+}
+
+/// A config file: parsed and resolved, or a clean error.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("covey-fuzz-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{:?}.yaml", std::thread::current().id()).replace(['(', ')'], ""));
+    std::fs::write(&path, text).unwrap();
+    let args = crate::config::RunArgs {
+        config: Some(path),
+        ..Default::default()
+    };
+    let _ = crate::config::NodeConfig::resolve(&args);
+}
+
+/// Seeds for `frame`: one frame of each kind.
+pub fn frame_seeds() -> Vec<Vec<u8>> {
+    use crate::cluster::frame::{DocId, Frame, Hello, PeerAddr, WireCallError, WireMessage};
+    use std::borrow::Cow;
+    let msg = crate::bindings::Message {
+        id: 1,
+        from: "a".into(),
+        to: "*".into(),
+        name: "temp".into(),
+        payload: b"21.5".to_vec(),
+        timestamp_ms: 2,
+    };
+    let frames = [
+        Frame::Hello(Hello {
+            proto: 1,
+            cluster: "0123456789abcdef".into(),
+            node: "a".into(),
+            incarnation: 3,
+            listen_port: 7466,
+            version: "0.1.0".into(),
+        }),
+        Frame::Event(WireMessage::borrow(&msg)),
+        Frame::Command(WireMessage::borrow(&msg)),
+        Frame::Call {
+            call: 4,
+            timeout_ms: 100,
+            msg: WireMessage::borrow(&msg),
+        },
+        Frame::Reply {
+            call: 4,
+            result: Ok(Cow::Borrowed(b"ok")),
+        },
+        Frame::Reply {
+            call: 5,
+            result: Err(WireCallError::NoHandler("x".into())),
+        },
+        Frame::Peers(vec![PeerAddr {
+            node: "b".into(),
+            addr: "[::1]:7466".parse().unwrap(),
+        }]),
+        Frame::Sync {
+            doc: DocId::Scripts,
+            msg: Cow::Borrowed(b"\x42\x00"),
+        },
+    ];
+    frames.iter().map(|f| f.encode().to_vec()).collect()
+}
+
+/// Seeds for `sync_message`: real messages from a store with keys and
+/// counters, first and later rounds.
+pub fn sync_seeds() -> Vec<Vec<u8>> {
+    let mut doc = AutoCommit::new();
+    doc.put(ROOT, "k", ScalarValue::Bytes(b"v".to_vec()))
+        .unwrap();
+    doc.put(ROOT, "\0c\0n\0a", ScalarValue::Int(3)).unwrap();
+    let mut other = AutoCommit::new();
+    let (mut s1, mut s2) = (sync::State::new(), sync::State::new());
+    let mut out = Vec::new();
+    use automerge::sync::SyncDoc;
+    for _ in 0..4 {
+        if let Some(m) = doc.sync().generate_sync_message(&mut s1) {
+            let bytes = m.encode();
+            out.push(bytes.clone());
+            let _ = other
+                .sync()
+                .receive_sync_message(&mut s2, sync::Message::decode(&bytes).unwrap());
+        }
+        if let Some(m) = other.sync().generate_sync_message(&mut s2) {
+            let bytes = m.encode();
+            let _ = doc
+                .sync()
+                .receive_sync_message(&mut s1, sync::Message::decode(&bytes).unwrap());
+        }
+    }
+    out
+}
+
+/// The script that turns fuzz input into host calls: each op byte picks a
+/// call (emit, command, call, every KV function, subscribe, watch, timer,
+/// log), the following bytes its arguments (names and payloads of any
+/// bytes, not always UTF-8).
+const FUZZ_LUA: &str = r#"
+covey.handle("*", "fuzz.run", function(msg)
+  local p, i, n = msg.payload, 1, 0
+  local function byte() local b = p:byte(i) or 0; i = i + 1; return b end
+  local function str() local len = byte() % 40; local s = p:sub(i, i + len - 1); i = i + len; return s end
+  while i <= #p and n < 64 do
+    n = n + 1
+    local op = byte() % 13
+    pcall(function()
+      if op == 0 then covey.emit(str(), str())
+      elseif op == 1 then covey.command(str(), str(), str())
+      elseif op == 2 then covey.call(str(), str(), str(), byte())
+      elseif op == 3 then covey.kv.set(str(), str())
+      elseif op == 4 then covey.kv.get(str())
+      elseif op == 5 then covey.kv.delete(str())
+      elseif op == 6 then covey.kv.incr(str(), byte() - 128)
+      elseif op == 7 then covey.kv.keys(str())
+      elseif op == 8 then covey.on(str(), str(), function() end)
+      elseif op == 9 then covey.kv.watch(str(), function() end)
+      elseif op == 10 then covey.after(byte(), function() end)
+      elseif op == 11 then covey.log.info(str())
+      else covey.handle(str(), str(), function(m) return m.payload end)
+      end
+    end)
+  end
+  return "ran " .. n
+end)
+"#;
+
+struct Boundary {
+    rt: tokio::runtime::Runtime,
+    node: crate::Node,
+}
+
+/// The WIT boundary from a guest: random names and payloads through
+/// events, calls, KV, subscriptions and timers of a Lua script. The host
+/// survives every input: another script still answers afterwards.
+pub fn wit_boundary(data: &[u8]) {
+    static B: OnceLock<Boundary> = OnceLock::new();
+    let b = B.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("covey-fuzz-wit-{}", std::process::id()));
+        let scripts = dir.join("scripts");
+        std::fs::create_dir_all(&scripts).unwrap();
+        std::fs::write(scripts.join("fuzz.lua"), FUZZ_LUA).unwrap();
+        std::fs::write(
+            scripts.join("alive.lua"),
+            "covey.handle('*', 'alive', function(m) return m.payload end)\n",
+        )
+        .unwrap();
+        let mut cfg = crate::NodeConfig::new("fuzz", scripts, dir.join("data"));
+        cfg.watch = false;
+        cfg.log = "off".into();
+        let node = rt.block_on(crate::Node::start(cfg)).unwrap();
+        Boundary { rt, node }
+    });
+    let router = b.node.router().clone();
+    b.rt.block_on(async move {
+        let t = std::time::Duration::from_secs(10);
+        let _ = router
+            .call(None, "fuzz", "fuzz.run", data.to_vec(), t)
+            .await;
+        let alive = router.call(None, "fuzz", "alive", b"ok".to_vec(), t).await;
+        assert_eq!(
+            alive.as_deref(),
+            Ok(&b"ok"[..]),
+            "the host stopped answering"
+        );
+    });
+}
