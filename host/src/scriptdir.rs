@@ -209,23 +209,17 @@ pub struct FileStat {
 
 impl FileStat {
     fn of(meta: &cap_std::fs::Metadata) -> Self {
-        FileStat {
-            size: meta.len(),
-            mtime_ns: meta
-                .modified()
-                .ok()
-                .and_then(|t| t.into_std().duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        }
+        Self::new(meta.len(), meta.modified().ok().map(|t| t.into_std()))
     }
 
     pub fn of_std(meta: &std::fs::Metadata) -> Self {
+        Self::new(meta.len(), meta.modified().ok())
+    }
+
+    fn new(size: u64, modified: Option<std::time::SystemTime>) -> Self {
         FileStat {
-            size: meta.len(),
-            mtime_ns: meta
-                .modified()
-                .ok()
+            size,
+            mtime_ns: modified
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_nanos())
                 .unwrap_or(0),

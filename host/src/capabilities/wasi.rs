@@ -163,15 +163,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn output_becomes_log_lines_tagged_with_the_script() {
+    /// What `f` logs, as text.
+    fn logged(f: impl FnOnce()) -> String {
         let capture = Capture::default();
         let sink = capture.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || sink.clone())
             .with_ansi(false)
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(capture.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn output_becomes_log_lines_tagged_with_the_script() {
+        let text = logged(|| {
             let rate = Arc::new(LogRate::new(0));
             let out = LogStream::new("dir/s.wasm".into(), rate.clone(), false);
             let err = LogStream::new("dir/s.wasm".into(), rate, true);
@@ -182,7 +188,6 @@ mod tests {
             err.inner.lock().unwrap().write(b"oops\n");
             drop(out); // flushes the unterminated tail
         });
-        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(
@@ -200,14 +205,8 @@ mod tests {
 
     #[test]
     fn a_flood_of_output_is_cut_to_the_rate_and_the_drop_reported() {
-        let capture = Capture::default();
-        let sink = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || sink.clone())
-            .with_ansi(false)
-            .finish();
         let rate = Arc::new(LogRate::new(10));
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(|| {
             let out = LogStream::new("flood.lua".into(), rate.clone(), false);
             for i in 0..1000 {
                 out.inner
@@ -216,7 +215,6 @@ mod tests {
                     .write(format!("line {i}\n").as_bytes());
             }
         });
-        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
         let passed = text.lines().filter(|l| l.contains("line ")).count() as u64;
         // A burst of twice the rate passes (a few more if the machine
         // stalled mid-loop); everything else is dropped and counted.
