@@ -13,10 +13,6 @@ pub fn hash(bytes: &[u8]) -> Hash {
     *blake3::hash(bytes).as_bytes()
 }
 
-pub fn hex(hash: &Hash) -> String {
-    crate::files::hex(hash)
-}
-
 pub struct BlobStore {
     dir: PathBuf,
 }
@@ -28,7 +24,7 @@ impl BlobStore {
     }
 
     fn path(&self, hash: &Hash) -> PathBuf {
-        self.dir.join(hex(hash))
+        self.dir.join(crate::files::hex(hash))
     }
 
     pub fn has(&self, hash: &Hash) -> bool {

@@ -29,11 +29,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use self::blobs::{BlobStore, Hash, hex};
+use self::blobs::{BlobStore, Hash};
 use self::manifest::Entry;
 use crate::cluster::{BlobSource, Cluster};
 use crate::docstore::DocStore;
 use crate::docsync::SyncTarget;
+use crate::files::hex;
 use crate::router::for_log;
 use crate::scriptdir::{self, FileStat, ScriptDir, ScriptPath, is_ignored_name};
 
