@@ -48,9 +48,19 @@ rm -f "$tools/lib/libsetjmp.a" "$tools/lib/libwasi-emulated-signal.a"
 "$tools/bin/ar" rcs "$tools/lib/libsetjmp.a" "$tools/lib/wasm_sjlj.o"
 "$tools/bin/ar" rcs "$tools/lib/libwasi-emulated-signal.a" "$tools/lib/empty.o"
 
+# Paths embedded in the component (panic locations) must not depend on the
+# machine: the checkout and home directories are remapped, and so is the
+# standard library's source. Its paths are /rustc/<commit>/... as shipped,
+# but once the `rust-src` component is installed (which -Zbuild-std for the
+# ARMv6 build needs) rustc resolves them to the local sysroot instead.
+sysroot="$(rustc --print sysroot)"
+commit="$(rustc -vV | sed -n 's/^commit-hash: //p')"
+remap="--remap-path-prefix=$root=/covey --remap-path-prefix=$HOME=/home"
+remap="$remap --remap-path-prefix=$sysroot/lib/rustlib/src/rust=/rustc/$commit"
+
 cd "$here"
 CC_wasm32_wasip2="$tools/bin/cc" AR_wasm32_wasip2="$tools/bin/ar" \
-CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L $tools/lib --remap-path-prefix=$root=/covey --remap-path-prefix=$HOME=/home" \
+CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L $tools/lib $remap" \
   cargo build --locked --release --target wasm32-wasip2 --target-dir "$root/target"
 
 built="$root/target/wasm32-wasip2/release/covey_lua_guest.wasm"
