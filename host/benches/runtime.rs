@@ -163,7 +163,7 @@ async fn instantiate_times(rounds: usize) {
 fn cold_compile(node: &Node, bytes: &[u8]) -> Duration {
     let cache = covey::engine::ComponentCache::new(node.engine().clone(), None);
     let t = Instant::now();
-    cache.load(bytes).unwrap();
+    cache.load(bytes, None).unwrap();
     t.elapsed()
 }
 

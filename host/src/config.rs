@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::cluster::ClusterConfig;
 use crate::cluster::credentials::ClusterToken;
+use crate::engine::{Precompiled, Target};
 use crate::kvdoc::KvLimits;
 use crate::services::ScriptLimits;
 
@@ -48,6 +49,10 @@ pub enum Command {
     /// Show the running node on this machine: peers, their state and
     /// round-trip time, and the scripts it runs.
     Status(StatusArgs),
+    /// Precompile a component for a (slower) machine, e.g. a Pi Zero:
+    /// writes NAME.<target>.cwasm beside it, which nodes of that target
+    /// with `trust_precompiled: true` load instead of compiling.
+    Compile(crate::compile::CompileArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,7 +154,7 @@ pub struct RunArgs {
     pub data: Option<PathBuf>,
     /// YAML config file (keys: node, port, discovery, scripts, iface, extras,
     /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log,
-    /// log_rate, kv_quota_keys, kv_quota_bytes)
+    /// log_rate, kv_quota_keys, kv_quota_bytes, trust_precompiled)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Memory cap per script in MiB [default: 64]
@@ -184,6 +189,11 @@ pub struct RunArgs {
     /// A peer silent for this long is marked down [default: 3000]
     #[arg(long, env = "COVEY_PEER_TIMEOUT_MS")]
     pub peer_timeout_ms: Option<u64>,
+    /// Load `NAME.<target>.cwasm` artifacts (from `covey compile`) found
+    /// beside components instead of compiling: only where every node that
+    /// can write the scripts directory is trusted with native code
+    #[arg(long, env = "COVEY_TRUST_PRECOMPILED")]
+    pub trust_precompiled: bool,
 }
 
 /// The YAML config file.
@@ -225,6 +235,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub peers: Vec<String>,
     pub peer_timeout_ms: Option<u64>,
+    /// Load precompiled artifacts beside components (see `RunArgs`).
+    pub trust_precompiled: Option<bool>,
 }
 
 /// Everything a node needs to start, resolved.
@@ -244,6 +256,11 @@ pub struct NodeConfig {
     pub watch: bool,
     /// Clustering, when this node has a cluster token; none: single node.
     pub cluster: Option<ClusterConfig>,
+    /// Use `covey compile` artifacts found beside components.
+    pub precompiled: Precompiled,
+    /// What the engine compiles for: this machine, except in tests that
+    /// run scripts on the Pulley interpreter (`Target::for_machine("pulley64")`).
+    pub engine_target: Target,
 }
 
 impl NodeConfig {
@@ -261,6 +278,8 @@ impl NodeConfig {
             log: "info".into(),
             watch: true,
             cluster: None,
+            precompiled: Precompiled::Ignore,
+            engine_target: Target::Host,
         }
     }
 
@@ -326,6 +345,9 @@ impl NodeConfig {
         cfg.extras = file.extras;
         cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
         cfg.cluster = resolve_cluster(args, file_cluster, &cfg.data_dir)?;
+        if args.trust_precompiled || file.trust_precompiled == Some(true) {
+            cfg.precompiled = Precompiled::Trust;
+        }
         Ok(cfg)
     }
 }

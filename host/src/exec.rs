@@ -45,6 +45,7 @@ pub async fn exec(file: &Path, opts: ExecOptions) -> Result<()> {
     let engine = ScriptEngine::new(EngineLimits {
         memory_bytes: opts.limits.memory_bytes,
         max_scripts: 1,
+        ..EngineLimits::default()
     })?;
     let cache = ComponentCache::new(engine, opts.cache_dir);
     let router = Arc::new(Router::new(&opts.node, 1 << 20));

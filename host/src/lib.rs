@@ -6,9 +6,11 @@
 //!
 //! - [`config`] — command line, `COVEY_*` environment and YAML file, merged.
 //! - [`exec`] — `covey exec`: run one script once, output to the terminal.
+//! - [`compile`] — `covey compile`: precompile a component for a Pi.
 //! - [`node`] — one running host, wiring everything below together.
-//! - [`engine`] — the wasmtime engine (pooling allocator sized for small
-//!   machines, epoch ticker) and the on-disk cache of compiled components.
+//! - [`engine`] — the wasmtime engine (memory layout and allocator chosen
+//!   by the address space, Cranelift or Pulley by target, epoch ticker),
+//!   the on-disk cache of compiled components and precompiled artifacts.
 //! - [`bindings`] — host bindings generated from `wit/covey.wit`.
 //! - [`capabilities`] — one module per WIT interface (log, node, events, kv,
 //!   timers, config) plus the sandboxed WASI; each owns its per-instance
@@ -41,6 +43,7 @@
 pub mod bindings;
 pub mod capabilities;
 pub mod cluster;
+pub mod compile;
 pub mod config;
 pub mod control;
 pub mod docstore;

@@ -46,8 +46,10 @@ impl Node {
         let engine = ScriptEngine::new(EngineLimits {
             memory_bytes: cfg.limits.memory_bytes,
             max_scripts: cfg.max_scripts,
+            target: cfg.engine_target.clone(),
         })?;
-        let cache = ComponentCache::new(engine.clone(), Some(cfg.data_dir.join("cache")));
+        let cache = ComponentCache::new(engine.clone(), Some(cfg.data_dir.join("cache")))
+            .with_precompiled(cfg.precompiled);
         let router = Arc::new(Router::new(&cfg.name, cfg.max_payload));
         let kv = Arc::new(KvDoc::open(
             Some(cfg.data_dir.join("kv.automerge")),

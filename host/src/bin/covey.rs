@@ -38,6 +38,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Cluster(cmd) => cluster(cmd),
+        Command::Compile(args) => {
+            init_logging("warn");
+            covey::compile::compile(&args)
+        }
         Command::Status(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

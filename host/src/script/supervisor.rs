@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, anyhow};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use wasmtime::component::Linker;
+use wasmtime::component::{Component, Linker};
 
 use super::instance::{Control, LoadedScript, ScriptInstance, ScriptStatus};
 use crate::bindings::{ScriptPre, WIT_VERSION, wit_version_of};
@@ -63,6 +63,12 @@ pub struct ScriptSupervisor {
 /// The Lua guest component, built by `lua-guest/build.sh` and committed, so
 /// building the host needs no wasm C toolchain.
 pub const LUA_GUEST: &[u8] = include_bytes!("../../../lua-guest/dist/lua-guest.wasm");
+
+/// The Lua guest precompiled for this binary's target at build time
+/// (`COVEY_LUA_GUEST_CWASM`, set by `dist/cross.sh` for 32-bit ARM, where
+/// compiling it on a Pi Zero takes minutes); empty when the build had none.
+pub const LUA_GUEST_PRECOMPILED: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lua-guest.cwasm"));
 
 impl ScriptSupervisor {
     pub fn new(services: Arc<Services>, cache: ComponentCache, dir: PathBuf) -> Result<Self> {
@@ -162,12 +168,23 @@ impl ScriptSupervisor {
         bytes: Vec<u8>,
         hash: blake3::Hash,
     ) -> Result<LoadedScript> {
+        let source = self.dir.join(id);
+        self.link(id, hash, move |cache| cache.load(&bytes, Some(&source)))
+            .await
+    }
+
+    /// Get the component from `load` and link it, on a blocking thread.
+    async fn link(
+        &self,
+        id: &str,
+        hash: blake3::Hash,
+        load: impl FnOnce(&ComponentCache) -> Result<Component> + Send + 'static,
+    ) -> Result<LoadedScript> {
         let cache = self.cache.clone();
         let linker = self.linker.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
-            let component = cache
-                .load(&bytes)
+            let component = load(&cache)
                 .with_context(|| format!("`{id}` is not a loadable WebAssembly component"))?;
             let pre = linker
                 .instantiate_pre(&component)
@@ -221,11 +238,10 @@ impl ScriptSupervisor {
         let guest = self
             .lua_guest
             .get_or_try_init(|| async {
-                self.compile(
-                    "<built-in Lua guest>",
-                    LUA_GUEST.to_vec(),
-                    blake3::hash(LUA_GUEST),
-                )
+                let what = "the built-in Lua guest";
+                self.link(what, blake3::hash(LUA_GUEST), move |cache| {
+                    cache.load_builtin(LUA_GUEST, LUA_GUEST_PRECOMPILED, what)
+                })
                 .await
                 .map(Arc::new)
             })

@@ -13,6 +13,7 @@ mod kv;
 mod limits;
 mod lua;
 mod process;
+mod pulley;
 mod reload;
 mod replication;
 mod sdk;

@@ -13,29 +13,41 @@
 //!    failure of wasm hosts on a Pi.
 //! 2. **Compact**: each memory reserves exactly the per-script cap; bounds
 //!    checks are explicit; the pool for 64 scripts is ~18 GiB.
-//! 3. Compact with on-demand allocation, when no pool fits (32-bit hosts,
-//!    tight `ulimit -v`).
+//! 3. Compact with on-demand allocation, when no pool fits (tight
+//!    `ulimit -v`), and always on 32-bit hosts, whose 3 GiB of address
+//!    space hold neither the guarded layout nor a pool.
+//!
+//! Where Cranelift has no backend (32-bit ARM: every Pi on a 32-bit OS,
+//! down to the Pi Zero) wasmtime compiles to Pulley bytecode and runs it in
+//! its interpreter; nothing else changes (epoch interruption, memory
+//! limits, wasm exceptions all work there). The engine can also compile for
+//! another machine ([`Target::Cross`], `covey compile`).
+
+pub use cache::{ComponentCache, Precompiled};
+
+mod cache;
 
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// Length of one epoch tick. CPU budgets are counted in ticks, so this is
 /// also their granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Resource limits that shape the engine (they change generated code or the
-/// allocator, so they are fixed for the engine's lifetime).
+/// Resource limits and the target that shape the engine (they change
+/// generated code or the allocator, so they are fixed for the engine's
+/// lifetime).
 #[derive(Clone, Debug)]
 pub struct EngineLimits {
     /// Maximum linear memory of one script, in bytes.
     pub memory_bytes: u64,
     /// How many scripts the pooling allocator is sized for.
     pub max_scripts: u32,
+    /// What the engine compiles for.
+    pub target: Target,
 }
 
 impl Default for EngineLimits {
@@ -43,7 +55,57 @@ impl Default for EngineLimits {
         EngineLimits {
             memory_bytes: 64 << 20,
             max_scripts: 64,
+            target: Target::Host,
         }
+    }
+}
+
+/// What code an engine produces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// This machine: native code through Cranelift, or Pulley bytecode where
+    /// Cranelift has no backend (32-bit ARM).
+    Host,
+    /// Another machine (or Pulley on this one): a wasmtime target triple
+    /// such as `aarch64-unknown-linux-gnu` or `pulley32`, and the memory
+    /// layout that machine's engine picks (it is part of the generated code).
+    Cross {
+        triple: String,
+        layout: MemoryLayout,
+    },
+}
+
+impl Target {
+    /// The target a machine of this triple (Rust's or wasmtime's names, or
+    /// the short names `arm64`, `armv7`, `armv6`, `pulley32`, `pulley64`)
+    /// runs scripts with, and the layout its engine picks. 64-bit machines
+    /// are assumed to be Raspberry Pis (39-bit address space: compact); pass
+    /// a layout to override.
+    pub fn for_machine(name: &str, layout: Option<MemoryLayout>) -> Result<Target> {
+        let arch = name.split('-').next().unwrap_or_default();
+        let triple = match arch {
+            "arm64" | "aarch64" => "aarch64-unknown-linux-gnu",
+            "x86_64" | "amd64" => "x86_64-unknown-linux-gnu",
+            // No Cranelift backend for 32-bit ARM: Pulley, as the Pi does.
+            "armv6" | "armv7" | "armhf" | "armel" | "arm" | "pulley32" => "pulley32",
+            "pulley64" => "pulley64",
+            _ if arch.starts_with("armv") || arch.starts_with("thumbv") => "pulley32",
+            _ => anyhow::bail!(
+                "unknown target '{name}': use arm64, armv7, armv6 (or armhf), x86_64, \
+                 pulley32 or pulley64, or a Rust target triple"
+            ),
+        };
+        let layout = layout.unwrap_or(match triple {
+            "x86_64-unknown-linux-gnu" => MemoryLayout::Guarded,
+            _ => MemoryLayout::Compact,
+        });
+        if triple == "pulley32" && layout == MemoryLayout::Guarded {
+            anyhow::bail!("32-bit machines cannot use the guarded memory layout");
+        }
+        Ok(Target::Cross {
+            triple: triple.to_string(),
+            layout,
+        })
     }
 }
 
@@ -76,9 +138,21 @@ impl ScriptEngine {
     pub fn new(limits: EngineLimits) -> Result<Self> {
         use AllocatorKind::*;
         use MemoryLayout::*;
+        let candidates: &[(MemoryLayout, AllocatorKind)] = match &limits.target {
+            Target::Cross { layout, .. } => &[(*layout, OnDemand)],
+            Target::Host if cfg!(target_pointer_width = "32") => &[(Compact, OnDemand)],
+            Target::Host => &[(Guarded, Pooling), (Compact, Pooling), (Compact, OnDemand)],
+        };
         let mut last_err = None;
-        for (layout, allocator) in [(Guarded, Pooling), (Compact, Pooling), (Compact, OnDemand)] {
-            match Engine::new(&base_config(&limits, layout, allocator)) {
+        for &(layout, allocator) in candidates {
+            let config = match base_config(&limits, layout, allocator) {
+                Ok(config) => config,
+                Err(err) => {
+                    last_err = Some(err);
+                    break;
+                }
+            };
+            match Engine::new(&config) {
                 Ok(engine) => {
                     if let Some(err) = last_err {
                         tracing::info!(
@@ -94,11 +168,25 @@ impl ScriptEngine {
                         limits,
                     });
                 }
-                Err(err) => last_err = Some(err),
+                Err(err) => last_err = Some(err.into()),
             }
         }
-        let err = anyhow::Error::from(last_err.expect("tried at least once"));
+        let err = last_err.expect("tried at least once");
         Err(err.context("creating the wasm engine"))
+    }
+
+    /// The short name of what this engine's code runs on (`x86_64`,
+    /// `aarch64`, `pulley32`, `pulley64`): the middle part of a precompiled
+    /// artifact's name (`pump.pulley32.cwasm`).
+    pub fn target_name(&self) -> &'static str {
+        match (&self.limits.target, self.engine.is_pulley()) {
+            (_, true) if cfg!(target_pointer_width = "32") => "pulley32",
+            (Target::Cross { triple, .. }, true) if triple == "pulley32" => "pulley32",
+            (_, true) => "pulley64",
+            (Target::Cross { triple, .. }, false) if triple.starts_with("aarch64") => "aarch64",
+            (Target::Cross { .. }, false) => "x86_64",
+            (Target::Host, false) => std::env::consts::ARCH,
+        }
     }
 
     pub fn layout(&self) -> MemoryLayout {
@@ -129,8 +217,19 @@ impl ScriptEngine {
     }
 }
 
-fn base_config(limits: &EngineLimits, layout: MemoryLayout, allocator: AllocatorKind) -> Config {
+fn base_config(
+    limits: &EngineLimits,
+    layout: MemoryLayout,
+    allocator: AllocatorKind,
+) -> Result<Config> {
     let mut config = Config::new();
+    if let Target::Cross { triple, .. } = &limits.target {
+        config.target(triple)?;
+    }
+    // Cranelift compiles a component's functions on every core at once,
+    // each with its own working memory: fine on a laptop, an OOM kill on a
+    // Pi Zero (512 MiB). Small machines compile one function at a time.
+    config.parallel_compilation(roomy_machine());
     config.epoch_interruption(true);
     config.wasm_component_model(true);
     // setjmp/longjmp in C guests (Lua's error handling) compile to wasm
@@ -166,7 +265,21 @@ fn base_config(limits: &EngineLimits, layout: MemoryLayout, allocator: Allocator
             .max_memory_size(limits.memory_bytes as usize);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
-    config
+    Ok(config)
+}
+
+/// More than two cores and at least 2 GiB of memory: parallel compilation
+/// is worth its memory.
+fn roomy_machine() -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    cores > 2 && mem_kib >= 2 << 20
 }
 
 /// Advance the engine's epoch every [`EPOCH_TICK`] on a plain thread, so the
@@ -189,99 +302,4 @@ fn start_epoch_ticker(engine: &Engine) {
             }
         })
         .expect("spawning the epoch thread");
-}
-
-/// Compiled components cached on disk, keyed by content hash and engine
-/// compatibility key, so restarts and reloads of a known component skip
-/// Cranelift.
-#[derive(Clone)]
-pub struct ComponentCache {
-    engine: ScriptEngine,
-    dir: Option<PathBuf>,
-}
-
-impl ComponentCache {
-    /// A cache in `dir` (created if needed). `None` disables caching.
-    pub fn new(engine: ScriptEngine, dir: Option<PathBuf>) -> Self {
-        ComponentCache { engine, dir }
-    }
-
-    pub fn engine(&self) -> &ScriptEngine {
-        &self.engine
-    }
-
-    /// Compile `bytes` (or load the cached artifact). Blocking: call it from
-    /// `spawn_blocking`.
-    pub fn load(&self, bytes: &[u8]) -> Result<Component> {
-        let hash = blake3::hash(bytes).to_hex();
-        let path = self.dir.as_ref().map(|d| {
-            d.join(format!(
-                "{}-{}.cwasm",
-                &hash[..32],
-                self.engine.compat_key()
-            ))
-        });
-        if let Some(path) = &path
-            && let Some(component) = self.load_cached(path)
-        {
-            return Ok(component);
-        }
-        check_is_component(bytes)?;
-        let component = Component::new(self.engine.engine(), bytes)?;
-        if let Some(path) = &path
-            && let Err(err) = store_artifact(path, &component)
-        {
-            tracing::warn!(
-                "could not cache compiled component at {}: {err:#}",
-                path.display()
-            );
-        }
-        Ok(component)
-    }
-
-    fn load_cached(&self, path: &Path) -> Option<Component> {
-        let bytes = std::fs::read(path).ok()?;
-        // SAFETY: the file was written by `store_artifact` from a component
-        // this engine compiled; its name carries the engine's compatibility
-        // key, and wasmtime itself re-checks version and settings in the
-        // artifact header before using it. A file someone else writes into
-        // the data dir is outside our threat model (they could replace the
-        // binary too).
-        match unsafe { Component::deserialize(self.engine.engine(), &bytes) } {
-            Ok(component) => Some(component),
-            Err(err) => {
-                tracing::warn!(
-                    "discarding unusable cached artifact {}: {err:#}",
-                    path.display()
-                );
-                let _ = std::fs::remove_file(path);
-                None
-            }
-        }
-    }
-}
-
-/// Write the artifact atomically (temp file + rename): a crash mid-write
-/// never leaves a truncated artifact under the final name.
-fn store_artifact(path: &Path, component: &Component) -> Result<()> {
-    let bytes = component.serialize()?;
-    crate::files::write_atomic(path, &bytes, crate::files::Mode::Shared)?;
-    Ok(())
-}
-
-/// Reject inputs that are not components with an error a user understands,
-/// instead of the parser's first complaint.
-fn check_is_component(bytes: &[u8]) -> Result<()> {
-    const MAGIC: &[u8; 4] = b"\0asm";
-    if bytes.len() < 8 || &bytes[..4] != MAGIC {
-        anyhow::bail!("not a WebAssembly file (bad magic number)");
-    }
-    // Version field: 1 = core module, 0x0d/layer 1 = component.
-    if bytes[4..8] == [1, 0, 0, 0] {
-        anyhow::bail!(
-            "this is a core wasm module, not a component; build with \
-             `cargo build --target wasm32-wasip2` or `cargo component build`"
-        );
-    }
-    Ok(())
 }

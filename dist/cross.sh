@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Build `covey` for a Raspberry Pi (or any ARM Linux) from an x86_64 Debian
+# machine. Installs the cross linker and Rust target it needs.
+#
+#   bash dist/cross.sh TARGET [--profile release|smoke]
+#
+# TARGET (aliases in brackets):
+#   aarch64-unknown-linux-gnu       [arm64]  Pi 3/4/5 on 64-bit Raspberry Pi OS; Cranelift
+#   armv7-unknown-linux-gnueabihf   [armv7]  Pi 2/3/4 on a 32-bit OS; Pulley interpreter
+#   arm-unknown-linux-musleabihf    [armv6]  every 32-bit Pi down to the Pi Zero
+#                                            (ARM1176); Pulley; static binary
+#
+# Prints the path of the binary on its last line.
+#
+# Why the ARMv6 build is static musl: Debian's armhf libraries (and crt
+# objects, libgcc) are ARMv7 code that dies with SIGILL on an ARM1176, and
+# there is no prebuilt Rust std for ARMv6 here. So std is built from
+# `rust-src` (-Zbuild-std, allowed on stable through RUSTC_BOOTSTRAP) and
+# linked with zig's bundled musl, compiled for the ARM1176 itself: the
+# result depends on nothing on the Pi, so one binary serves Raspberry Pi
+# OS (which calls it armhf) and Debian armhf/armel alike.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+profile=release
+target=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile="$2"; shift 2 ;;
+    --profile=*) profile="${1#--profile=}"; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) target="$1"; shift ;;
+  esac
+done
+case "$target" in
+  arm64|aarch64) target=aarch64-unknown-linux-gnu ;;
+  armv7) target=armv7-unknown-linux-gnueabihf ;;
+  armv6|armhf) target=arm-unknown-linux-musleabihf ;;
+esac
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing ${missing[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq >&2
+  $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+env_target="$(echo "$target" | tr 'a-z-' 'A-Z_')"
+cc_target="$(echo "$target" | tr '-' '_')"
+cargo_args=(build --locked -p covey --bin covey --profile "$profile" --target "$target")
+
+case "$target" in
+  aarch64-unknown-linux-gnu)
+    apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    rustup target add "$target" >&2
+    export "CARGO_TARGET_${env_target}_LINKER=aarch64-linux-gnu-gcc"
+    export "CC_${cc_target}=aarch64-linux-gnu-gcc"
+    ;;
+  armv7-unknown-linux-gnueabihf)
+    apt_install gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
+    rustup target add "$target" >&2
+    export "CARGO_TARGET_${env_target}_LINKER=arm-linux-gnueabihf-gcc"
+    export "CC_${cc_target}=arm-linux-gnueabihf-gcc"
+    ;;
+  arm-unknown-linux-musleabihf)
+    rustup component add rust-src >&2
+    zig="$(bash "$root/dist/zig.sh" arm-linux-musleabihf arm1176jzf_s)"
+    export "CARGO_TARGET_${env_target}_LINKER=$zig/cc"
+    export "CC_${cc_target}=$zig/cc"
+    export "AR_${cc_target}=$zig/ar"
+    # zig's cc provides musl's crt objects and libc; Rust's own copies come
+    # only with a prebuilt std, which this target does not have here.
+    export "CARGO_TARGET_${env_target}_RUSTFLAGS=-C target-cpu=arm1176jzf-s -C link-self-contained=no"
+    export RUSTC_BOOTSTRAP=1
+    cargo_args+=(-Zbuild-std=std,panic_unwind)
+    ;;
+  *)
+    echo "unknown target '$target' (see: bash dist/cross.sh --help)" >&2
+    exit 2
+    ;;
+esac
+
+cd "$root"
+cargo "${cargo_args[@]}" >&2
+bin="$root/target/$target/$profile/covey"
+echo "built $(du -h "$bin" | cut -f1) $bin" >&2
+echo "$bin"
