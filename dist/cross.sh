@@ -84,6 +84,20 @@ case "$target" in
 esac
 
 cd "$root"
+case "$target" in
+  arm*)
+    # 32-bit ARM runs Pulley, and compiling the Lua guest for it on a Pi
+    # Zero takes minutes: ship it precompiled (for the default memory_mb;
+    # a node with another cap compiles it once and caches it).
+    # The host's own covey compiles it: the one the test suite builds
+    # (same features, so no second build of wasmtime in CI).
+    cargo test --locked -q -p covey --test integration --no-run >&2
+    cwasm="$root/target/$target/lua-guest.pulley32.cwasm"
+    mkdir -p "$(dirname "$cwasm")"
+    "$root/target/debug/covey" compile --lua-guest --target "$target" -o "$cwasm" >&2
+    export COVEY_LUA_GUEST_CWASM="$cwasm"
+    ;;
+esac
 cargo "${cargo_args[@]}" >&2
 bin="$root/target/$target/$profile/covey"
 echo "built $(du -h "$bin" | cut -f1) $bin" >&2

@@ -61,7 +61,12 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         memory_bytes: args.memory_mb << 20,
         max_scripts: 1,
         target,
-    })?;
+    })
+    .context(
+        "this covey has Cranelift backends for its own machine and Pulley (32-bit ARM) \
+         only; compile on the target itself (64-bit machines compile in seconds), or \
+         build covey with `--features cross-compile`",
+    )?;
     let (source, default_out) = match &args.file {
         Some(file) => (
             std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
