@@ -7,7 +7,7 @@
 # TARGET (aliases in brackets):
 #   aarch64-unknown-linux-gnu       [arm64]  Pi 3/4/5 on 64-bit Raspberry Pi OS; Cranelift
 #   armv7-unknown-linux-gnueabihf   [armv7]  Pi 2/3/4 on a 32-bit OS; Pulley interpreter
-#   arm-unknown-linux-musleabihf    [armv6]  every 32-bit Pi down to the Pi Zero
+#   armv6-unknown-linux-musleabihf  [armv6]  every 32-bit Pi down to the Pi Zero
 #                                            (ARM1176); Pulley; static binary
 #
 # Prints the path of the binary on its last line.
@@ -19,6 +19,13 @@
 # linked with zig's bundled musl, compiled for the ARM1176 itself: the
 # result depends on nothing on the Pi, so one binary serves Raspberry Pi
 # OS (which calls it armhf) and Debian armhf/armel alike.
+#
+# Why a target spec of our own: Rust's arm-unknown-linux-musleabihf is
+# ARMv6, but its LLVM triple says plain `arm` (ARMv4T), and LLVM assembles
+# module-level assembly — wasmtime's fiber switch, a `blx reg` — for the
+# triple, not for the CPU ("instruction requires: armv5t"). The spec is
+# Rust's own for that target, printed by rustc, with the LLVM triple
+# `armv6-unknown-linux-musleabihf`; nothing else differs.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 profile=release
@@ -34,7 +41,7 @@ done
 case "$target" in
   arm64|aarch64) target=aarch64-unknown-linux-gnu ;;
   armv7) target=armv7-unknown-linux-gnueabihf ;;
-  armv6|armhf) target=arm-unknown-linux-musleabihf ;;
+  armv6|armhf|arm-unknown-linux-musleabihf) target=armv6-unknown-linux-musleabihf ;;
 esac
 
 apt_install() {
@@ -65,8 +72,16 @@ case "$target" in
     export "CARGO_TARGET_${env_target}_LINKER=arm-linux-gnueabihf-gcc"
     export "CC_${cc_target}=arm-linux-gnueabihf-gcc"
     ;;
-  arm-unknown-linux-musleabihf)
+  armv6-unknown-linux-musleabihf)
     rustup component add rust-src >&2
+    spec="$root/target/$target.json"
+    RUSTC_BOOTSTRAP=1 rustc -Z unstable-options --print target-spec-json \
+        --target arm-unknown-linux-musleabihf |
+      sed 's/"llvm-target": "arm-unknown-linux-musleabihf"/"llvm-target": "armv6-unknown-linux-musleabihf"/' \
+      >"$spec.new"
+    grep -q '"llvm-target": "armv6-' "$spec.new" || { echo "could not derive $spec" >&2; exit 1; }
+    cmp -s "$spec.new" "$spec" && rm "$spec.new" || mv "$spec.new" "$spec"
+    cargo_args=(build --locked -p covey --bin covey --profile "$profile" --target "$spec")
     zig="$(bash "$root/dist/zig.sh" arm-linux-musleabihf arm1176jzf_s)"
     export "CARGO_TARGET_${env_target}_LINKER=$zig/cc"
     export "CC_${cc_target}=$zig/cc"
@@ -75,7 +90,7 @@ case "$target" in
     # only with a prebuilt std, which this target does not have here.
     export "CARGO_TARGET_${env_target}_RUSTFLAGS=-C target-cpu=arm1176jzf-s -C link-self-contained=no"
     export RUSTC_BOOTSTRAP=1
-    cargo_args+=(-Zbuild-std=std,panic_unwind)
+    cargo_args+=(-Zbuild-std=std,panic_unwind -Zjson-target-spec)
     ;;
   *)
     echo "unknown target '$target' (see: bash dist/cross.sh --help)" >&2

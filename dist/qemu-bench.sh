@@ -24,8 +24,8 @@ case "$target" in
     triple=aarch64-unknown-linux-gnu; debarch=arm64; gnu=aarch64-linux-gnu
     qemu=(qemu-aarch64-static -R 512G)
     libc_pkg=libc6-arm64-cross ;;
-  armv6|armhf|arm-unknown-linux-musleabihf)
-    triple=arm-unknown-linux-musleabihf; debarch=armel; gnu=arm-linux-gnueabi
+  armv6|armhf|arm-unknown-linux-musleabihf|armv6-unknown-linux-musleabihf)
+    triple=armv6-unknown-linux-musleabihf; debarch=armel; gnu=arm-linux-gnueabi
     qemu=(qemu-arm-static -cpu arm1176)
     libc_pkg=libc6-armel-cross ;;
   *) echo "unknown target '$target' (arm64 or armv6)" >&2; exit 2 ;;
