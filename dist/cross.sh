@@ -2,7 +2,9 @@
 # Build `covey` for a Raspberry Pi (or any ARM Linux) from an x86_64 Debian
 # machine. Installs the cross linker and Rust target it needs.
 #
-#   bash dist/cross.sh TARGET [--profile release|smoke]
+#   bash dist/cross.sh TARGET [--profile release|smoke] [--check]
+#
+# --check type-checks the build for TARGET (cargo check) instead of building.
 #
 # TARGET (aliases in brackets):
 #   aarch64-unknown-linux-gnu       [arm64]  Pi 3/4/5 on 64-bit Raspberry Pi OS; Cranelift
@@ -30,10 +32,12 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 profile=release
 target=""
+check=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --profile=*) profile="${1#--profile=}"; shift ;;
+    --check) check=1; shift ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) target="$1"; shift ;;
   esac
@@ -99,6 +103,12 @@ case "$target" in
 esac
 
 cd "$root"
+if [ -n "$check" ]; then
+  cargo_args[0]=check
+  cargo "${cargo_args[@]}" >&2
+  echo "checked $target"
+  exit 0
+fi
 case "$target" in
   arm*)
     # 32-bit ARM runs Pulley, and compiling the Lua guest for it on a Pi

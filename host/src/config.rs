@@ -160,7 +160,8 @@ pub struct RunArgs {
     /// Memory cap per script in MiB [default: 64]
     #[arg(long, env = "COVEY_MEMORY_MB")]
     pub memory_mb: Option<u64>,
-    /// CPU budget per script callback in milliseconds [default: 100]
+    /// CPU budget per script callback in milliseconds (init gets 10x) [default:
+    /// 100; 1000 on 32-bit machines, which interpret scripts]
     #[arg(long, env = "COVEY_CPU_MS")]
     pub cpu_ms: Option<u64>,
     /// Log filter, e.g. `info` or `covey=debug,script=trace` [default: info]

@@ -7,6 +7,16 @@ use crate::kvdoc::KvDoc;
 use crate::router::Router;
 
 /// Per-script resource limits applied to every instance.
+/// Default CPU budget per callback, in milliseconds: 100 where scripts run
+/// as native code; 1000 on 32-bit hosts, where they run in wasmtime's
+/// interpreter (Pulley), an order of magnitude slower — the budget is there
+/// to stop runaway loops, not to squeeze honest work on a Pi Zero.
+pub const DEFAULT_CPU_MS: u64 = if cfg!(target_pointer_width = "32") {
+    1000
+} else {
+    100
+};
+
 #[derive(Clone, Debug)]
 pub struct ScriptLimits {
     /// Linear memory cap per instance (bytes).
@@ -24,7 +34,7 @@ impl Default for ScriptLimits {
     fn default() -> Self {
         ScriptLimits {
             memory_bytes: 64 << 20,
-            cpu_budget: Duration::from_millis(100),
+            cpu_budget: Duration::from_millis(DEFAULT_CPU_MS),
             mailbox: 4096,
             log_rate: 100,
         }

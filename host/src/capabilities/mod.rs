@@ -46,6 +46,8 @@ pub struct ScriptEnv {
 pub struct CpuBudget {
     pub used_ticks: u32,
     pub max_ticks: u32,
+    /// The budget armed for the running call (for the error message).
+    pub budget: std::time::Duration,
 }
 
 /// Everything one store (one instance of one script) owns.

@@ -52,6 +52,9 @@ pub struct ScriptStatus {
     pub last_error: Option<String>,
 }
 
+/// `init` gets this many times the per-callback CPU budget.
+pub const INIT_BUDGET_FACTOR: u32 = 10;
+
 /// The error a call fails with when it runs out of CPU budget.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU budget of {0:?} per call exceeded")]
@@ -315,7 +318,10 @@ impl ScriptInstance {
 
 /// Build a store for `env`, instantiate `code` in it and run `init`.
 pub async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
-    let budget = env.services.limits.cpu_budget;
+    // Instantiating and `init` build the script's whole state (for a Lua
+    // script: a Lua state, the standard library, the file parsed and run),
+    // a one-off cost well above a callback's.
+    let budget = env.services.limits.cpu_budget * INIT_BUDGET_FACTOR;
     let generation = env.generation;
     let engine = code.pre.engine();
     let mut store = Store::new(engine, ScriptState::new(env));
@@ -342,6 +348,7 @@ fn arm(store: &mut Store<ScriptState>, budget: Duration) {
     store.data_mut().budget = CpuBudget {
         used_ticks: 0,
         max_ticks: ticks,
+        budget,
     };
     store.set_epoch_deadline(1);
 }
@@ -353,8 +360,7 @@ fn budget_tick(mut ctx: StoreContextMut<'_, ScriptState>) -> Result<UpdateDeadli
     let state = ctx.data_mut();
     state.budget.used_ticks += 1;
     if state.budget.used_ticks >= state.budget.max_ticks {
-        let budget = state.env.services.limits.cpu_budget;
-        return Err(wasmtime::Error::new(BudgetExceeded(budget)));
+        return Err(wasmtime::Error::new(BudgetExceeded(state.budget.budget)));
     }
     Ok(UpdateDeadline::YieldCustom(
         1,
