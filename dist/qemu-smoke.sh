@@ -5,8 +5,8 @@
 #   bash dist/qemu-smoke.sh TARGET [BINARY]
 #
 # TARGET as for dist/cross.sh (arm64, armv7, armv6 or a triple); BINARY
-# defaults to what `dist/cross.sh TARGET --profile smoke` builds (built if
-# missing). The armv6 build runs on an emulated ARM1176 (Pi Zero / Pi 1).
+# defaults to what `dist/cross.sh TARGET --profile smoke` builds (brought
+# up to date first). The armv6 build runs on an emulated ARM1176 (Pi Zero / Pi 1).
 # Needs the example components (guest-examples, built for wasm32-wasip2).
 #
 # Checks: a node starts; a Lua script and Rust components exchange calls and
@@ -40,10 +40,8 @@ command -v "${qemu[0]}" >/dev/null || {
   echo "installing qemu-user-static" >&2
   apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null
 }
-if [ -z "$bin" ]; then
-  bin="$root/target/$target/smoke/covey"
-  [ -x "$bin" ] || bin="$(bash "$root/dist/cross.sh" "$target" --profile smoke | tail -1)"
-fi
+# Without a BINARY, (re)build it: cargo makes this a no-op when current.
+[ -n "$bin" ] || bin="$(bash "$root/dist/cross.sh" "$target" --profile smoke | tail -1)"
 guests="$root/target/wasm32-wasip2/release"
 for g in echo counter; do
   [ -f "$guests/$g.wasm" ] || { echo "missing $guests/$g.wasm: build guest-examples first" >&2; exit 2; }
