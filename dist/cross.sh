@@ -116,7 +116,9 @@ case "$target" in
     # a node with another cap compiles it once and caches it).
     # The host's own covey compiles it: the one the test suite builds
     # (same features, so no second build of wasmtime in CI).
-    cargo test --locked -q -p covey --test integration --no-run >&2
+    # Same selection as .ci/test's test run and without RUSTC_BOOTSTRAP,
+    # or cargo would see other features/flags and rebuild wasmtime.
+    env -u RUSTC_BOOTSTRAP cargo test --locked -q --workspace --lib --bins --tests --no-run >&2
     cwasm="$root/target/$target/lua-guest.pulley32.cwasm"
     mkdir -p "$(dirname "$cwasm")"
     "$root/target/debug/covey" compile --lua-guest --target "$target" -o "$cwasm" >&2
