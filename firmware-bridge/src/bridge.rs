@@ -1,0 +1,744 @@
+//! `Bridge`: device sessions by address, the handshake, and dispatch
+//! between devices and the [`Bus`].
+//!
+//! A hello opens a *pending* session at the address it came from; it
+//! replaces the address's live session (and any session of the same
+//! device elsewhere: the device moved) only when the first frame tagged
+//! with the new nonce arrives. So a replayed hello costs one welcome and
+//! disturbs nothing. Frames without a session get a `Reset`, which makes
+//! the device say hello again: how a restarted bridge (or a device that
+//! reset and lost its session) recovers without anyone's help.
+//!
+//! Locking: one mutex over the sessions. Bus calls that may come back into
+//! the bridge (an event or command from a device can reach another device
+//! on this node) are made after it is released.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::proto::{self, AckStatus, Body, FLAG_ACK, NONCE_LEN, Reject};
+use crate::session::{Peer, SeqCheck, Session, SessionParams};
+use crate::{BridgeStatus, Bus, BusError, DeviceError, DeviceStatus};
+
+#[derive(Clone, Debug)]
+pub struct BridgeConfig {
+    /// The largest frame this bridge takes or sends; a session uses the
+    /// smaller of this and the device's.
+    pub max_frame: u16,
+    /// Frames per second one device may send, and its burst.
+    pub rate: u32,
+    pub burst: u32,
+    /// Subscriptions one device may hold.
+    pub max_subscriptions: usize,
+    /// A device that announces no ping interval is expired after this.
+    pub default_timeout: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            max_frame: 4096,
+            rate: 10_000,
+            burst: 1_000,
+            max_subscriptions: 64,
+            default_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A session's timeout: three ping intervals, within sane bounds.
+fn session_timeout(ping_interval_s: u16, default: Duration) -> Duration {
+    if ping_interval_s == 0 {
+        return default;
+    }
+    Duration::from_secs(3 * ping_interval_s as u64)
+        .clamp(Duration::from_secs(3), Duration::from_secs(3600))
+}
+
+/// How long a pending session waits for its first frame.
+const PENDING_TTL: Duration = Duration::from_secs(10);
+/// Hellos from one address closer than this are dropped.
+const HELLO_GAP: Duration = Duration::from_millis(20);
+/// Resets to one address closer than this are not sent.
+const RESET_GAP: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+struct Slot {
+    active: Option<Session>,
+    pending: Option<Session>,
+    last_hello: Option<Instant>,
+}
+
+#[derive(Default)]
+struct DevStats {
+    frames_in: u64,
+    frames_out: u64,
+    errors: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// By address.
+    slots: HashMap<Arc<str>, Slot>,
+    /// Device → the address of its live session.
+    by_device: HashMap<Arc<str>, Arc<str>>,
+    stats: HashMap<Arc<str>, DevStats>,
+    /// Refusals no session can be charged with.
+    errors: BTreeMap<&'static str, u64>,
+    resets: HashMap<Arc<str>, Instant>,
+}
+
+/// Work left for after the lock is released.
+enum After {
+    Emit {
+        name: String,
+        payload: Vec<u8>,
+    },
+    Command {
+        target: String,
+        name: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// The bridge (clones share it).
+#[derive(Clone)]
+pub struct Bridge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: BridgeConfig,
+    bus: Arc<dyn Bus>,
+    state: Mutex<State>,
+    rng: SystemRandom,
+}
+
+impl Bridge {
+    pub fn new(cfg: BridgeConfig, bus: Arc<dyn Bus>) -> Self {
+        Bridge {
+            inner: Arc::new(Inner {
+                cfg,
+                bus,
+                state: Mutex::new(State::default()),
+                rng: SystemRandom::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &BridgeConfig {
+        &self.inner.cfg
+    }
+
+    /// A frame from a transport.
+    pub fn receive(&self, peer: &Peer, frame: &[u8]) {
+        let inner = &self.inner;
+        let (after, device, ack) = {
+            let mut st = inner.state.lock().unwrap();
+            match inner.receive_locked(&mut st, peer, frame) {
+                Ok(Some(work)) => work,
+                Ok(None) => return,
+                Err((reject, device)) => {
+                    inner.count(&mut st, device.as_deref(), reject);
+                    return;
+                }
+            }
+        };
+        let result = match after {
+            After::Emit { name, payload } => inner.bus.emit(&device, &name, payload),
+            After::Command {
+                target,
+                name,
+                payload,
+            } => inner.bus.command(&device, &target, &name, payload),
+        };
+        if let Err(e) = &result {
+            tracing::debug!(device = %device, "device message refused: {e}");
+        }
+        if let Some(seq) = ack {
+            let status = match result {
+                Ok(()) => AckStatus::Ok,
+                Err(BusError::TooLarge(_)) => AckStatus::TooLarge,
+                Err(BusError::Refused(_)) => AckStatus::Refused,
+                Err(BusError::Failed(_)) => AckStatus::Failed,
+            };
+            let mut st = inner.state.lock().unwrap();
+            inner.send_to(
+                &mut st,
+                &device,
+                &Body::Ack {
+                    seq,
+                    status: status as u8,
+                },
+            );
+        }
+    }
+
+    /// A command for one of this node's devices, from `from`.
+    pub fn command(
+        &self,
+        device: &str,
+        from: &str,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<(), DeviceError> {
+        let mut st = self.inner.state.lock().unwrap();
+        let body = Body::Command {
+            peer: from,
+            name,
+            payload,
+        };
+        self.inner.send_checked(&mut st, device, &body)
+    }
+
+    /// An event a device subscribed to.
+    pub fn event(&self, device: &str, from: &str, name: &str, payload: &[u8]) {
+        let mut st = self.inner.state.lock().unwrap();
+        let body = Body::Event {
+            from,
+            name,
+            payload,
+        };
+        if let Err(DeviceError::TooLarge(_)) = self.inner.send_checked(&mut st, device, &body) {
+            self.inner.count(&mut st, Some(device), Reject::Oversized);
+        }
+    }
+
+    /// A call to a device; the device's reply, or why there is none.
+    pub async fn call(
+        &self,
+        device: &str,
+        from: &str,
+        name: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        let call_id = {
+            let mut st = self.inner.state.lock().unwrap();
+            let session = self.inner.live(&mut st, device)?;
+            let call_id = session.next_call_id();
+            session.calls.insert(call_id, tx);
+            let body = Body::Call {
+                call_id,
+                from,
+                name,
+                payload,
+            };
+            if let Err(e) = self.inner.send_checked(&mut st, device, &body) {
+                if let Ok(s) = self.inner.live(&mut st, device) {
+                    s.calls.remove(&call_id);
+                }
+                return Err(e);
+            }
+            call_id
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(DeviceError::Gone("session ended".into())),
+            Err(_) => {
+                let mut st = self.inner.state.lock().unwrap();
+                if let Ok(s) = self.inner.live(&mut st, device) {
+                    s.calls.remove(&call_id);
+                }
+                Err(DeviceError::Timeout)
+            }
+        }
+    }
+
+    /// End sessions whose device was removed or got a new key.
+    pub fn refresh_keys(&self) {
+        let inner = &self.inner;
+        let mut st = inner.state.lock().unwrap();
+        let stale: Vec<(Arc<str>, bool)> = st
+            .slots
+            .iter()
+            .flat_map(|(addr, slot)| {
+                let check = |s: &Option<Session>, active: bool| {
+                    s.as_ref()
+                        .filter(|s| inner.bus.key(&s.device) != Some(s.key_bytes))
+                        .map(|_| (addr.clone(), active))
+                };
+                [check(&slot.active, true), check(&slot.pending, false)]
+            })
+            .flatten()
+            .collect();
+        for (addr, active) in stale {
+            let Some(slot) = st.slots.get_mut(&addr) else {
+                continue;
+            };
+            if !active {
+                slot.pending = None;
+                continue;
+            }
+            if let Some(s) = slot.active.take() {
+                tracing::info!(device = %s.device, "device removed or re-keyed: session ended");
+                s.peer.tx.send(&proto::reset_frame(proto::RESET_REVOKED));
+                inner.end(&mut st, s, "device removed");
+            }
+        }
+    }
+
+    /// Expire sessions whose device went quiet; pending ones never
+    /// confirmed. Runs until aborted.
+    pub fn spawn_sweeper(&self) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                me.sweep(Instant::now());
+            }
+        })
+    }
+
+    fn sweep(&self, now: Instant) {
+        let inner = &self.inner;
+        let mut st = inner.state.lock().unwrap();
+        let mut expired = Vec::new();
+        st.slots.retain(|_, slot| {
+            if slot
+                .pending
+                .as_ref()
+                .is_some_and(|p| now.duration_since(p.created) > PENDING_TTL)
+            {
+                slot.pending = None;
+            }
+            if slot
+                .active
+                .as_ref()
+                .is_some_and(|s| now.duration_since(s.last_seen) > s.timeout)
+            {
+                expired.extend(slot.active.take());
+            }
+            slot.active.is_some() || slot.pending.is_some()
+        });
+        for s in expired {
+            tracing::info!(device = %s.device, "device silent for {:?}: session expired", s.timeout);
+            inner.end(&mut st, s, "session expired");
+        }
+        if st.resets.len() > 1024 {
+            st.resets.retain(|_, t| now.duration_since(*t) < RESET_GAP);
+        }
+    }
+
+    /// Every attached device and the refusal counters.
+    pub fn status(&self) -> BridgeStatus {
+        let st = self.inner.state.lock().unwrap();
+        let now = Instant::now();
+        let now_ms = crate::now_ms();
+        let count =
+            |m: &BTreeMap<&'static str, u64>| m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let mut devices: Vec<DeviceStatus> = st
+            .slots
+            .values()
+            .filter_map(|slot| slot.active.as_ref())
+            .map(|s| {
+                let stats = st.stats.get(&s.device);
+                DeviceStatus {
+                    name: s.device.to_string(),
+                    transport: s.peer.transport.to_string(),
+                    address: s.peer.address.to_string(),
+                    since_ms: s.since_ms,
+                    last_seen_ms: now_ms
+                        .saturating_sub(now.duration_since(s.last_seen).as_millis() as u64),
+                    frames_in: stats.map_or(0, |x| x.frames_in),
+                    frames_out: stats.map_or(0, |x| x.frames_out),
+                    subscriptions: s.subs.len(),
+                    errors: stats.map(|x| count(&x.errors)).unwrap_or_default(),
+                }
+            })
+            .collect();
+        devices.sort_by(|a, b| a.name.cmp(&b.name));
+        BridgeStatus {
+            devices,
+            errors: count(&st.errors),
+        }
+    }
+
+    /// Bytes on a serial line that were not a frame.
+    pub fn line_noise(&self, r: Reject) {
+        let mut st = self.inner.state.lock().unwrap();
+        self.inner.count(&mut st, None, r);
+    }
+
+    /// Is `device` attached here?
+    pub fn attached(&self, device: &str) -> bool {
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .by_device
+            .contains_key(device)
+    }
+}
+
+type Work = (After, Arc<str>, Option<u32>);
+type Refusal = (Reject, Option<Arc<str>>);
+
+impl Inner {
+    fn receive_locked(
+        &self,
+        st: &mut State,
+        peer: &Peer,
+        frame: &[u8],
+    ) -> Result<Option<Work>, Refusal> {
+        let h = proto::header(frame, self.cfg.max_frame as usize).map_err(|r| (r, None))?;
+        if h.kind == proto::T_HELLO {
+            self.hello(st, peer, frame)?;
+            return Ok(None);
+        }
+        let slot = st.slots.get_mut(&peer.address);
+        let Some(slot) = slot else {
+            self.reset(st, peer);
+            return Err((Reject::NoSession, None));
+        };
+        if !slot.active.as_ref().is_some_and(|s| s.verifies(frame)) {
+            if slot.pending.as_ref().is_some_and(|p| p.verifies(frame)) {
+                self.promote(st, &peer.address);
+            } else {
+                let device = slot.active.as_ref().map(|s| s.device.clone());
+                if device.is_none() {
+                    self.reset(st, peer);
+                }
+                return Err((Reject::BadTag, device));
+            }
+        }
+        let session = st
+            .slots
+            .get_mut(&peer.address)
+            .and_then(|s| s.active.as_mut())
+            .expect("a verified session");
+        let device = session.device.clone();
+        let refuse = |r: Reject| (r, Some(device.clone()));
+        if frame.len() > session.max_frame {
+            return Err(refuse(Reject::Oversized));
+        }
+        let wants_ack = h.flags & FLAG_ACK != 0;
+        match session.window.check(h.seq) {
+            SeqCheck::TooOld => return Err(refuse(Reject::Replay)),
+            SeqCheck::Duplicate => {
+                // A retry whose ack was lost: acknowledge, do not redo.
+                if wants_ack {
+                    self.send_to(
+                        st,
+                        &device,
+                        &Body::Ack {
+                            seq: h.seq,
+                            status: 0,
+                        },
+                    );
+                }
+                return Err(refuse(Reject::Replay));
+            }
+            SeqCheck::Fresh => {}
+        }
+        let now = Instant::now();
+        if !session.bucket.take(now) {
+            // Not marked as seen: the device's retry will be taken.
+            if wants_ack {
+                let status = AckStatus::RateLimited as u8;
+                self.send_to(st, &device, &Body::Ack { seq: h.seq, status });
+            }
+            return Err(refuse(Reject::RateLimited));
+        }
+        session.window.mark(h.seq);
+        session.last_seen = now;
+        st.stats.entry(device.clone()).or_default().frames_in += 1;
+        let body = match proto::body(frame) {
+            Ok(b) => b,
+            Err(r) => {
+                if wants_ack {
+                    let status = AckStatus::BadFrame as u8;
+                    self.send_to(st, &device, &Body::Ack { seq: h.seq, status });
+                }
+                return Err(refuse(r));
+            }
+        };
+        let ack = wants_ack.then_some(h.seq);
+        self.dispatch(st, &device, body, ack).map_err(refuse)
+    }
+
+    fn dispatch(
+        &self,
+        st: &mut State,
+        device: &Arc<str>,
+        body: Body<'_>,
+        ack: Option<u32>,
+    ) -> Result<Option<Work>, Reject> {
+        let after = match body {
+            Body::Event {
+                from,
+                name,
+                payload,
+            } => {
+                if !from.is_empty() || name.is_empty() {
+                    return self.nack(st, device, ack, Reject::Malformed);
+                }
+                After::Emit {
+                    name: name.to_string(),
+                    payload: payload.to_vec(),
+                }
+            }
+            Body::Command {
+                peer,
+                name,
+                payload,
+            } => After::Command {
+                target: peer.to_string(),
+                name: name.to_string(),
+                payload: payload.to_vec(),
+            },
+            Body::Subscribe { from, name } => {
+                let status = self.subscribe(st, device, from, name);
+                if let Some(seq) = ack {
+                    self.send_to(
+                        st,
+                        device,
+                        &Body::Ack {
+                            seq,
+                            status: status as u8,
+                        },
+                    );
+                }
+                return Ok(None);
+            }
+            Body::Unsubscribe { from, name } => {
+                let session = live_session(st, device);
+                if let Some(id) =
+                    session.and_then(|s| s.subs.remove(&(from.to_string(), name.to_string())))
+                {
+                    self.bus.unsubscribe(device, id);
+                }
+                if let Some(seq) = ack {
+                    self.send_to(st, device, &Body::Ack { seq, status: 0 });
+                }
+                return Ok(None);
+            }
+            Body::Reply {
+                call_id,
+                ok,
+                payload,
+            } => {
+                if let Some(tx) = live_session(st, device).and_then(|s| s.calls.remove(&call_id)) {
+                    let result = if ok {
+                        Ok(payload.to_vec())
+                    } else {
+                        Err(DeviceError::Failed(
+                            String::from_utf8_lossy(payload).into_owned(),
+                        ))
+                    };
+                    let _ = tx.send(result);
+                }
+                return Ok(None);
+            }
+            Body::Ping => {
+                self.send_to(st, device, &Body::Pong);
+                return Ok(None);
+            }
+            // The bridge sends no QoS 1 frames: nothing to match an ack to.
+            Body::Ack { .. } => return Ok(None),
+            Body::Hello { .. }
+            | Body::Welcome { .. }
+            | Body::Call { .. }
+            | Body::Pong
+            | Body::Reset { .. } => {
+                return Err(Reject::WrongDirection);
+            }
+        };
+        Ok(Some((after, device.clone(), ack)))
+    }
+
+    fn nack(
+        &self,
+        st: &mut State,
+        device: &Arc<str>,
+        ack: Option<u32>,
+        r: Reject,
+    ) -> Result<Option<Work>, Reject> {
+        if let Some(seq) = ack {
+            let status = AckStatus::BadFrame as u8;
+            self.send_to(st, device, &Body::Ack { seq, status });
+        }
+        Err(r)
+    }
+
+    fn subscribe(&self, st: &mut State, device: &Arc<str>, from: &str, name: &str) -> AckStatus {
+        let max = self.cfg.max_subscriptions;
+        let Some(session) = live_session(st, device) else {
+            return AckStatus::Failed;
+        };
+        let key = (from.to_string(), name.to_string());
+        if session.subs.contains_key(&key) {
+            return AckStatus::Ok;
+        }
+        if session.subs.len() >= max {
+            return AckStatus::Refused;
+        }
+        match self.bus.subscribe(device, from, name) {
+            Ok(id) => {
+                session.subs.insert(key, id);
+                AckStatus::Ok
+            }
+            Err(BusError::TooLarge(_)) => AckStatus::TooLarge,
+            Err(_) => AckStatus::Refused,
+        }
+    }
+
+    /// A hello: check the device and its tag, open a pending session and
+    /// answer with a welcome.
+    fn hello(&self, st: &mut State, peer: &Peer, frame: &[u8]) -> Result<(), Refusal> {
+        // The name is read before the tag is checked, to find the key; it
+        // is trusted only after.
+        let Ok(Body::Hello {
+            client_nonce,
+            max_frame,
+            ping_interval_s,
+            name,
+        }) = proto::body(frame)
+        else {
+            return Err((Reject::Malformed, None));
+        };
+        let Some(key) = proto::valid_device_name(name)
+            .then(|| self.bus.key(name))
+            .flatten()
+        else {
+            return Err((Reject::UnknownDevice, None));
+        };
+        if !proto::verify(
+            &proto::key(&key),
+            proto::Dir::DeviceToBridge,
+            &[0; NONCE_LEN],
+            frame,
+        ) {
+            return Err((Reject::BadTag, None));
+        }
+        let now = Instant::now();
+        let slot = st.slots.entry(peer.address.clone()).or_default();
+        if slot
+            .last_hello
+            .is_some_and(|t| now.duration_since(t) < HELLO_GAP)
+        {
+            return Err((Reject::RateLimited, Some(name.into())));
+        }
+        slot.last_hello = Some(now);
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).expect("system random");
+        let params = SessionParams {
+            max_frame: (max_frame.max(proto::MIN_FRAME as u16 + 8)).min(self.cfg.max_frame)
+                as usize,
+            timeout: session_timeout(ping_interval_s, self.cfg.default_timeout),
+            rate: self.cfg.rate,
+            burst: self.cfg.burst,
+        };
+        let session = Session::new(name.into(), key, nonce, peer.clone(), params);
+        peer.tx
+            .send(&session.welcome(client_nonce, self.bus.node()));
+        slot.pending = Some(session);
+        Ok(())
+    }
+
+    /// The pending session at `addr` proved itself: it becomes the live
+    /// one, replacing the address's old session and the device's session
+    /// at any other address.
+    fn promote(&self, st: &mut State, addr: &Arc<str>) {
+        let slot = st.slots.get_mut(addr).expect("slot");
+        let new = slot.pending.take().expect("pending");
+        let old_here = slot.active.take();
+        let device = new.device.clone();
+        if let Some(old) = old_here {
+            self.end(st, old, "replaced by a new session");
+        }
+        if let Some(other) = st.by_device.get(&device).cloned()
+            && let Some(old) = st.slots.get_mut(&other).and_then(|s| s.active.take())
+        {
+            self.end(st, old, "the device moved");
+        }
+        tracing::info!(device = %device, transport = new.peer.transport, address = %new.peer.address, "device attached");
+        self.bus.attach(&device);
+        st.by_device.insert(device, addr.clone());
+        st.slots.get_mut(addr).expect("slot").active = Some(new);
+    }
+
+    /// A session ends: its subscriptions go, its waiting calls fail.
+    fn end(&self, st: &mut State, mut s: Session, why: &str) {
+        for (_, id) in s.subs.drain() {
+            self.bus.unsubscribe(&s.device, id);
+        }
+        s.fail_calls(why);
+        if st.by_device.get(&s.device) == Some(&s.peer.address) {
+            st.by_device.remove(&s.device);
+            self.bus.detach(&s.device);
+            tracing::info!(device = %s.device, "device detached: {why}");
+        }
+    }
+
+    fn reset(&self, st: &mut State, peer: &Peer) {
+        let now = Instant::now();
+        match st.resets.get(&peer.address) {
+            Some(t) if now.duration_since(*t) < RESET_GAP => {}
+            _ => {
+                st.resets.insert(peer.address.clone(), now);
+                peer.tx.send(&proto::reset_frame(proto::RESET_NO_SESSION));
+            }
+        }
+    }
+
+    fn live<'s>(&self, st: &'s mut State, device: &str) -> Result<&'s mut Session, DeviceError> {
+        live_session(st, device).ok_or_else(|| DeviceError::NotAttached(device.to_string()))
+    }
+
+    /// Send to a device's live session, if the frame fits it.
+    fn send_checked(
+        &self,
+        st: &mut State,
+        device: &str,
+        body: &Body<'_>,
+    ) -> Result<(), DeviceError> {
+        let session = self.live(st, device)?;
+        let Some(frame) = session.encode(body) else {
+            return Err(DeviceError::TooLarge(session.max_frame));
+        };
+        session.peer.tx.send(&frame);
+        let device = session.device.clone();
+        st.stats.entry(device).or_default().frames_out += 1;
+        Ok(())
+    }
+
+    fn send_to(&self, st: &mut State, device: &str, body: &Body<'_>) {
+        let _ = self.send_checked(st, device, body);
+    }
+
+    /// Count a refusal (logged at powers of two: a flood cannot flood the
+    /// log).
+    fn count(&self, st: &mut State, device: Option<&str>, r: Reject) {
+        let counter = match device {
+            Some(d) => st
+                .stats
+                .entry(d.into())
+                .or_default()
+                .errors
+                .entry(r.name())
+                .or_default(),
+            None => st.errors.entry(r.name()).or_default(),
+        };
+        *counter += 1;
+        if counter.is_power_of_two() {
+            tracing::warn!(
+                device = device.unwrap_or("-"),
+                total = *counter,
+                "device frame refused: {r}"
+            );
+        }
+    }
+}
+
+fn live_session<'s>(st: &'s mut State, device: &str) -> Option<&'s mut Session> {
+    let addr = st.by_device.get(device)?;
+    st.slots.get_mut(addr)?.active.as_mut()
+}

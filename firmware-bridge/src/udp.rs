@@ -1,0 +1,63 @@
+//! The UDP transport: one socket, one session per source address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::{Bridge, Peer, Transmit};
+
+struct UdpTx {
+    socket: Arc<UdpSocket>,
+    to: SocketAddr,
+}
+
+impl Transmit for UdpTx {
+    fn send(&self, frame: &[u8]) {
+        // Never waits: a full socket buffer drops, as the network would.
+        let _ = self.socket.try_send_to(frame, self.to);
+    }
+}
+
+/// Bind `addr` and feed the bridge; the bound address (port 0 picks one)
+/// and the receiving task.
+pub async fn serve(
+    bridge: Bridge,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let socket = Arc::new(UdpSocket::bind(addr).await?);
+    let local = socket.local_addr()?;
+    tracing::info!(%local, "device bridge listening on UDP");
+    let task = tokio::spawn(async move {
+        // Datagrams larger than the bridge's frame size are read whole
+        // (and refused by length), never split.
+        let mut buf = vec![0u8; 65_536];
+        let mut peers: HashMap<SocketAddr, Peer> = HashMap::new();
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from a device that went away surface here
+                    // on some systems: not fatal.
+                    tracing::debug!("device bridge UDP receive: {e}");
+                    continue;
+                }
+            };
+            if peers.len() > 4096 {
+                peers.clear();
+            }
+            let peer = peers.entry(from).or_insert_with(|| Peer {
+                transport: "udp",
+                address: from.to_string().into(),
+                tx: Arc::new(UdpTx {
+                    socket: socket.clone(),
+                    to: from,
+                }),
+            });
+            bridge.receive(peer, &buf[..n]);
+        }
+    });
+    Ok((local, task))
+}
