@@ -53,6 +53,9 @@ pub enum Command {
     /// writes NAME.<target>.cwasm beside it, which nodes of that target
     /// with `trust_precompiled: true` load instead of compiling.
     Compile(crate::compile::CompileArgs),
+    /// Microcontrollers on the bus (firmware bridge): register, list, remove.
+    #[command(subcommand)]
+    Device(crate::devices::cli::DeviceCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -195,6 +198,17 @@ pub struct RunArgs {
     /// can write the scripts directory is trusted with native code
     #[arg(long, env = "COVEY_TRUST_PRECOMPILED")]
     pub trust_precompiled: bool,
+    /// Accept microcontrollers (firmware bridge) on this UDP address, e.g.
+    /// `0.0.0.0:7468` [default: off]
+    #[arg(long, env = "COVEY_BRIDGE_UDP")]
+    pub bridge_udp: Option<std::net::SocketAddr>,
+    /// A serial port with a microcontroller, `DEVICE@BAUD` (repeatable)
+    #[arg(
+        long = "bridge-serial",
+        env = "COVEY_BRIDGE_SERIAL",
+        value_delimiter = ','
+    )]
+    pub bridge_serial: Vec<String>,
 }
 
 /// The YAML config file.
@@ -238,6 +252,11 @@ pub struct FileConfig {
     pub peer_timeout_ms: Option<u64>,
     /// Load precompiled artifacts beside components (see `RunArgs`).
     pub trust_precompiled: Option<bool>,
+    /// Firmware bridge: UDP address, serial ports, frames/s per device.
+    pub bridge_udp: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub bridge_serial: Vec<String>,
+    pub bridge_rate: Option<u32>,
 }
 
 /// Everything a node needs to start, resolved.
@@ -262,6 +281,8 @@ pub struct NodeConfig {
     /// What the engine compiles for: this machine, except in tests that
     /// run scripts on the Pulley interpreter (`Target::for_machine("pulley64")`).
     pub engine_target: Target,
+    /// The firmware bridge's transports (all off by default).
+    pub bridge: crate::devices::BridgeSettings,
 }
 
 impl NodeConfig {
@@ -281,6 +302,7 @@ impl NodeConfig {
             cluster: None,
             precompiled: Precompiled::Ignore,
             engine_target: Target::Host,
+            bridge: Default::default(),
         }
     }
 
@@ -349,6 +371,17 @@ impl NodeConfig {
         if args.trust_precompiled || file.trust_precompiled == Some(true) {
             cfg.precompiled = Precompiled::Trust;
         }
+        let serial = match args.bridge_serial.is_empty() {
+            true => &file.bridge_serial,
+            false => &args.bridge_serial,
+        };
+        cfg.bridge = crate::devices::BridgeSettings {
+            udp: args.bridge_udp.or(file.bridge_udp),
+            serial: (serial.iter().map(|s| s.parse()))
+                .collect::<Result<_, String>>()
+                .map_err(|e| anyhow::anyhow!("bridge_serial: {e}"))?,
+            rate: file.bridge_rate.filter(|r| *r > 0),
+        };
         Ok(cfg)
     }
 }

@@ -3,7 +3,8 @@
 //! A Unix socket in the data directory (`control.sock`): reachable only
 //! from this machine, by users who can open the data directory, so there
 //! is nothing to authenticate and no TCP port to expose. One request per
-//! connection, a line of text; the answer is JSON.
+//! connection, a line of text (`status`, `device add|remove|list [NAME]`);
+//! the answer is JSON.
 //!
 //! Binding it is also the data directory's lock: a second node started on
 //! the same directory finds the socket answering and stops before it
@@ -21,8 +22,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
+use covey_firmware_bridge::{Bridge, BridgeStatus};
+
 use crate::cluster::Cluster;
 use crate::cluster::members::PeerReport;
+use crate::devices::registry::DeviceRegistry;
 use crate::kvdoc::KvDoc;
 use crate::router::{Router, now_ms};
 use crate::scriptsync::ScriptsSync;
@@ -50,6 +54,12 @@ pub struct StatusReport {
     /// oversized entry), by reason: distinct entries since start.
     #[serde(default)]
     pub scripts_refused: BTreeMap<String, u64>,
+    /// The firmware bridge's UDP address, when it listens on UDP.
+    #[serde(default)]
+    pub bridge_udp: Option<String>,
+    /// Microcontrollers attached to this node, and refused frames.
+    #[serde(default)]
+    pub devices: BridgeStatus,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -65,7 +75,15 @@ pub struct StatusSource {
     pub kv: Arc<KvDoc>,
     pub scripts_sync: Option<Arc<ScriptsSync>>,
     pub cluster: Option<Cluster>,
+    pub devices: Option<DevicesView>,
     pub started_ms: u64,
+}
+
+/// The device registry and bridge, as the control socket needs them.
+pub struct DevicesView {
+    pub registry: Arc<DeviceRegistry>,
+    pub bridge: Bridge,
+    pub udp: Option<std::net::SocketAddr>,
 }
 
 impl StatusSource {
@@ -105,7 +123,22 @@ impl StatusSource {
                         .collect()
                 })
                 .unwrap_or_default(),
+            bridge_udp: (self.devices.as_ref())
+                .and_then(|d| d.udp)
+                .map(|a| a.to_string()),
+            devices: (self.devices.as_ref())
+                .map(|d| d.bridge.status())
+                .unwrap_or_default(),
         }
+    }
+
+    /// `device add|remove|list [NAME]`: the answer as JSON.
+    async fn device(&self, args: &str) -> Result<serde_json::Value> {
+        let Some(d) = &self.devices else {
+            bail!("this node has no device registry");
+        };
+        let (verb, name) = args.split_once(' ').unwrap_or((args, ""));
+        crate::devices::cli::answer(&d.registry, verb, name.trim()).await
     }
 }
 
@@ -185,6 +218,13 @@ async fn answer(stream: UnixStream, source: &StatusSource) -> Result<()> {
     BufReader::new(read.take(1024)).read_line(&mut line).await?;
     let reply = match line.trim() {
         "status" => serde_json::to_string(&source.report())?,
+        other if other.starts_with("device ") => {
+            let answer = match source.device(&other["device ".len()..]).await {
+                Ok(v) => v,
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            };
+            serde_json::to_string(&answer)?
+        }
         other => serde_json::to_string(&serde_json::json!({
             "error": format!("unknown request {other:?}")
         }))?,
@@ -196,6 +236,12 @@ async fn answer(stream: UnixStream, source: &StatusSource) -> Result<()> {
 
 /// Ask the node running on `data_dir` for its status.
 pub async fn fetch_status(data_dir: &Path) -> Result<StatusReport> {
+    let text = request(data_dir, "status").await?;
+    serde_json::from_str(&text).with_context(|| format!("unexpected answer from the node: {text}"))
+}
+
+/// One request to the node running on `data_dir`; its JSON answer.
+pub async fn request(data_dir: &Path, line: &str) -> Result<String> {
     let path = data_dir.join(SOCKET_FILE);
     let mut stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
@@ -208,10 +254,10 @@ pub async fn fetch_status(data_dir: &Path) -> Result<StatusReport> {
         }
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
     };
-    stream.write_all(b"status\n").await?;
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
-    serde_json::from_str(&text).with_context(|| format!("unexpected answer from the node: {text}"))
+    Ok(text)
 }
 
 /// The human form of a status report.
@@ -276,6 +322,7 @@ pub fn render(r: &StatusReport) -> String {
         "messages: {} delivered, {} handled, {} dropped",
         r.messages_delivered, r.messages_handled, r.messages_dropped
     );
+    render_devices(&mut out, r);
     if !r.scripts_refused.is_empty() {
         let by_reason: Vec<String> = r
             .scripts_refused
@@ -289,6 +336,49 @@ pub fn render(r: &StatusReport) -> String {
         );
     }
     out
+}
+
+fn render_devices(out: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    let d = &r.devices;
+    if let Some(udp) = &r.bridge_udp {
+        let _ = writeln!(out, "device bridge on UDP {udp}");
+    }
+    if d.devices.is_empty() && d.errors.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "devices ({}):", d.devices.len());
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  ERRORS",
+        "DEVICE", "VIA", "ADDRESS", "SINCE", "SEEN", "IN", "OUT"
+    );
+    let now = now_ms();
+    let errors = |m: &BTreeMap<String, u64>| {
+        let v: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        if v.is_empty() {
+            "-".into()
+        } else {
+            v.join(", ")
+        }
+    };
+    for x in &d.devices {
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  {}",
+            x.name,
+            x.transport,
+            x.address,
+            human_duration(now.saturating_sub(x.since_ms)),
+            human_duration(now.saturating_sub(x.last_seen_ms)),
+            x.frames_in,
+            x.frames_out,
+            errors(&x.errors)
+        );
+    }
+    if !d.errors.is_empty() {
+        let _ = writeln!(out, "  refused, no device known: {}", errors(&d.errors));
+    }
 }
 
 fn human_duration(ms: u64) -> String {

@@ -27,6 +27,8 @@
 //!   key-value change notifications.
 //! - [`cluster`] — QUIC links with mutual TLS to the other nodes,
 //!   membership, mDNS discovery; the router's way to other nodes.
+//! - [`devices`] — the firmware bridge beside the cluster: device
+//!   registry (replicated), microcontrollers as the router's peers.
 //! - [`control`] — the local control socket behind `covey status`.
 //! - [`docstore`] — `DocStore`: an Automerge document in a file, durable
 //!   writes, compaction, recovery; under the key-value store and the
@@ -35,6 +37,7 @@
 //! - [`kvdoc`] — the key-value store (keys, counters, limits) on a `DocStore`.
 //! - [`pattern`] — esc-style `*` patterns.
 //! - [`files`] — crash-safe whole-file writes; hex.
+//! - [`random`] — random bytes and ids, from the system's source.
 //! - `fuzz` — fuzz targets (peer frames, manifest entries, sync messages,
 //!   config files, the WIT boundary), shared by `host/fuzz` and the corpus
 //!   replay test.
@@ -46,6 +49,7 @@ pub mod cluster;
 pub mod compile;
 pub mod config;
 pub mod control;
+pub mod devices;
 pub mod docstore;
 pub mod docsync;
 pub mod engine;
@@ -56,6 +60,7 @@ pub mod fuzz;
 pub mod kvdoc;
 pub mod node;
 pub mod pattern;
+pub mod random;
 pub mod router;
 pub mod script;
 pub mod scriptdir;

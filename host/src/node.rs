@@ -10,6 +10,8 @@ use crate::cluster::Cluster;
 use crate::cluster::frame::DocId;
 use crate::config::NodeConfig;
 use crate::control::ControlSocket;
+use crate::devices::DeviceService;
+use crate::docstore::DocStore;
 use crate::docsync::DocReplicator;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::KvDoc;
@@ -30,6 +32,7 @@ pub struct Node {
     /// Background tasks stopped at shutdown (replication).
     tasks: Vec<JoinHandle<()>>,
     scripts_sync: Option<Arc<ScriptsSync>>,
+    devices: Option<DeviceService>,
 }
 
 impl Node {
@@ -57,6 +60,15 @@ impl Node {
             router.clone(),
         )?);
         let flusher = kv.spawn_flusher();
+        let devices = DeviceService::start(
+            router.clone(),
+            Arc::new(DocStore::open(
+                Some(cfg.data_dir.join(crate::devices::cli::REGISTRY_FILE)),
+                "device registry",
+            )?),
+            &cfg.bridge,
+        )
+        .await?;
         let services = Arc::new(Services {
             router,
             kv,
@@ -93,12 +105,14 @@ impl Node {
                 sync.rescan().await?;
                 let kv_sync = DocReplicator::new(DocId::Kv, services.kv.clone());
                 let manifest_sync = DocReplicator::new(DocId::Scripts, sync.clone());
+                let device_sync = DocReplicator::new(DocId::Devices, devices.registry.clone());
                 tasks.push(kv_sync.spawn());
                 tasks.push(manifest_sync.spawn());
+                tasks.push(device_sync.spawn());
                 let cluster = Cluster::start(
                     c,
                     services.router.clone(),
-                    vec![kv_sync, manifest_sync],
+                    vec![kv_sync, manifest_sync, device_sync],
                     Some(sync.clone()),
                 )
                 .await?;
@@ -132,6 +146,7 @@ impl Node {
             flusher,
             tasks,
             scripts_sync: scripts_sync_handle,
+            devices: Some(devices),
         };
         node.control = Some(control.serve(node.status_source()));
         Ok(node)
@@ -144,6 +159,11 @@ impl Node {
             kv: self.services.kv.clone(),
             scripts_sync: self.scripts_sync.clone(),
             cluster: self.cluster.clone(),
+            devices: self.devices.as_ref().map(|d| crate::control::DevicesView {
+                registry: d.registry.clone(),
+                bridge: d.bridge.clone(),
+                udp: d.udp,
+            }),
             started_ms: self.services.started_ms,
         }
     }
@@ -172,6 +192,11 @@ impl Node {
         &self.supervisor
     }
 
+    /// The firmware bridge and the device registry.
+    pub fn devices(&self) -> &DeviceService {
+        self.devices.as_ref().expect("devices run until shutdown")
+    }
+
     pub fn engine(&self) -> &ScriptEngine {
         &self.engine
     }
@@ -186,6 +211,9 @@ impl Node {
         }
         for t in self.tasks.drain(..) {
             t.abort();
+        }
+        if let Some(d) = self.devices.take() {
+            d.shutdown().await?;
         }
         if let Some(sync) = self.scripts_sync.take() {
             tokio::task::spawn_blocking(move || sync.flush()).await??;

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -118,12 +117,30 @@ pub trait Remote: Send + Sync {
     fn members(&self) -> Vec<crate::bindings::NodeInfo>;
 }
 
+/// The microcontrollers attached to this node (the firmware bridge), as
+/// the router needs them. They are addressed as `NODE/DEVICE`.
+pub trait Devices: Send + Sync {
+    /// A command for `device`, queued without waiting.
+    fn command(&self, device: &str, msg: &Message) -> Result<(), SendError>;
+    /// A call to `device`, answered or failed within `timeout`.
+    fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
+}
+
+/// `NODE/DEVICE` → (`NODE`, `Some(DEVICE)`); anything else → (it, `None`).
+pub fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('/') {
+        Some((node, device)) => (node, Some(device)),
+        None => (target, None),
+    }
+}
+
 /// Routes messages among the scripts of this node and, through
-/// [`Remote`], to other nodes.
+/// [`Remote`], to other nodes; through [`Devices`], to its devices.
 pub struct Router {
     node: Arc<str>,
     max_payload: usize,
     remote: OnceLock<Arc<dyn Remote>>,
+    devices: OnceLock<Arc<dyn Devices>>,
     table: RwLock<BTreeMap<ScriptId, Entry>>,
     next_sub: AtomicU64,
     /// Next message id. Starts at a random point so ids do not repeat across
@@ -138,13 +155,10 @@ impl Router {
             node: node.into(),
             max_payload,
             remote: OnceLock::new(),
+            devices: OnceLock::new(),
             table: RwLock::new(BTreeMap::new()),
             next_sub: AtomicU64::new(1),
-            msg_seq: AtomicU64::new(
-                std::collections::hash_map::RandomState::new()
-                    .build_hasher()
-                    .finish(),
-            ),
+            msg_seq: AtomicU64::new(crate::random::u64()),
             stats: RouterStats::default(),
         }
     }
@@ -161,6 +175,28 @@ impl Router {
     pub fn set_remote(&self, remote: Arc<dyn Remote>) {
         if self.remote.set(remote).is_err() {
             panic!("router already has a remote");
+        }
+    }
+
+    /// Connect the router to the firmware bridge (once, at node start).
+    pub fn set_devices(&self, devices: Arc<dyn Devices>) {
+        if self.devices.set(devices).is_err() {
+            panic!("router already has devices");
+        }
+    }
+
+    /// The device part of `to` when it names a device of this node.
+    fn local_device<'a>(&self, to: &'a str) -> Option<&'a str> {
+        match split_target(to) {
+            (node, Some(device)) if node == &*self.node => Some(device),
+            _ => None,
+        }
+    }
+
+    fn device_command(&self, device: &str, msg: &Message) -> Result<(), SendError> {
+        match self.devices.get() {
+            Some(d) => d.command(device, msg),
+            None => Err(SendError::UnknownNode(msg.to.clone())),
         }
     }
 
@@ -245,9 +281,23 @@ impl Router {
 
     /// A new message from this node.
     pub fn message(&self, to: &str, name: &str, payload: Vec<u8>) -> Message {
+        self.message_from(None, to, name, payload)
+    }
+
+    /// A new message from this node, or from one of its devices.
+    fn message_from(
+        &self,
+        device: Option<&str>,
+        to: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Message {
         Message {
             id: self.msg_seq.fetch_add(1, Ordering::Relaxed),
-            from: self.node.to_string(),
+            from: match device {
+                Some(d) => format!("{}/{d}", self.node),
+                None => self.node.to_string(),
+            },
             to: to.to_string(),
             name: name.to_string(),
             payload,
@@ -266,9 +316,19 @@ impl Router {
     /// Broadcast an event to local scripts and every peer. Returns how many
     /// local scripts it was queued for.
     pub fn emit(&self, name: &str, payload: Vec<u8>) -> Result<usize, SendError> {
+        self.emit_from(None, name, payload)
+    }
+
+    /// Broadcast an event from this node or one of its devices.
+    pub fn emit_from(
+        &self,
+        device: Option<&str>,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<usize, SendError> {
         self.check_payload(&payload)
             .map_err(SendError::PayloadTooLarge)?;
-        let msg = Arc::new(self.message("*", name, payload));
+        let msg = Arc::new(self.message_from(device, "*", name, payload));
         if let Some(remote) = self.remote.get() {
             remote.broadcast_event(&msg);
         }
@@ -301,30 +361,53 @@ impl Router {
         name: &str,
         payload: Vec<u8>,
     ) -> Result<usize, SendError> {
+        self.send_command_from(None, target, name, payload)
+    }
+
+    /// A command from this node or one of its devices, to a node, `*`, or
+    /// `NODE/DEVICE`.
+    pub fn send_command_from(
+        &self,
+        device: Option<&str>,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<usize, SendError> {
         self.check_payload(&payload)
             .map_err(SendError::PayloadTooLarge)?;
-        let msg = Arc::new(self.message(target, name, payload));
+        let msg = Arc::new(self.message_from(device, target, name, payload));
         if target == "*" {
             if let Some(remote) = self.remote.get() {
                 remote.send_command(None, &msg);
             }
             return Ok(self.deliver_command(&msg));
         }
-        if target == &*self.node {
-            return Ok(self.deliver_command(&msg));
+        let (node, on_device) = split_target(target);
+        if node == &*self.node {
+            return match on_device {
+                Some(d) => self.device_command(d, &msg).map(|()| 0),
+                None => Ok(self.deliver_command(&msg)),
+            };
         }
-        match self.route(target) {
+        match self.route(node) {
             Ok(remote) => {
-                remote.send_command(Some(target), &msg);
+                remote.send_command(Some(node), &msg);
                 Ok(0)
             }
-            Err(PeerStatus::Down) => Err(SendError::NodeDown(target.to_string())),
-            Err(_) => Err(SendError::UnknownNode(target.to_string())),
+            Err(PeerStatus::Down) => Err(SendError::NodeDown(node.to_string())),
+            Err(_) => Err(SendError::UnknownNode(node.to_string())),
         }
     }
 
-    /// Queue a command for every local script with a matching handler.
+    /// Queue a command for every local script with a matching handler, or
+    /// hand it to the device it names.
     pub fn deliver_command(&self, msg: &Arc<Message>) -> usize {
+        if let Some(device) = self.local_device(&msg.to) {
+            if let Err(e) = self.device_command(device, msg) {
+                tracing::debug!(to = for_log(&msg.to), "command for a device dropped: {e:?}");
+            }
+            return 0;
+        }
         let table = self.table.read().unwrap();
         let mut n = 0;
         for (script, entry) in table.iter() {
@@ -363,13 +446,14 @@ impl Router {
         self.check_payload(&payload)
             .map_err(CallError::PayloadTooLarge)?;
         let msg = Arc::new(self.message(target, name, payload));
-        if target == &*self.node {
+        let node = split_target(target).0;
+        if node == &*self.node {
             return self.call_local(caller, msg, timeout).await;
         }
-        match self.route(target) {
-            Ok(remote) => remote.call(target, msg, timeout).await,
-            Err(PeerStatus::Down) => Err(CallError::NodeDown(target.to_string())),
-            Err(_) => Err(CallError::UnknownNode(target.to_string())),
+        match self.route(node) {
+            Ok(remote) => remote.call(node, msg, timeout).await,
+            Err(PeerStatus::Down) => Err(CallError::NodeDown(node.to_string())),
+            Err(_) => Err(CallError::UnknownNode(node.to_string())),
         }
     }
 
@@ -381,6 +465,12 @@ impl Router {
         msg: Arc<Message>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        if let Some(device) = self.local_device(&msg.to) {
+            return match self.devices.get() {
+                Some(d) => d.call(device, msg.clone(), timeout).await,
+                None => Err(CallError::UnknownNode(msg.to.clone())),
+            };
+        }
         let (tx, rx) = oneshot::channel();
         {
             let table = self.table.read().unwrap();
@@ -460,9 +550,11 @@ impl Router {
         }
     }
 
-    /// Names of the registered scripts, sorted.
+    /// Names of the registered scripts, sorted (devices' entries, named
+    /// `device:NAME`, left out: no script path has a `:`).
     pub fn scripts(&self) -> Vec<ScriptId> {
-        self.table.read().unwrap().keys().cloned().collect()
+        let table = self.table.read().unwrap();
+        table.keys().filter(|k| !k.contains(':')).cloned().collect()
     }
 }
 

@@ -38,6 +38,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Cluster(cmd) => cluster(cmd),
+        Command::Device(cmd) => covey::devices::cli::run(cmd),
         Command::Compile(args) => {
             init_logging("warn");
             covey::compile::compile(&args)

@@ -61,13 +61,9 @@ impl std::fmt::Debug for ClusterToken {
 impl ClusterToken {
     /// A new random cluster secret.
     pub fn generate() -> Self {
-        let mut secret = [0u8; 32];
-        // ring's system RNG; rcgen already depends on it.
-        rustls::crypto::ring::default_provider()
-            .secure_random
-            .fill(&mut secret)
-            .expect("system random number generator");
-        ClusterToken { secret }
+        ClusterToken {
+            secret: crate::random::bytes(),
+        }
     }
 
     pub fn parse(text: &str) -> Result<Self> {

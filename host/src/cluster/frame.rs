@@ -22,7 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::bindings::{CallError, Message};
 
 /// Wire protocol version, sent in the hello.
-pub const PROTOCOL: u32 = 1;
+/// 2: messages carry the device they came from (`via`).
+pub const PROTOCOL: u32 = 2;
 
 /// Bytes of framing allowed on top of the payload limit (names, ids).
 pub const FRAME_OVERHEAD: usize = 64 * 1024;
@@ -52,7 +53,7 @@ pub struct Hello {
 }
 
 /// A message on the wire; the sender is the link's peer (a node can only
-/// send as itself).
+/// send as itself, or as one of its devices: `via`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct WireMessage<'a> {
     pub id: u64,
@@ -61,11 +62,16 @@ pub struct WireMessage<'a> {
     #[serde(with = "cow_bytes")]
     pub payload: Cow<'a, [u8]>,
     pub timestamp_ms: u64,
+    /// The device of the sending node it came from, or empty.
+    pub via: Cow<'a, str>,
 }
 
 impl<'a> WireMessage<'a> {
+    /// `msg` from this node (`from` is `NODE` or `NODE/DEVICE`).
     pub fn borrow(msg: &'a Message) -> Self {
+        let via = crate::router::split_target(&msg.from).1.unwrap_or("");
         WireMessage {
+            via: Cow::Borrowed(via),
             id: msg.id,
             to: Cow::Borrowed(&msg.to),
             name: Cow::Borrowed(&msg.name),
@@ -74,10 +80,19 @@ impl<'a> WireMessage<'a> {
         }
     }
 
+    /// Is `via` empty or a device name? Checked before `into_message`.
+    pub fn via_ok(&self) -> bool {
+        self.via.is_empty() || covey_firmware_bridge::proto::valid_device_name(&self.via)
+    }
+
     pub fn into_message(self, from: &str) -> Message {
         Message {
             id: self.id,
-            from: from.to_string(),
+            from: if self.via.is_empty() {
+                from.to_string()
+            } else {
+                format!("{from}/{}", self.via)
+            },
             to: self.to.into_owned(),
             name: self.name.into_owned(),
             payload: self.payload.into_owned(),
@@ -172,6 +187,8 @@ pub enum DocId {
     Kv,
     /// The scripts directory manifest.
     Scripts,
+    /// The device registry (names and keys of microcontrollers).
+    Devices,
 }
 
 /// Bytes written as one blob (not a sequence of numbers), read back owned

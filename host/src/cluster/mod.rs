@@ -146,7 +146,7 @@ impl Cluster {
             proto: PROTOCOL,
             cluster: creds.fingerprint.clone(),
             node,
-            incarnation: rand_u64(),
+            incarnation: crate::random::u64(),
             listen_port: local.port(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -266,13 +266,6 @@ fn bind_endpoint(server: quinn::ServerConfig, bind: SocketAddr) -> Result<Endpoi
         }
         Err(e) => Err(e).with_context(|| format!("binding UDP {bind} for cluster links")),
     }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
 }
 
 impl Shared {
@@ -426,6 +419,13 @@ impl Inbound for Shared {
             // A peer with a larger limit (or none) cannot push past ours.
             Frame::Event(w) | Frame::Command(w) if w.payload.len() > limit => {
                 oversized(link, &w.name, w.payload.len(), limit);
+            }
+            Frame::Event(w) | Frame::Command(w) | Frame::Call { msg: w, .. } if !w.via_ok() => {
+                tracing::warn!(
+                    peer = %link.node,
+                    via = crate::router::for_log(&w.via),
+                    "dropped a message from a peer: not a device name"
+                );
             }
             Frame::Call { call, msg, .. } if msg.payload.len() > limit => {
                 oversized(link, &msg.name, msg.payload.len(), limit);

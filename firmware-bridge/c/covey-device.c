@@ -1,0 +1,312 @@
+/*
+ * covey-device: a device simulator on POSIX, built from the same library a
+ * microcontroller uses. Test a node without hardware:
+ *
+ *   covey-device --udp HOST:PORT | --serial PATH[@BAUD]  --name NAME
+ *                [--key HEX] [--qos 0|1] [--count N] [--drop PERCENT]
+ *                [--ping SECONDS] [--wait-ms MS]
+ *                emit EVENT PAYLOAD | send TARGET NAME PAYLOAD |
+ *                listen PATTERN | serve | selftest
+ *
+ * The key comes from --key or the COVEY_DEVICE_KEY environment variable
+ * (better: it stays out of `ps`). Output, one line each, for scripts:
+ *   connected NODE | event FROM NAME PAYLOAD | command FROM NAME PAYLOAD |
+ *   call FROM NAME PAYLOAD | acked N/M
+ * `serve` answers calls with the payload (a call named `fail` gets an
+ * error); `listen` does too, and subscribes to events named PATTERN.
+ */
+#define _DEFAULT_SOURCE
+#include "covey_device.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+static int fd = -1;
+static unsigned drop_percent;
+static unsigned long sent, acked_ok, acked_bad;
+static uint32_t lcg = 12345;
+
+static int dropped(void) {
+    if (!drop_percent) return 0;
+    lcg = lcg * 1103515245u + 12345u;
+    return (lcg >> 16) % 100 < drop_percent;
+}
+
+static int io_write(void *ctx, const uint8_t *buf, size_t len) {
+    (void)ctx;
+    if (dropped()) return (int)len; /* lost on the way */
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            struct pollfd p = {fd, POLLOUT, 0};
+            poll(&p, 1, 100);
+            continue;
+        }
+        if (n < 0) return -1;
+        buf += n, len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int io_read(void *ctx, uint8_t *buf, size_t cap) {
+    ssize_t n;
+    (void)ctx;
+    for (;;) {
+        n = read(fd, buf, cap);
+        if (n < 0) return (errno == EAGAIN || errno == EINTR || errno == ECONNREFUSED) ? 0 : -1;
+        /* Datagrams are dropped whole; on a stream, loss is modelled on
+           the write side only (a dropped byte would be line noise). */
+        if (n > 0 && cap > 1 && dropped()) continue;
+        return (int)n;
+    }
+}
+
+static uint32_t io_millis(void *ctx) {
+    struct timespec ts;
+    (void)ctx;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint32_t)(ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+}
+
+static void io_random(void *ctx, uint8_t *buf, size_t len) {
+    int r = open("/dev/urandom", O_RDONLY);
+    (void)ctx;
+    if (r < 0 || read(r, buf, len) != (ssize_t)len) {
+        fprintf(stderr, "covey-device: no /dev/urandom\n");
+        exit(2);
+    }
+    close(r);
+}
+
+static void print_payload(const uint8_t *p, size_t n) {
+    fwrite(p, 1, n, stdout);
+    putchar('\n');
+    fflush(stdout);
+}
+
+static void on_event(void *u, const char *from, const char *name, const uint8_t *p, size_t n) {
+    (void)u;
+    printf("event %s %s ", from, name);
+    print_payload(p, n);
+}
+
+static void on_command(void *u, const char *from, const char *name, const uint8_t *p, size_t n) {
+    (void)u;
+    printf("command %s %s ", from, name);
+    print_payload(p, n);
+}
+
+static int on_call(void *u, const char *from, const char *name, const uint8_t *p, size_t n,
+                   uint8_t *reply, size_t cap) {
+    (void)u;
+    printf("call %s %s ", from, name);
+    print_payload(p, n);
+    if (strcmp(name, "fail") == 0) {
+        snprintf((char *)reply, cap, "asked to fail");
+        return -1;
+    }
+    if (n > cap) n = cap;
+    memcpy(reply, p, n);
+    return (int)n;
+}
+
+static void on_ack(void *u, uint32_t seq, int status) {
+    (void)u, (void)seq;
+    if (status == 0) acked_ok++;
+    else {
+        acked_bad++;
+        fprintf(stderr, "covey-device: frame %u refused or lost (status %d)\n", seq, status);
+    }
+}
+
+static int open_udp(const char *spec) {
+    char host[256];
+    const char *colon = strrchr(spec, ':');
+    struct addrinfo hints, *res;
+    int s;
+    if (!colon || (size_t)(colon - spec) >= sizeof host) return -1;
+    memcpy(host, spec, (size_t)(colon - spec));
+    host[colon - spec] = 0;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_DGRAM;
+    if (getaddrinfo(host, colon + 1, &hints, &res) != 0) return -1;
+    s = socket(res->ai_family, SOCK_DGRAM, 0);
+    if (s < 0 || connect(s, res->ai_addr, res->ai_addrlen) < 0) return -1;
+    freeaddrinfo(res);
+    fcntl(s, F_SETFL, O_NONBLOCK);
+    return s;
+}
+
+static speed_t baud_const(long baud) {
+    switch (baud) {
+    case 9600: return B9600;
+    case 19200: return B19200;
+    case 38400: return B38400;
+    case 57600: return B57600;
+    case 230400: return B230400;
+    case 460800: return B460800;
+    case 921600: return B921600;
+    default: return B115200;
+    }
+}
+
+static int open_serial(const char *spec) {
+    char path[256];
+    const char *at = strrchr(spec, '@');
+    long baud = at ? atol(at + 1) : 115200;
+    size_t n = at ? (size_t)(at - spec) : strlen(spec);
+    struct termios t;
+    int s;
+    if (n >= sizeof path) return -1;
+    memcpy(path, spec, n);
+    path[n] = 0;
+    s = open(path, O_RDWR | O_NOCTTY | O_NONBLOCK);
+    if (s < 0) return -1;
+    if (tcgetattr(s, &t) == 0) {
+        cfmakeraw(&t);
+        cfsetspeed(&t, baud_const(baud));
+        tcsetattr(s, TCSANOW, &t);
+    }
+    return s;
+}
+
+static int selftest(void) {
+    /* FIPS 180-2 vectors: one block and two blocks. */
+    static const char *msg[2] = {"abc", "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"};
+    static const char *want[2] = {
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"};
+    int i, k, bad = 0;
+    for (i = 0; i < 2; i++) {
+        covey_sha256 s;
+        uint8_t out[32];
+        char hex[65];
+        covey_sha256_init(&s);
+        covey_sha256_update(&s, (const uint8_t *)msg[i], strlen(msg[i]));
+        covey_sha256_final(&s, out);
+        for (k = 0; k < 32; k++) sprintf(hex + 2 * k, "%02x", out[k]);
+        if (strcmp(hex, want[i]) != 0) bad = 1, fprintf(stderr, "sha256 vector %d: %s\n", i, hex);
+    }
+    if (covey_crc32((const uint8_t *)"123456789", 9) != 0xCBF43926u) bad = 1, fprintf(stderr, "crc32\n");
+    puts(bad ? "selftest FAILED" : "selftest ok");
+    return bad;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: covey-device (--udp HOST:PORT | --serial PATH[@BAUD]) --name NAME [--key HEX]\n"
+            "                    [--qos 0|1] [--count N] [--drop PERCENT] [--ping S] [--wait-ms MS]\n"
+            "                    emit EVENT PAYLOAD | send TARGET NAME PAYLOAD | listen PATTERN | serve\n"
+            "       covey-device selftest\n");
+    exit(2);
+}
+
+static void poll_once(covey_device *d, int wait_ms) {
+    struct pollfd p = {fd, POLLIN, 0};
+    poll(&p, 1, wait_ms);
+    covey_poll(d);
+}
+
+int main(int argc, char **argv) {
+    const char *udp = NULL, *serial = NULL, *name = NULL, *key_hex = getenv("COVEY_DEVICE_KEY");
+    int qos = 0, i;
+    unsigned long count = 1;
+    covey_transport t;
+    static covey_device d;
+    uint8_t key[COVEY_KEY_LEN];
+    uint32_t start, wait_ms = 15000;
+    unsigned ping = 0;
+
+    for (i = 1; i < argc && argv[i][0] == '-'; i++) {
+        const char *a = argv[i];
+        if (i + 1 >= argc) usage();
+        if (!strcmp(a, "--udp")) udp = argv[++i];
+        else if (!strcmp(a, "--serial")) serial = argv[++i];
+        else if (!strcmp(a, "--name")) name = argv[++i];
+        else if (!strcmp(a, "--key")) key_hex = argv[++i];
+        else if (!strcmp(a, "--qos")) qos = atoi(argv[++i]);
+        else if (!strcmp(a, "--count")) count = strtoul(argv[++i], NULL, 10);
+        else if (!strcmp(a, "--drop")) drop_percent = (unsigned)atoi(argv[++i]);
+        else if (!strcmp(a, "--ping")) ping = (unsigned)atoi(argv[++i]);
+        else if (!strcmp(a, "--wait-ms")) wait_ms = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else usage();
+    }
+    if (i < argc && !strcmp(argv[i], "selftest")) return selftest();
+    if (i >= argc || !name || !key_hex || (!udp == !serial)) usage();
+    if (covey_key_from_hex(key, key_hex)) {
+        fprintf(stderr, "covey-device: the key must be 64 hex digits (as `covey device add` prints it)\n");
+        return 2;
+    }
+    fd = udp ? open_udp(udp) : open_serial(serial);
+    if (fd < 0) {
+        fprintf(stderr, "covey-device: cannot open %s: %s\n", udp ? udp : serial, strerror(errno));
+        return 2;
+    }
+    lcg ^= (uint32_t)getpid();
+    t.write = io_write, t.read = io_read, t.millis = io_millis, t.random = io_random;
+    t.ctx = NULL, t.stream = serial != NULL;
+    if (covey_init(&d, &t, name, key)) usage();
+    covey_on_event(&d, on_event);
+    covey_on_command(&d, on_command);
+    covey_on_call(&d, on_call);
+    covey_on_ack(&d, on_ack);
+    if (ping) covey_set_ping_interval(&d, (uint16_t)ping);
+
+    if (!strcmp(argv[i], "listen") && i + 1 < argc) covey_subscribe(&d, "*", argv[i + 1]);
+    start = io_millis(NULL);
+    for (;;) {
+        int was = covey_connected(&d);
+        poll_once(&d, 5);
+        if (!was && covey_connected(&d)) {
+            printf("connected %s\n", d.node);
+            fflush(stdout);
+            if (strcmp(argv[i], "emit") && strcmp(argv[i], "send")) continue;
+            break;
+        }
+        if (!covey_connected(&d) && io_millis(NULL) - start > wait_ms &&
+            (!strcmp(argv[i], "emit") || !strcmp(argv[i], "send"))) {
+            fprintf(stderr, "covey-device: no welcome from the bridge (unknown device or wrong key?)\n");
+            return 1;
+        }
+    }
+    /* emit / send: `count` times, then wait for the acks (QoS 1). */
+    {
+        int is_send = !strcmp(argv[i], "send");
+        const char *target = is_send ? argv[i + 1] : NULL;
+        const char *ev = argv[i + 1 + is_send];
+        const char *payload = i + 2 + is_send < argc ? argv[i + 2 + is_send] : "";
+        if (i + 1 + is_send >= argc) usage();
+        while (sent < count) {
+            int rc = is_send ? covey_send(&d, target, ev, (const uint8_t *)payload, strlen(payload), qos)
+                             : covey_emit(&d, ev, (const uint8_t *)payload, strlen(payload), qos);
+            if (rc == COVEY_EBUSY || rc == COVEY_ENOTCONN) {
+                poll_once(&d, 1);
+                continue;
+            }
+            if (rc < 0) {
+                fprintf(stderr, "covey-device: send failed (%d)\n", rc);
+                return 1;
+            }
+            sent++;
+            if (qos == 0 && sent % 64 == 0) covey_poll(&d);
+        }
+        while (qos && covey_busy(&d)) poll_once(&d, 5);
+        /* A moment for the last QoS 0 datagrams to leave. */
+        poll_once(&d, 20);
+        if (qos) {
+            printf("acked %lu/%lu\n", acked_ok, sent);
+            return acked_ok == sent ? 0 : 1;
+        }
+        printf("sent %lu\n", sent);
+        return 0;
+    }
+}

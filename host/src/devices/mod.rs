@@ -1,0 +1,271 @@
+//! Devices: the firmware bridge (`covey-firmware-bridge`) wired into this
+//! node, beside the cluster as the router's other peer.
+//!
+//! Data paths: device → transport → bridge → [`RouterBus`] → router →
+//! instance (and cluster); instance → router → [`BridgeDevices`] → bridge
+//! → device. A device's subscriptions live in the router under the id
+//! `device:NAME` (no script path has a `:`), so esc patterns mean the same
+//! for devices as for scripts; a small task per device forwards what they
+//! match to the bridge.
+//!
+//! - [`registry`] — the replicated registry of device names and keys.
+//! - [`cli`] — `covey device add|list|remove`.
+
+pub mod cli;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use covey_firmware_bridge::serial::SerialPort;
+use covey_firmware_bridge::{Bridge, BridgeConfig, Bus, BusError, DeviceError};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use self::registry::DeviceRegistry;
+use crate::bindings::{CallError, Message, SendError};
+use crate::docstore::DocStore;
+use crate::pattern::Pattern;
+use crate::router::{CallFuture, Delivery, Devices, Router, SubKind};
+
+/// Where the bridge listens; both off by default.
+#[derive(Clone, Debug, Default)]
+pub struct BridgeSettings {
+    pub udp: Option<SocketAddr>,
+    pub serial: Vec<SerialPort>,
+    /// Frames per second one device may send (its burst is a tenth).
+    pub rate: Option<u32>,
+}
+
+/// Events queued for one device before the bridge sends them.
+const DEVICE_MAILBOX: usize = 256;
+
+/// The bridge as the router's peer, the registry, and their tasks.
+pub struct DeviceService {
+    pub registry: Arc<DeviceRegistry>,
+    pub bridge: Bridge,
+    /// The bound UDP address, when the bridge listens on UDP.
+    pub udp: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DeviceService {
+    /// Open the registry, connect the bridge to the router, and start the
+    /// configured transports.
+    pub async fn start(
+        router: Arc<Router>,
+        store: Arc<DocStore>,
+        settings: &BridgeSettings,
+    ) -> Result<DeviceService> {
+        let registry = DeviceRegistry::open(store.clone(), router.node_name());
+        let bus = Arc::new(RouterBus {
+            router: router.clone(),
+            registry: registry.clone(),
+            bridge: OnceLock::new(),
+            forwarders: Mutex::new(HashMap::new()),
+        });
+        let mut cfg = BridgeConfig::default();
+        if let Some(rate) = settings.rate {
+            cfg.rate = rate;
+            cfg.burst = (rate / 10).max(10);
+        }
+        let bridge = Bridge::new(cfg, bus.clone());
+        let _ = bus.bridge.set(bridge.clone());
+        router.set_devices(Arc::new(BridgeDevices {
+            bridge: bridge.clone(),
+            registry: registry.clone(),
+        }));
+        let mut tasks = vec![bridge.spawn_sweeper(), store.spawn_flusher()];
+        // A device removed (here or on a peer) is cut off at once.
+        let mut version = registry.watch();
+        let b = bridge.clone();
+        tasks.push(tokio::spawn(async move {
+            while version.changed().await.is_ok() {
+                b.refresh_keys();
+            }
+        }));
+        let mut udp = None;
+        if let Some(addr) = settings.udp {
+            let (bound, task) = covey_firmware_bridge::udp::serve(bridge.clone(), addr)
+                .await
+                .with_context(|| format!("binding the device bridge to UDP {addr}"))?;
+            udp = Some(bound);
+            tasks.push(task);
+        }
+        for port in &settings.serial {
+            tasks.push(covey_firmware_bridge::serial::serve(
+                bridge.clone(),
+                port.clone(),
+            ));
+        }
+        Ok(DeviceService {
+            registry,
+            bridge,
+            udp,
+            tasks,
+        })
+    }
+
+    /// Stop the transports; the registry is flushed to disk.
+    pub async fn shutdown(mut self) -> Result<()> {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let store = self.registry.store().clone();
+        tokio::task::spawn_blocking(move || store.flush()).await??;
+        Ok(())
+    }
+}
+
+/// The router's id for a device's subscriptions.
+fn router_id(device: &str) -> Arc<str> {
+    format!("device:{device}").into()
+}
+
+/// The router and registry as the bridge sees them.
+struct RouterBus {
+    router: Arc<Router>,
+    registry: Arc<DeviceRegistry>,
+    bridge: OnceLock<Bridge>,
+    forwarders: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl Bus for RouterBus {
+    fn node(&self) -> &str {
+        self.router.node_name()
+    }
+
+    fn max_payload(&self) -> usize {
+        self.router.max_payload()
+    }
+
+    fn key(&self, device: &str) -> Option<[u8; 32]> {
+        self.registry.key(device)
+    }
+
+    fn attach(&self, device: &str) {
+        let (tx, mut rx) = mpsc::channel(DEVICE_MAILBOX);
+        self.router.register(router_id(device), tx);
+        let bridge = self.bridge.get().expect("bridge set at start").clone();
+        let name = device.to_string();
+        let task = tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                if let Delivery::Event { msg, .. } = d {
+                    bridge.event(&name, &msg.from, &msg.name, &msg.payload);
+                }
+            }
+        });
+        if let Some(old) = self
+            .forwarders
+            .lock()
+            .unwrap()
+            .insert(device.to_string(), task)
+        {
+            old.abort();
+        }
+    }
+
+    fn detach(&self, device: &str) {
+        self.router.unregister(&router_id(device));
+        if let Some(t) = self.forwarders.lock().unwrap().remove(device) {
+            t.abort();
+        }
+    }
+
+    fn subscribe(&self, device: &str, from: &str, name: &str) -> Result<u64, BusError> {
+        let kind = SubKind::Event {
+            from: Pattern::new(from),
+            name: Pattern::new(name),
+        };
+        match self.router.subscribe(&router_id(device), 0, kind) {
+            0 => Err(BusError::Failed("device not attached".into())),
+            id => Ok(id),
+        }
+    }
+
+    fn unsubscribe(&self, device: &str, id: u64) {
+        self.router.unsubscribe(&router_id(device), id);
+    }
+
+    fn emit(&self, device: &str, name: &str, payload: Vec<u8>) -> Result<(), BusError> {
+        self.router
+            .emit_from(Some(device), name, payload)
+            .map(|_| ())
+            .map_err(bus_error)
+    }
+
+    fn command(
+        &self,
+        device: &str,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), BusError> {
+        self.router
+            .send_command_from(Some(device), target, name, payload)
+            .map(|_| ())
+            .map_err(bus_error)
+    }
+}
+
+fn bus_error(e: SendError) -> BusError {
+    match e {
+        SendError::PayloadTooLarge(n) => BusError::TooLarge(n as usize),
+        SendError::UnknownNode(t) => BusError::Failed(format!("unknown node `{t}`")),
+        SendError::NodeDown(t) => BusError::Failed(format!("node `{t}` is down")),
+    }
+}
+
+/// The bridge as the router sees it.
+struct BridgeDevices {
+    bridge: Bridge,
+    registry: Arc<DeviceRegistry>,
+}
+
+impl BridgeDevices {
+    /// A device that is not attached here: down if it is registered (it
+    /// may come back), unknown if not.
+    fn absent(&self, target: &str, device: &str) -> (bool, String) {
+        (self.registry.key(device).is_some(), target.to_string())
+    }
+}
+
+impl Devices for BridgeDevices {
+    fn command(&self, device: &str, msg: &Message) -> Result<(), SendError> {
+        match self
+            .bridge
+            .command(device, &msg.from, &msg.name, &msg.payload)
+        {
+            Ok(()) => Ok(()),
+            Err(DeviceError::TooLarge(n)) => Err(SendError::PayloadTooLarge(n as u64)),
+            Err(_) => match self.absent(&msg.to, device) {
+                (true, t) => Err(SendError::NodeDown(t)),
+                (false, t) => Err(SendError::UnknownNode(t)),
+            },
+        }
+    }
+
+    fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture {
+        let bridge = self.bridge.clone();
+        let device = device.to_string();
+        let absent = self.absent(&msg.to, &device);
+        Box::pin(async move {
+            let result = bridge
+                .call(&device, &msg.from, &msg.name, &msg.payload, timeout)
+                .await;
+            result.map_err(|e| match e {
+                DeviceError::TooLarge(n) => CallError::PayloadTooLarge(n as u64),
+                DeviceError::Failed(text) => CallError::HandlerFailed(text),
+                DeviceError::Timeout => CallError::Timeout,
+                DeviceError::Gone(why) => CallError::NodeDown(format!("{}: {why}", msg.to)),
+                DeviceError::NotAttached(_) => match absent {
+                    (true, t) => CallError::NodeDown(t),
+                    (false, t) => CallError::UnknownNode(t),
+                },
+            })
+        })
+    }
+}

@@ -1,0 +1,203 @@
+//! The device registry: which microcontrollers may attach, with their
+//! keys, in an Automerge document replicated to every node (so a device
+//! that moves to another node's Wi-Fi or serial port is accepted there).
+//!
+//! Layout: one root key per device, its name, holding one `Bytes` scalar:
+//! `key (32) | added_ms (u64 BE) | node that added it (UTF-8)`. One scalar
+//! per device, so a concurrent add and remove resolve as a whole, the same
+//! way on every node. What peers send is checked on every read: an entry
+//! whose name is not a device name, or whose record is short, does not
+//! exist.
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use automerge::transaction::Transactable;
+use automerge::{ROOT, ReadDoc, ScalarValue, Value, sync};
+use covey_firmware_bridge::proto::{KEY_LEN, valid_device_name};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::docstore::DocStore;
+use crate::docsync::SyncTarget;
+use crate::router::now_ms;
+
+/// A registered device, as `covey device list` shows it. No key.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    pub name: String,
+    pub added_ms: u64,
+    pub added_on: String,
+}
+
+pub struct DeviceRegistry {
+    store: Arc<DocStore>,
+    node: String,
+}
+
+struct Record<'a> {
+    key: [u8; KEY_LEN],
+    added_ms: u64,
+    added_on: &'a str,
+}
+
+fn parse(bytes: &[u8]) -> Option<Record<'_>> {
+    if bytes.len() < KEY_LEN + 8 {
+        return None;
+    }
+    let (key, rest) = bytes.split_at(KEY_LEN);
+    let (ms, node) = rest.split_at(8);
+    Some(Record {
+        key: key.try_into().ok()?,
+        added_ms: u64::from_be_bytes(ms.try_into().ok()?),
+        added_on: std::str::from_utf8(node).ok()?,
+    })
+}
+
+impl DeviceRegistry {
+    pub fn open(store: Arc<DocStore>, node: &str) -> Arc<Self> {
+        Arc::new(DeviceRegistry {
+            store,
+            node: node.to_string(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<DocStore> {
+        &self.store
+    }
+
+    fn record<R>(&self, name: &str, f: impl FnOnce(Option<Record<'_>>) -> R) -> R {
+        self.store.read(|doc| match doc.get(ROOT, name) {
+            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Bytes(b) => f(parse(b)),
+                _ => f(None),
+            },
+            _ => f(None),
+        })
+    }
+
+    /// Register `name` with a new random key; the key, to show once.
+    pub fn add(&self, name: &str) -> Result<[u8; KEY_LEN]> {
+        if !valid_device_name(name) {
+            bail!(
+                "invalid device name {name:?}: use 1-63 letters, digits, '-', '_' or '.' (not first)"
+            );
+        }
+        if self.record(name, |r| r.is_some()) {
+            bail!("device `{name}` already exists (`covey device remove {name}` first)");
+        }
+        let key: [u8; KEY_LEN] = crate::random::bytes();
+        let mut rec = key.to_vec();
+        rec.extend_from_slice(&now_ms().to_be_bytes());
+        rec.extend_from_slice(self.node.as_bytes());
+        self.store
+            .write(|doc| doc.put(ROOT, name, ScalarValue::Bytes(rec)))?;
+        Ok(key)
+    }
+
+    /// Unregister `name`; false if it was not registered.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        if !self
+            .store
+            .read(|doc| doc.get(ROOT, name).ok().flatten().is_some())
+        {
+            return Ok(false);
+        }
+        self.store.write(|doc| doc.delete(ROOT, name))?;
+        Ok(true)
+    }
+
+    /// The key of a registered device.
+    pub fn key(&self, name: &str) -> Option<[u8; KEY_LEN]> {
+        if !valid_device_name(name) {
+            return None;
+        }
+        self.record(name, |r| r.map(|r| r.key))
+    }
+
+    pub fn list(&self) -> Vec<DeviceEntry> {
+        self.store.read(|doc| {
+            doc.map_range(ROOT, ..)
+                .filter(|item| valid_device_name(&item.key))
+                .filter_map(|item| {
+                    let (Value::Scalar(s), _) = doc.get(ROOT, item.key.as_ref()).ok()?? else {
+                        return None;
+                    };
+                    let ScalarValue::Bytes(b) = s.as_ref() else {
+                        return None;
+                    };
+                    let r = parse(b)?;
+                    Some(DeviceEntry {
+                        name: item.key.to_string(),
+                        added_ms: r.added_ms,
+                        added_on: r.added_on.to_string(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Changes whenever the registry does (here or by sync).
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.store.watch_version()
+    }
+}
+
+impl SyncTarget for DeviceRegistry {
+    fn generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
+        self.store.sync_generate(state)
+    }
+
+    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
+        self.store.sync_receive(state, msg, |_, _, _| ())?;
+        Ok(())
+    }
+
+    fn version(&self) -> watch::Receiver<u64> {
+        self.store.watch_version()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Arc<DeviceRegistry> {
+        DeviceRegistry::open(Arc::new(DocStore::open(None, "devices").unwrap()), "n1")
+    }
+
+    #[test]
+    fn add_list_key_remove() {
+        let r = registry();
+        let k = r.add("esp-1").unwrap();
+        assert_eq!(r.key("esp-1"), Some(k));
+        assert!(
+            r.add("esp-1").is_err(),
+            "a second add of one name is refused"
+        );
+        assert!(r.add("../x").is_err());
+        let list = r.list();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name, "esp-1");
+        assert_eq!(list[0].added_on, "n1");
+        assert!(r.remove("esp-1").unwrap());
+        assert!(!r.remove("esp-1").unwrap());
+        assert_eq!(r.key("esp-1"), None);
+    }
+
+    #[test]
+    fn hostile_entries_from_peers_do_not_exist() {
+        let r = registry();
+        r.store
+            .write(|doc| {
+                doc.put(ROOT, "short", ScalarValue::Bytes(vec![1; 10]))?;
+                doc.put(ROOT, "a/b", ScalarValue::Bytes(vec![1; 50]))?;
+                doc.put(ROOT, "text", "not bytes")
+            })
+            .unwrap();
+        assert_eq!(r.key("short"), None);
+        assert_eq!(r.key("a/b"), None);
+        assert_eq!(r.key("text"), None);
+        assert!(r.list().is_empty());
+    }
+}
