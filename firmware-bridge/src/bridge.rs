@@ -112,6 +112,17 @@ pub struct Bridge {
     inner: Arc<Inner>,
 }
 
+/// A bridge reference that does not keep it alive: for the bus side,
+/// which the bridge itself holds.
+#[derive(Clone)]
+pub struct WeakBridge(std::sync::Weak<Inner>);
+
+impl WeakBridge {
+    pub fn upgrade(&self) -> Option<Bridge> {
+        self.0.upgrade().map(|inner| Bridge { inner })
+    }
+}
+
 struct Inner {
     cfg: BridgeConfig,
     bus: Arc<dyn Bus>,
@@ -129,6 +140,10 @@ impl Bridge {
                 rng: SystemRandom::new(),
             }),
         }
+    }
+
+    pub fn downgrade(&self) -> WeakBridge {
+        WeakBridge(Arc::downgrade(&self.inner))
     }
 
     pub fn config(&self) -> &BridgeConfig {

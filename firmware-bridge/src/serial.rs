@@ -76,13 +76,15 @@ async fn run(bridge: &Bridge, port: &SerialPort) -> std::io::Result<()> {
     tracing::info!(port = %port.path, baud = port.baud, "device bridge on serial port");
     let (mut read, mut write) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
-    let writer = tokio::spawn(async move {
+    // Aborted when this function's future is dropped (the port fails or
+    // the node stops), so the port is closed and can be opened again.
+    let writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
             if write.write_all(&bytes).await.is_err() {
                 break;
             }
         }
-    });
+    }));
     let peer = Peer {
         transport: "serial",
         address: port.path.as_str().into(),
@@ -100,6 +102,14 @@ async fn run(bridge: &Bridge, port: &SerialPort) -> std::io::Result<()> {
             Err(e) => break Err(e),
         }
     };
-    writer.abort();
+    drop(writer);
     result
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

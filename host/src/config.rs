@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a node: load every script in the scripts directory and watch it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run one script once, in the same sandbox, with its output on this
     /// terminal: a `.lua` file runs top to bottom (plain Lua programs work),
     /// a `.wasm` component runs its `init`. Exits non-zero on failure.

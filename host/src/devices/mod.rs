@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use covey_firmware_bridge::serial::SerialPort;
-use covey_firmware_bridge::{Bridge, BridgeConfig, Bus, BusError, DeviceError};
+use covey_firmware_bridge::{Bridge, BridgeConfig, Bus, BusError, DeviceError, WeakBridge};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -73,7 +73,7 @@ impl DeviceService {
             cfg.burst = (rate / 10).max(10);
         }
         let bridge = Bridge::new(cfg, bus.clone());
-        let _ = bus.bridge.set(bridge.clone());
+        let _ = bus.bridge.set(bridge.downgrade());
         router.set_devices(Arc::new(BridgeDevices {
             bridge: bridge.clone(),
             registry: registry.clone(),
@@ -129,7 +129,8 @@ fn router_id(device: &str) -> Arc<str> {
 struct RouterBus {
     router: Arc<Router>,
     registry: Arc<DeviceRegistry>,
-    bridge: OnceLock<Bridge>,
+    /// Weak: the bridge holds this bus.
+    bridge: OnceLock<WeakBridge>,
     forwarders: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
@@ -153,6 +154,9 @@ impl Bus for RouterBus {
         let name = device.to_string();
         let task = tokio::spawn(async move {
             while let Some(d) = rx.recv().await {
+                let Some(bridge) = bridge.upgrade() else {
+                    break;
+                };
                 if let Delivery::Event { msg, .. } = d {
                     bridge.event(&name, &msg.from, &msg.name, &msg.payload);
                 }

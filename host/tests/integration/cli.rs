@@ -121,3 +121,81 @@ fn cluster_init_join_status_and_one_node_per_data_directory() {
     node.kill().unwrap();
     node.wait().unwrap();
 }
+
+#[test]
+fn device_add_list_remove_with_and_without_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    // No node running: the registry file is edited directly.
+    let add = covey(&["device", "add", "esp-1"], &data);
+    assert!(add.status.success(), "{}", text(&add));
+    let key = text(&add)
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .expect("add prints the key")
+        .to_string();
+    let again = covey(&["device", "add", "esp-1"], &data);
+    assert!(!again.status.success() && text(&again).contains("already exists"));
+    let bad = covey(&["device", "add", "../x"], &data);
+    assert!(!bad.status.success() && text(&bad).contains("invalid device name"));
+
+    let mut node = Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args([
+            "run",
+            "--node",
+            "cli-d",
+            "--bridge-udp",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--scripts")
+        .arg(dir.path().join("scripts"))
+        .env_remove("COVEY_CLUSTER_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = covey(&["status", "--json"], &data);
+        if s.status.success() || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let udp = v["bridge_udp"]
+        .as_str()
+        .expect("bridge listens")
+        .to_string();
+    // Through the running node: the device added before the start works.
+    let add2 = covey(&["device", "add", "esp-2", "--json"], &data);
+    let added: serde_json::Value = serde_json::from_slice(&add2.stdout).unwrap();
+    assert_eq!(added["key"].as_str().unwrap().len(), 64);
+    let list = covey(&["device", "list"], &data);
+    assert!(text(&list).contains("esp-1") && text(&list).contains("esp-2"));
+    assert!(!text(&list).contains(&key), "keys are never listed");
+    let sim = crate::bridge::device::simulator();
+    let emit = Command::new(sim)
+        .args([
+            "--udp", &udp, "--name", "esp-1", "--qos", "1", "emit", "t", "1",
+        ])
+        .env("COVEY_DEVICE_KEY", &key)
+        .output()
+        .unwrap();
+    assert!(emit.status.success(), "{}", text(&emit));
+    let shown = text(&covey(&["status"], &data));
+    assert!(
+        shown.contains("device bridge on UDP") && shown.contains("esp-1"),
+        "{shown}"
+    );
+    assert!(!shown.contains(&key), "{shown}");
+    let rm = covey(&["device", "remove", "esp-1"], &data);
+    assert!(rm.status.success(), "{}", text(&rm));
+    let rm = covey(&["device", "remove", "esp-1"], &data);
+    assert!(!rm.status.success() && text(&rm).contains("no device"));
+    assert!(!text(&covey(&["device", "list"], &data)).contains("esp-1"));
+    node.kill().unwrap();
+    node.wait().unwrap();
+}

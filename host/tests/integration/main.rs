@@ -3,6 +3,7 @@
 
 mod common;
 
+mod bridge;
 mod bus;
 mod cli;
 mod cluster;

@@ -385,12 +385,16 @@ static void on_welcome(covey_device *d, const uint8_t *f, size_t end) {
     memcpy(d->node, node, sizeof node);
     d->max_frame = mf < COVEY_MAX_FRAME ? mf : COVEY_MAX_FRAME;
     d->connected = 1;
+    d->sessions++;
     d->out_seq = 0;
     d->in_highest = 0, d->in_seen = 0;
     d->pending_len = 0; /* a frame of the old session is not retried */
     d->resub = 0;       /* subscriptions go again, in order */
     d->hello_gap = HELLO_FIRST_MS;
-    d->last_ping = d->last_rx = d->t.millis(d->t.ctx);
+    d->last_rx = d->t.millis(d->t.ctx);
+    /* The session is the bridge's pending one until a frame tagged with
+       its nonce arrives: confirm it at once with a ping. */
+    d->last_ping = d->last_rx - 1000u * d->ping_interval_s;
 }
 
 /* The replay window for the bridge's frames: 32 below the highest. */
@@ -408,7 +412,7 @@ static int fresh(covey_device *d, uint32_t seq) {
 }
 
 static void on_call(covey_device *d, const uint8_t *f, size_t at, size_t end) {
-    char from[COVEY_NAME_MAX * 2 + 2], name[256];
+    char from[COVEY_MAX_NAME], name[COVEY_MAX_NAME];
     uint32_t id;
     int n;
     size_t hdr, room;
@@ -441,7 +445,7 @@ static void on_call(covey_device *d, const uint8_t *f, size_t at, size_t end) {
 }
 
 static void on_message(covey_device *d, const uint8_t *f, size_t at, size_t end, covey_message_fn fn) {
-    char from[COVEY_NAME_MAX * 2 + 2], name[256];
+    char from[COVEY_MAX_NAME], name[COVEY_MAX_NAME];
     if (get_str(f, end, &at, from, sizeof from) || get_str(f, end, &at, name, sizeof name)) {
         d->malformed++;
         return;

@@ -4,7 +4,8 @@
  * CRC-32 are bundled. Fixed buffers are sized by the macros below; set
  * them before including this header (or with -D) to trade RAM for frame
  * size. With the defaults (512-byte frames, 8 subscriptions) a
- * covey_device takes about 2.3 KB of RAM.
+ * covey_device takes 2,552 bytes of RAM on 32-bit ARM; with the AVR sizes
+ * below (128-byte frames), 952.
  *
  * The transport is passed in as callbacks: a datagram transport (UDP)
  * sends and receives whole frames; a stream transport (a serial line)
@@ -22,6 +23,15 @@
 extern "C" {
 #endif
 
+/* An AVR board (Arduino Uno: 2 KB of RAM) gets small buffers. These
+   sizes shape covey_device, so the library and the sketch must agree:
+   change them here or with build flags, never in a sketch alone. */
+#if defined(__AVR__) && !defined(COVEY_MAX_FRAME)
+#define COVEY_MAX_FRAME 128
+#define COVEY_MAX_SUBS 2
+#define COVEY_MAX_PATTERN 16
+#define COVEY_MAX_NAME 40
+#endif
 #ifndef COVEY_MAX_FRAME
 #define COVEY_MAX_FRAME 512 /* largest frame in either direction */
 #endif
@@ -30,6 +40,9 @@ extern "C" {
 #endif
 #ifndef COVEY_MAX_PATTERN
 #define COVEY_MAX_PATTERN 32 /* bytes of one subscription pattern, NUL included */
+#endif
+#ifndef COVEY_MAX_NAME
+#define COVEY_MAX_NAME 128 /* bytes of a received sender or name, NUL included (on the stack) */
 #endif
 #ifndef COVEY_PING_INTERVAL_S
 #define COVEY_PING_INTERVAL_S 10 /* the bridge expires a session after 3 missed pings */
@@ -101,6 +114,7 @@ typedef struct {
     void *user;
 
     int connected;
+    uint32_t sessions; /* welcomes accepted so far */
     uint8_t client_nonce[8];
     uint8_t nonce[8]; /* the session's */
     uint16_t max_frame;

@@ -10,7 +10,7 @@
  *
  * The key comes from --key or the COVEY_DEVICE_KEY environment variable
  * (better: it stays out of `ps`). Output, one line each, for scripts:
- *   connected NODE | event FROM NAME PAYLOAD | command FROM NAME PAYLOAD |
+ *   connected NODE (at every new session) | event FROM NAME PAYLOAD | command FROM NAME PAYLOAD |
  *   call FROM NAME PAYLOAD | acked N/M
  * `serve` answers calls with the payload (a call named `fail` gets an
  * error); `listen` does too, and subscribes to events named PATTERN.
@@ -264,9 +264,9 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[i], "listen") && i + 1 < argc) covey_subscribe(&d, "*", argv[i + 1]);
     start = io_millis(NULL);
     for (;;) {
-        int was = covey_connected(&d);
+        uint32_t was = d.sessions;
         poll_once(&d, 5);
-        if (!was && covey_connected(&d)) {
+        if (d.sessions != was) { /* a new session (the first, or after a reset) */
             printf("connected %s\n", d.node);
             fflush(stdout);
             if (strcmp(argv[i], "emit") && strcmp(argv[i], "send")) continue;
