@@ -56,6 +56,11 @@ fn config() {
 }
 
 #[test]
+fn device_frame() {
+    replay("device_frame", covey::fuzz::device_frame);
+}
+
+#[test]
 fn wit_boundary() {
     replay("wit_boundary", covey::fuzz::wit_boundary);
 }
@@ -77,6 +82,9 @@ fn write_seeds() {
     }
     for (i, f) in covey::fuzz::frame_seeds().iter().enumerate() {
         put("frame", &format!("seed-{i}"), f);
+    }
+    for (i, f) in covey::fuzz::device_seeds().iter().enumerate() {
+        put("device_frame", &format!("seed-{i}"), f);
     }
     put(
         "config",
