@@ -10,11 +10,14 @@
 //! - [`bridge`] — sessions by address, the handshake, dispatch to the bus,
 //!   commands and calls to devices, expiry, status.
 //! - [`udp`], [`serial`] — the transports feeding the bridge.
+//! - [`mqtt`] — the node on an MQTT broker: events both ways, commands in,
+//!   a retained status with a last will.
 //!
 //! This crate knows nothing of wasm or the cluster: the host implements
 //! [`Bus`] over its router and device registry.
 
 pub mod bridge;
+pub mod mqtt;
 pub mod proto;
 pub mod serial;
 pub mod serial_codec;

@@ -209,6 +209,9 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub bridge_serial: Vec<String>,
+    /// Bridge events to an MQTT broker, `mqtt://HOST[:PORT]`
+    #[arg(long, env = "COVEY_MQTT")]
+    pub mqtt: Option<String>,
 }
 
 /// The YAML config file.
@@ -257,6 +260,11 @@ pub struct FileConfig {
     #[serde(default)]
     pub bridge_serial: Vec<String>,
     pub bridge_rate: Option<u32>,
+    /// MQTT broker (`mqtt://HOST[:PORT]`), credentials, topic prefix.
+    pub mqtt: Option<String>,
+    pub mqtt_username: Option<String>,
+    pub mqtt_password: Option<String>,
+    pub mqtt_prefix: Option<String>,
 }
 
 /// Everything a node needs to start, resolved.
@@ -381,6 +389,16 @@ impl NodeConfig {
                 .collect::<Result<_, String>>()
                 .map_err(|e| anyhow::anyhow!("bridge_serial: {e}"))?,
             rate: file.bridge_rate.filter(|r| *r > 0),
+            mqtt: match args.mqtt.clone().or(file.mqtt) {
+                None => None,
+                Some(url) => {
+                    let mut m = covey_firmware_bridge::mqtt::MqttConfig::parse(&url)
+                        .map_err(|e| anyhow::anyhow!("mqtt: {e}"))?;
+                    (m.username, m.password) = (file.mqtt_username, file.mqtt_password);
+                    m.prefix = file.mqtt_prefix.unwrap_or(m.prefix);
+                    Some(m)
+                }
+            },
         };
         Ok(cfg)
     }

@@ -370,13 +370,20 @@ pub fn device_frame(data: &[u8]) {
         let key = proto::key(&[0; proto::KEY_LEN]);
         let again = proto::encode(&key, Dir::DeviceToBridge, &[0; 8], h.flags, h.seq, &body);
         let n = data.len() - proto::TAG_LEN;
-        assert_eq!(&again[..n], &data[..n], "a parsed body re-encodes to itself");
+        assert_eq!(
+            &again[..n],
+            &data[..n],
+            "a parsed body re-encodes to itself"
+        );
     }
     let mut device = fuzz_device::Device::connect();
     device.receive_raw(data);
     device.receive_tagged(data);
     device.send(&Body::Ping);
-    assert!(device.got(proto::T_PONG), "the bridge still answers its device");
+    assert!(
+        device.got(proto::T_PONG),
+        "the bridge still answers its device"
+    );
 }
 
 mod fuzz_device {

@@ -10,8 +10,10 @@
 //!
 //! - [`registry`] — the replicated registry of device names and keys.
 //! - [`cli`] — `covey device add|list|remove`.
+//! - `mqtt` — the node on an MQTT broker (events both ways, commands in).
 
 pub mod cli;
+mod mqtt;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -38,6 +40,8 @@ pub struct BridgeSettings {
     pub serial: Vec<SerialPort>,
     /// Frames per second one device may send (its burst is a tenth).
     pub rate: Option<u32>,
+    /// An MQTT broker to bridge to.
+    pub mqtt: Option<covey_firmware_bridge::mqtt::MqttConfig>,
 }
 
 /// Events queued for one device before the bridge sends them.
@@ -49,6 +53,7 @@ pub struct DeviceService {
     pub bridge: Bridge,
     /// The bound UDP address, when the bridge listens on UDP.
     pub udp: Option<SocketAddr>,
+    mqtt: Option<covey_firmware_bridge::mqtt::Mqtt>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -101,16 +106,29 @@ impl DeviceService {
                 port.clone(),
             ));
         }
+        let mut mqtt = None;
+        if let Some(cfg) = &settings.mqtt {
+            let (m, t) = mqtt::start(cfg.clone(), router.clone(), registry.clone());
+            mqtt = Some(m);
+            tasks.extend(t);
+        }
         Ok(DeviceService {
             registry,
             bridge,
             udp,
+            mqtt,
             tasks,
         })
     }
 
     /// Stop the transports; the registry is flushed to disk.
     pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(m) = self.mqtt.take() {
+            // `offline` (retained) before the connection goes; the event
+            // loop task sends it.
+            m.stop().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         for t in self.tasks.drain(..) {
             t.abort();
         }

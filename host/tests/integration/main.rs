@@ -13,6 +13,7 @@ mod isolation;
 mod kv;
 mod limits;
 mod lua;
+mod mqtt;
 mod process;
 mod pulley;
 mod reload;
