@@ -6,7 +6,10 @@
  *                [--key HEX] [--qos 0|1] [--count N] [--drop PERCENT]
  *                [--ping SECONDS] [--wait-ms MS]
  *                emit EVENT PAYLOAD | send TARGET NAME PAYLOAD |
- *                listen PATTERN | serve | selftest
+ *                listen PATTERN | serve | rtt | selftest
+ *
+ * `rtt` (a benchmark): --count times, emit `ping` and wait for the command
+ * `pong` a script sends back; prints `rtt n=N lost=L p50_us=X p99_us=Y`.
  *
  * The key comes from --key or the COVEY_DEVICE_KEY environment variable
  * (better: it stays out of `ps`). Output, one line each, for scripts:
@@ -34,6 +37,8 @@ static int fd = -1;
 static unsigned drop_percent;
 static unsigned long sent, acked_ok, acked_bad;
 static uint32_t lcg = 12345;
+static int quiet;
+static volatile int pongs;
 
 static int dropped(void) {
     if (!drop_percent) return 0;
@@ -101,6 +106,8 @@ static void on_event(void *u, const char *from, const char *name, const uint8_t 
 
 static void on_command(void *u, const char *from, const char *name, const uint8_t *p, size_t n) {
     (void)u;
+    if (!strcmp(name, "pong")) pongs++;
+    if (quiet) return;
     printf("command %s %s ", from, name);
     print_payload(p, n);
 }
@@ -201,11 +208,47 @@ static int selftest(void) {
     return bad;
 }
 
+static uint64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Round trips device -> script -> device, after the session is up. */
+static int rtt(covey_device *d, unsigned long count) {
+    uint64_t *us = calloc(count ? count : 1, sizeof *us);
+    unsigned long i, got = 0, lost = 0;
+    quiet = 1;
+    for (i = 0; i < count; i++) {
+        int before = pongs;
+        uint64_t t0 = now_us();
+        if (covey_emit(d, "ping", (const uint8_t *)"x", 1, 0) < 0) return 1;
+        while (pongs == before && now_us() - t0 < 1000000u) {
+            struct pollfd p = {fd, POLLIN, 0};
+            poll(&p, 1, 1);
+            covey_poll(d);
+        }
+        if (pongs == before) lost++;
+        else us[got++] = now_us() - t0;
+    }
+    qsort(us, got, sizeof *us, cmp_u64);
+    printf("rtt n=%lu lost=%lu p50_us=%llu p99_us=%llu\n", got, lost,
+           got ? (unsigned long long)us[got / 2] : 0ULL,
+           got ? (unsigned long long)us[got * 99 / 100] : 0ULL);
+    free(us);
+    return lost > count / 100;
+}
+
 static void usage(void) {
     fprintf(stderr,
             "usage: covey-device (--udp HOST:PORT | --serial PATH[@BAUD]) --name NAME [--key HEX]\n"
             "                    [--qos 0|1] [--count N] [--drop PERCENT] [--ping S] [--wait-ms MS]\n"
-            "                    emit EVENT PAYLOAD | send TARGET NAME PAYLOAD | listen PATTERN | serve\n"
+            "                    emit EVENT PAYLOAD | send TARGET NAME PAYLOAD | listen PATTERN | serve | rtt\n"
             "       covey-device selftest\n");
     exit(2);
 }
@@ -269,11 +312,12 @@ int main(int argc, char **argv) {
         if (d.sessions != was) { /* a new session (the first, or after a reset) */
             printf("connected %s\n", d.node);
             fflush(stdout);
+            if (!strcmp(argv[i], "rtt")) return rtt(&d, count);
             if (strcmp(argv[i], "emit") && strcmp(argv[i], "send")) continue;
             break;
         }
         if (!covey_connected(&d) && io_millis(NULL) - start > wait_ms &&
-            (!strcmp(argv[i], "emit") || !strcmp(argv[i], "send"))) {
+            (!strcmp(argv[i], "emit") || !strcmp(argv[i], "send") || !strcmp(argv[i], "rtt"))) {
             fprintf(stderr, "covey-device: no welcome from the bridge (unknown device or wrong key?)\n");
             return 1;
         }
