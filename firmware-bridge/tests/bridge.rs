@@ -419,3 +419,27 @@ async fn calls_reach_the_device_and_fail_when_it_is_revoked() {
         Err(DeviceError::NotAttached(_))
     ));
 }
+
+#[tokio::test]
+async fn a_silent_device_is_expired_and_loses_its_subscriptions() {
+    let (bus, bridge) = setup(BridgeConfig::default());
+    let _sweeper = bridge.spawn_sweeper();
+    let mut d = Dev::new(&bus, "esp-1", "a:1");
+    d.connect(&bridge); // announces a 1 s ping interval: expired after 3 s
+    d.send(
+        &bridge,
+        FLAG_ACK,
+        &Body::Subscribe {
+            from: "*",
+            name: "t",
+        },
+    );
+    assert_eq!(d.acks(), vec![0]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while bridge.attached("esp-1") {
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bus.subs.lock().unwrap()[0].0, "-", "subscription removed");
+    assert!(bus.attached.lock().unwrap().is_empty());
+}

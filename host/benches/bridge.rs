@@ -122,7 +122,15 @@ async fn device_side(sim: &std::path::Path, n: u64, rtt_n: u64) -> (f64, (f64, f
     );
 
     let out = tokio::process::Command::new(sim)
-        .args(["--udp", &udp, "--name", "bench", "--count", &rtt_n.to_string(), "rtt"])
+        .args([
+            "--udp",
+            &udp,
+            "--name",
+            "bench",
+            "--count",
+            &rtt_n.to_string(),
+            "rtt",
+        ])
         .env("COVEY_DEVICE_KEY", &key)
         .output()
         .await
@@ -150,7 +158,11 @@ async fn mosquitto_rtt(n: usize) -> Vec<Duration> {
         .unwrap()
         .port();
     let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+    )
+    .unwrap();
     let _broker = tokio::process::Command::new("mosquitto")
         .arg("-c")
         .arg(&conf)
