@@ -22,6 +22,9 @@ use covey::{Node, NodeConfig};
 #[allow(dead_code)]
 mod device;
 
+#[path = "../tests/support/mosquitto.rs"]
+mod mosquitto;
+
 mod support;
 use support::{pct, us};
 
@@ -152,25 +155,8 @@ async fn device_side(sim: &std::path::Path, n: u64, rtt_n: u64) -> (f64, (f64, f
 async fn mosquitto_rtt(n: usize) -> Vec<Duration> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-    )
-    .unwrap();
-    let _broker = tokio::process::Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the peer of this benchmark is mosquitto (Debian package `mosquitto`)");
+    let broker = mosquitto::Broker::start(dir.path(), None).await;
+    let port = broker.port;
     let mut opts = MqttOptions::new("bench", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 64);

@@ -358,6 +358,15 @@ impl NodeConfig {
             limits.mailbox = m.max(1);
         }
         limits.log_rate = file.log_rate.unwrap_or(limits.log_rate);
+        let file_bridge = crate::devices::FileBridge {
+            udp: file.bridge_udp,
+            serial: file.bridge_serial,
+            rate: file.bridge_rate,
+            mqtt: file.mqtt,
+            mqtt_username: file.mqtt_username,
+            mqtt_password: file.mqtt_password,
+            mqtt_prefix: file.mqtt_prefix,
+        };
         let file_cluster = FileCluster {
             token: file.cluster_token,
             port: file.port,
@@ -379,27 +388,7 @@ impl NodeConfig {
         if args.trust_precompiled || file.trust_precompiled == Some(true) {
             cfg.precompiled = Precompiled::Trust;
         }
-        let serial = match args.bridge_serial.is_empty() {
-            true => &file.bridge_serial,
-            false => &args.bridge_serial,
-        };
-        cfg.bridge = crate::devices::BridgeSettings {
-            udp: args.bridge_udp.or(file.bridge_udp),
-            serial: (serial.iter().map(|s| s.parse()))
-                .collect::<Result<_, String>>()
-                .map_err(|e| anyhow::anyhow!("bridge_serial: {e}"))?,
-            rate: file.bridge_rate.filter(|r| *r > 0),
-            mqtt: match args.mqtt.clone().or(file.mqtt) {
-                None => None,
-                Some(url) => {
-                    let mut m = covey_firmware_bridge::mqtt::MqttConfig::parse(&url)
-                        .map_err(|e| anyhow::anyhow!("mqtt: {e}"))?;
-                    (m.username, m.password) = (file.mqtt_username, file.mqtt_password);
-                    m.prefix = file.mqtt_prefix.unwrap_or(m.prefix);
-                    Some(m)
-                }
-            },
-        };
+        cfg.bridge = crate::devices::BridgeSettings::resolve(args, file_bridge)?;
         Ok(cfg)
     }
 }

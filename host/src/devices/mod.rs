@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use covey_firmware_bridge::mqtt::MqttConfig;
 use covey_firmware_bridge::serial::SerialPort;
 use covey_firmware_bridge::{Bridge, BridgeConfig, Bus, BusError, DeviceError, WeakBridge};
 use tokio::sync::mpsc;
@@ -41,7 +42,45 @@ pub struct BridgeSettings {
     /// Frames per second one device may send (its burst is a tenth).
     pub rate: Option<u32>,
     /// An MQTT broker to bridge to.
-    pub mqtt: Option<covey_firmware_bridge::mqtt::MqttConfig>,
+    pub mqtt: Option<MqttConfig>,
+}
+
+/// The config file's bridge keys.
+pub struct FileBridge {
+    pub udp: Option<SocketAddr>,
+    pub serial: Vec<String>,
+    pub rate: Option<u32>,
+    pub mqtt: Option<String>,
+    pub mqtt_username: Option<String>,
+    pub mqtt_password: Option<String>,
+    pub mqtt_prefix: Option<String>,
+}
+
+impl BridgeSettings {
+    /// Flags and environment (`args`) over the config file.
+    pub fn resolve(args: &crate::config::RunArgs, file: FileBridge) -> Result<Self> {
+        let serial = match args.bridge_serial.is_empty() {
+            true => &file.serial,
+            false => &args.bridge_serial,
+        };
+        let mqtt = match args.mqtt.clone().or(file.mqtt) {
+            None => None,
+            Some(url) => {
+                let mut m = MqttConfig::parse(&url).map_err(|e| anyhow::anyhow!("mqtt: {e}"))?;
+                (m.username, m.password) = (file.mqtt_username, file.mqtt_password);
+                m.prefix = file.mqtt_prefix.unwrap_or(m.prefix);
+                Some(m)
+            }
+        };
+        Ok(BridgeSettings {
+            udp: args.bridge_udp.or(file.udp),
+            serial: (serial.iter().map(|s| s.parse()))
+                .collect::<Result<_, String>>()
+                .map_err(|e| anyhow::anyhow!("bridge_serial: {e}"))?,
+            rate: file.rate.filter(|r| *r > 0),
+            mqtt,
+        })
+    }
 }
 
 /// Events queued for one device before the bridge sends them.
@@ -289,5 +328,57 @@ impl Devices for BridgeDevices {
                 },
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> FileBridge {
+        FileBridge {
+            udp: Some("0.0.0.0:7468".parse().unwrap()),
+            serial: vec!["/dev/ttyACM0@9600".into(), "/dev/ttyUSB0".into()],
+            rate: Some(500),
+            mqtt: Some("mqtt://broker.lan".into()),
+            mqtt_username: Some("u".into()),
+            mqtt_password: Some("p".into()),
+            mqtt_prefix: Some("home".into()),
+        }
+    }
+
+    #[test]
+    fn bridge_settings_from_the_file_and_flags() {
+        let args = crate::config::RunArgs::default();
+        let s = BridgeSettings::resolve(&args, file()).unwrap();
+        assert_eq!(s.udp.unwrap().port(), 7468);
+        assert_eq!((s.serial[0].baud, s.serial[1].baud), (9600, 115_200));
+        assert_eq!(s.rate, Some(500));
+        let m = s.mqtt.unwrap();
+        assert_eq!(
+            (m.host.as_str(), m.port, m.prefix.as_str()),
+            ("broker.lan", 1883, "home")
+        );
+        assert_eq!(m.username.as_deref(), Some("u"));
+        // Flags win.
+        let args = crate::config::RunArgs {
+            bridge_serial: vec!["/dev/ttyS1@57600".into()],
+            ..Default::default()
+        };
+        let s = BridgeSettings::resolve(&args, file()).unwrap();
+        assert_eq!(s.serial.len(), 1);
+    }
+
+    #[test]
+    fn bad_bridge_settings_are_clear_errors() {
+        let args = crate::config::RunArgs::default();
+        let mut f = file();
+        f.serial = vec!["/dev/tty@fast".into()];
+        let e = BridgeSettings::resolve(&args, f).unwrap_err().to_string();
+        assert!(e.contains("bridge_serial") && e.contains("baud"), "{e}");
+        let mut f = file();
+        f.mqtt = Some("http://x".into());
+        let e = BridgeSettings::resolve(&args, f).unwrap_err().to_string();
+        assert!(e.contains("mqtt://"), "{e}");
     }
 }

@@ -24,6 +24,34 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `covey run ARGS` on `data` and `scripts`, mDNS off, quiet.
+fn run_node(args: &[&str], data: &Path, scripts: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_covey"))
+        .arg("run")
+        .args(args)
+        .args(["--discovery", "off", "--data"])
+        .arg(data)
+        .arg("--scripts")
+        .arg(scripts)
+        .env_remove("COVEY_CLUSTER_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `covey STATUS_ARGS` until the node answers (or 30 s pass).
+fn wait_status(data: &Path, status_args: &[&str]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = covey(status_args, data);
+        if s.status.success() || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn cluster_init_join_status_and_one_node_per_data_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,33 +94,9 @@ fn cluster_init_join_status_and_one_node_per_data_directory() {
         text(&none)
     );
 
-    let mut node = Command::new(env!("CARGO_BIN_EXE_covey"))
-        .args([
-            "run",
-            "--node",
-            "cli-a",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .args(["--discovery", "off", "--data"])
-        .arg(&a)
-        .arg("--scripts")
-        .arg(dir.path().join("scripts"))
-        .env_remove("COVEY_CLUSTER_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let s = covey(&["status"], &a);
-        if s.status.success() || Instant::now() > deadline {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let args = ["--node", "cli-a", "--listen", "127.0.0.1", "--port", "0"];
+    let mut node = run_node(&args, &a, &dir.path().join("scripts"));
+    let status = wait_status(&a, &["status"]);
     let shown = text(&status);
     assert!(status.status.success(), "{shown}");
     assert!(shown.contains("node cli-a"), "{shown}");
@@ -139,31 +143,9 @@ fn device_add_list_remove_with_and_without_a_node() {
     let bad = covey(&["device", "add", "../x"], &data);
     assert!(!bad.status.success() && text(&bad).contains("invalid device name"));
 
-    let mut node = Command::new(env!("CARGO_BIN_EXE_covey"))
-        .args([
-            "run",
-            "--node",
-            "cli-d",
-            "--bridge-udp",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(&data)
-        .arg("--scripts")
-        .arg(dir.path().join("scripts"))
-        .env_remove("COVEY_CLUSTER_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let s = covey(&["status", "--json"], &data);
-        if s.status.success() || Instant::now() > deadline {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let args = ["--node", "cli-d", "--bridge-udp", "127.0.0.1:0"];
+    let mut node = run_node(&args, &data, &dir.path().join("scripts"));
+    let status = wait_status(&data, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let udp = v["bridge_udp"]
         .as_str()

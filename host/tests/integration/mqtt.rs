@@ -2,16 +2,18 @@
 //! here on a free loopback port), checked with `mosquitto_pub` and
 //! `mosquitto_sub` as another system on the broker would see it.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use covey_firmware_bridge::mqtt::MqttConfig;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::common::{eventually, start_named};
 use crate::lua::load;
+
+#[path = "../support/mosquitto.rs"]
+mod mosquitto;
+use mosquitto::Broker;
 
 const SCRIPT: &str = r#"
 covey.on("*", "temp", function(msg)
@@ -21,109 +23,6 @@ covey.handle("*", "mqtt.cmd", function(msg)
   covey.kv.set("mqtt/cmd", msg.payload)
 end)
 "#;
-
-/// A running broker; killed when dropped.
-struct Broker {
-    _process: Child,
-    port: u16,
-}
-
-impl Broker {
-    async fn start(dir: &Path, port: Option<u16>) -> Broker {
-        let port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        });
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mosquitto (Debian package `mosquitto`)");
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Broker {
-            _process: child,
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// Publish; false if the broker refused (it may be restarting).
-    async fn publish(&self, topic: &str, payload: &str) -> bool {
-        Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-t",
-                topic,
-                "-m",
-                payload,
-            ])
-            .status()
-            .await
-            .expect("mosquitto_pub (Debian package `mosquitto-clients`)")
-            .success()
-    }
-
-    /// The retained message on `topic` (waits up to 2 s for one).
-    async fn retained(&self, topic: &str) -> String {
-        let out = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic])
-            .args(["-C", "1", "-W", "2"])
-            .output()
-            .await
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// A subscriber printing `TOPIC PAYLOAD` lines (killed when dropped).
-    fn subscribe(
-        &self,
-        topic: &str,
-    ) -> (
-        Child,
-        tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    ) {
-        let mut child = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-t",
-                topic,
-                "-v",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        (child, lines)
-    }
-}
 
 fn mqtt_config(url: &str) -> MqttConfig {
     MqttConfig::parse(url).unwrap()
