@@ -26,7 +26,7 @@ use covey_firmware_bridge::{Bridge, BridgeStatus};
 
 use crate::cluster::Cluster;
 use crate::cluster::members::PeerReport;
-use crate::devices::registry::DeviceRegistry;
+use crate::devices::registry::{AttachedDevice, DeviceRegistry};
 use crate::kvdoc::KvDoc;
 use crate::router::{Router, now_ms};
 use crate::scriptsync::ScriptsSync;
@@ -60,6 +60,10 @@ pub struct StatusReport {
     /// Microcontrollers attached to this node, and refused frames.
     #[serde(default)]
     pub devices: BridgeStatus,
+    /// Devices attached to the other nodes, as each last reported them
+    /// (through the replicated registry).
+    #[serde(default)]
+    pub other_devices: BTreeMap<String, Vec<AttachedDevice>>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -128,6 +132,14 @@ impl StatusSource {
                 .map(|a| a.to_string()),
             devices: (self.devices.as_ref())
                 .map(|d| d.bridge.status())
+                .unwrap_or_default(),
+            other_devices: (self.devices.as_ref())
+                .map(|d| {
+                    let mut all = d.registry.attached();
+                    all.remove(self.router.node_name());
+                    all.retain(|_, list| !list.is_empty());
+                    all
+                })
                 .unwrap_or_default(),
         }
     }
@@ -344,7 +356,8 @@ fn render_devices(out: &mut String, r: &StatusReport) {
     if let Some(udp) = &r.bridge_udp {
         let _ = writeln!(out, "device bridge on UDP {udp}");
     }
-    if d.devices.is_empty() && d.errors.is_empty() {
+    let now = now_ms();
+    if d.devices.is_empty() && d.errors.is_empty() && r.other_devices.is_empty() {
         return;
     }
     let _ = writeln!(out, "devices ({}):", d.devices.len());
@@ -353,7 +366,6 @@ fn render_devices(out: &mut String, r: &StatusReport) {
         "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  ERRORS",
         "DEVICE", "VIA", "ADDRESS", "SINCE", "SEEN", "IN", "OUT"
     );
-    let now = now_ms();
     let errors = |m: &BTreeMap<String, u64>| {
         let v: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
         if v.is_empty() {
@@ -378,6 +390,19 @@ fn render_devices(out: &mut String, r: &StatusReport) {
     }
     if !d.errors.is_empty() {
         let _ = writeln!(out, "  refused, no device known: {}", errors(&d.errors));
+    }
+    for (node, list) in &r.other_devices {
+        let _ = writeln!(out, "devices on {node} ({}):", list.len());
+        for x in list {
+            let _ = writeln!(
+                out,
+                "  {:<20} {:<7} {:<24} {:>8}",
+                x.name,
+                x.transport,
+                x.address,
+                human_duration(now.saturating_sub(x.since_ms))
+            );
+        }
     }
 }
 

@@ -131,6 +131,7 @@ impl DeviceService {
                 b.refresh_keys();
             }
         }));
+        tasks.push(report_attached(bridge.clone(), registry.clone()));
         let mut udp = None;
         if let Some(addr) = settings.udp {
             let (bound, task) = covey_firmware_bridge::udp::serve(bridge.clone(), addr)
@@ -171,10 +172,38 @@ impl DeviceService {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        // Stopped cleanly: no device is attached here any more.
+        self.registry.set_attached(&[])?;
         let store = self.registry.store().clone();
         tokio::task::spawn_blocking(move || store.flush()).await??;
         Ok(())
     }
+}
+
+/// How often this node's list of attached devices is compared with what
+/// the registry says and rewritten if it changed.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// Keep this node's entry of attached devices in the registry current, so
+/// `covey status` on every node lists every node's devices.
+fn report_attached(bridge: Bridge, registry: Arc<DeviceRegistry>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REPORT_EVERY);
+        loop {
+            tick.tick().await;
+            let list: Vec<registry::AttachedDevice> = (bridge.status().devices.into_iter())
+                .map(|d| registry::AttachedDevice {
+                    name: d.name,
+                    transport: d.transport,
+                    address: d.address,
+                    since_ms: d.since_ms,
+                })
+                .collect();
+            if let Err(e) = registry.set_attached(&list) {
+                tracing::warn!("recording attached devices: {e:#}");
+            }
+        }
+    })
 }
 
 /// The router's id for a device's subscriptions.

@@ -5,7 +5,10 @@
 //! Layout: one root key per device, its name, holding one `Bytes` scalar:
 //! `key (32) | added_ms (u64 BE) | node that added it (UTF-8)`. One scalar
 //! per device, so a concurrent add and remove resolve as a whole, the same
-//! way on every node. What peers send is checked on every read: an entry
+//! way on every node. Each node also keeps the devices attached to it
+//! under `\0attached\0NODE` (JSON; written by that node only, at most every
+//! few seconds), so `covey status` anywhere shows every node's devices; a
+//! NUL never starts a device name, so the two kinds cannot collide. What peers send is checked on every read: an entry
 //! whose name is not a device name, or whose record is short, does not
 //! exist.
 
@@ -21,6 +24,20 @@ use tokio::sync::watch;
 use crate::docstore::DocStore;
 use crate::docsync::SyncTarget;
 use crate::router::now_ms;
+
+/// A device attached to some node, as that node last reported it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AttachedDevice {
+    pub name: String,
+    pub transport: String,
+    pub address: String,
+    pub since_ms: u64,
+}
+
+const ATTACHED_PREFIX: &str = "\0attached\0";
+/// Bounds on what a peer's report may hold.
+const MAX_REPORT_BYTES: usize = 64 * 1024;
+const MAX_REPORT_DEVICES: usize = 256;
 
 /// A registered device, as `covey device list` shows it. No key.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -137,6 +154,40 @@ impl DeviceRegistry {
         })
     }
 
+    /// Record the devices attached to this node (if the list changed).
+    pub fn set_attached(&self, list: &[AttachedDevice]) -> Result<()> {
+        let key = format!("{ATTACHED_PREFIX}{}", self.node);
+        let text = serde_json::to_string(list)?;
+        let same = self.store.read(|doc| match doc.get(ROOT, key.as_str()) {
+            Ok(Some((Value::Scalar(s), _))) => s.to_str() == Some(text.as_str()),
+            _ => list.is_empty(),
+        });
+        if !same {
+            self.store
+                .write(|doc| doc.put(ROOT, key.as_str(), text.as_str()))?;
+        }
+        Ok(())
+    }
+
+    /// Every node's last report of its attached devices (this node's
+    /// included). Malformed or oversized reports from peers are skipped.
+    pub fn attached(&self) -> std::collections::BTreeMap<String, Vec<AttachedDevice>> {
+        self.store.read(|doc| {
+            doc.map_range(ROOT, ATTACHED_PREFIX.to_string()..)
+                .take_while(|item| item.key.starts_with(ATTACHED_PREFIX))
+                .filter_map(|item| {
+                    let node = item.key.strip_prefix(ATTACHED_PREFIX)?.to_string();
+                    let (Value::Scalar(s), _) = doc.get(ROOT, item.key.as_ref()).ok()?? else {
+                        return None;
+                    };
+                    let text = s.to_str().filter(|t| t.len() <= MAX_REPORT_BYTES)?;
+                    let list: Vec<AttachedDevice> = serde_json::from_str(text).ok()?;
+                    (list.len() <= MAX_REPORT_DEVICES).then_some((node, list))
+                })
+                .collect()
+        })
+    }
+
     /// Changes whenever the registry does (here or by sync).
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.store.watch_version()
@@ -183,6 +234,30 @@ mod tests {
         assert!(r.remove("esp-1").unwrap());
         assert!(!r.remove("esp-1").unwrap());
         assert_eq!(r.key("esp-1"), None);
+    }
+
+    #[test]
+    fn attached_reports_round_trip_and_hostile_ones_are_skipped() {
+        let r = registry();
+        let d = AttachedDevice {
+            name: "esp-1".into(),
+            transport: "udp".into(),
+            address: "10.0.0.5:4000".into(),
+            since_ms: 1,
+        };
+        r.set_attached(std::slice::from_ref(&d)).unwrap();
+        assert_eq!(r.attached()["n1"], vec![d]);
+        let heads = r.store.heads();
+        r.set_attached(&r.attached()["n1"].clone()).unwrap();
+        assert_eq!(r.store.heads(), heads, "an unchanged list is not rewritten");
+        r.store
+            .write(|doc| {
+                doc.put(ROOT, "\0attached\0n2", "not json")?;
+                doc.put(ROOT, "\0attached\0n3", "x".repeat(70_000))
+            })
+            .unwrap();
+        assert_eq!(r.attached().len(), 1);
+        assert!(r.list().is_empty(), "reports are not devices");
     }
 
     #[test]

@@ -104,6 +104,15 @@ async fn a_device_on_udp_talks_with_scripts_on_another_node() {
     b.node().router().emit("led.off", b"2".to_vec()).unwrap();
     assert_eq!(dev.expect("event", 5).await, "event b led.off 2");
 
+    // Every node's status lists the devices of every node.
+    eventually(20, "b's status lists a's device", || async {
+        let s = covey::control::fetch_status(&b.data).await.unwrap();
+        s.other_devices
+            .get("a")
+            .is_some_and(|l| l.iter().any(|d| d.name == "esp-1" && d.transport == "udp"))
+    })
+    .await;
+
     assert_eq!(b.call("go", "a/esp-1").await.unwrap(), "ok");
     assert_eq!(dev.expect("command", 5).await, "command b blink led3");
     assert_eq!(b.call("ask", "a/esp-1").await.unwrap(), "x");
