@@ -159,7 +159,7 @@ impl DeviceRegistry {
         let key = format!("{ATTACHED_PREFIX}{}", self.node);
         let text = serde_json::to_string(list)?;
         let same = self.store.read(|doc| match doc.get(ROOT, key.as_str()) {
-            Ok(Some((Value::Scalar(s), _))) => s.to_str() == Some(text.as_str()),
+            Ok(Some((Value::Scalar(s), _))) => s.as_str() == Some(text.as_str()),
             _ => list.is_empty(),
         });
         if !same {
@@ -180,7 +180,7 @@ impl DeviceRegistry {
                     let (Value::Scalar(s), _) = doc.get(ROOT, item.key.as_ref()).ok()?? else {
                         return None;
                     };
-                    let text = s.to_str().filter(|t| t.len() <= MAX_REPORT_BYTES)?;
+                    let text = s.as_str().filter(|t| t.len() <= MAX_REPORT_BYTES)?;
                     let list: Vec<AttachedDevice> = serde_json::from_str(text).ok()?;
                     (list.len() <= MAX_REPORT_DEVICES).then_some((node, list))
                 })
