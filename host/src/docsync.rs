@@ -141,6 +141,20 @@ impl<T: SyncTarget> Replica for DocReplicator<T> {
     }
 
     fn receive(&self, link: &Arc<PeerLink>, msg: &[u8]) {
+        // Leftovers of a link that was replaced (a duplicate link closed,
+        // a restarted peer) must not take the peer's place: the live link
+        // would lose its entry when the old one goes down, and neither
+        // side would send again (a convergence stall seen after heals).
+        // The live link's exchange covers whatever this message said.
+        if link.is_closed() {
+            return;
+        }
+        if let Some(p) = self.peers.lock().unwrap().get(&link.node)
+            && !Arc::ptr_eq(&p.link, link)
+            && !p.link.is_closed()
+        {
+            return;
+        }
         // The reader may deliver before `peer_up` ran for this link.
         self.peer_up(link);
         let mut peers = self.peers.lock().unwrap();
