@@ -315,12 +315,10 @@ struct BridgeDevices {
     registry: Arc<DeviceRegistry>,
 }
 
-impl BridgeDevices {
-    /// A device that is not attached here: down if it is registered (it
-    /// may come back), unknown if not.
-    fn absent(&self, target: &str, device: &str) -> (bool, String) {
-        (self.registry.key(device).is_some(), target.to_string())
-    }
+/// A device that is not attached here: down if it is registered (it may
+/// come back), unknown if not. Asked only when a send or call failed.
+fn registered(registry: &DeviceRegistry, device: &str) -> bool {
+    registry.key(device).is_some()
 }
 
 impl Devices for BridgeDevices {
@@ -331,17 +329,17 @@ impl Devices for BridgeDevices {
         {
             Ok(()) => Ok(()),
             Err(DeviceError::TooLarge(n)) => Err(SendError::PayloadTooLarge(n as u64)),
-            Err(_) => match self.absent(&msg.to, device) {
-                (true, t) => Err(SendError::NodeDown(t)),
-                (false, t) => Err(SendError::UnknownNode(t)),
-            },
+            Err(_) if registered(&self.registry, device) => {
+                Err(SendError::NodeDown(msg.to.clone()))
+            }
+            Err(_) => Err(SendError::UnknownNode(msg.to.clone())),
         }
     }
 
     fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture {
         let bridge = self.bridge.clone();
+        let registry = self.registry.clone();
         let device = device.to_string();
-        let absent = self.absent(&msg.to, &device);
         Box::pin(async move {
             let result = bridge
                 .call(&device, &msg.from, &msg.name, &msg.payload, timeout)
@@ -351,10 +349,10 @@ impl Devices for BridgeDevices {
                 DeviceError::Failed(text) => CallError::HandlerFailed(text),
                 DeviceError::Timeout => CallError::Timeout,
                 DeviceError::Gone(why) => CallError::NodeDown(format!("{}: {why}", msg.to)),
-                DeviceError::NotAttached(_) => match absent {
-                    (true, t) => CallError::NodeDown(t),
-                    (false, t) => CallError::UnknownNode(t),
-                },
+                DeviceError::NotAttached(_) if registered(&registry, &device) => {
+                    CallError::NodeDown(msg.to.clone())
+                }
+                DeviceError::NotAttached(_) => CallError::UnknownNode(msg.to.clone()),
             })
         })
     }
