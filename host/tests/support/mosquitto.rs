@@ -55,19 +55,17 @@ impl Broker {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
+    /// A `mosquitto_pub`/`mosquitto_sub` on this broker and `topic`.
+    fn client(&self, program: &str, topic: &str) -> Command {
+        let mut c = Command::new(program);
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic]);
+        c
+    }
+
     /// Publish; false if the broker refused (it may be restarting).
     pub async fn publish(&self, topic: &str, payload: &str) -> bool {
-        Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-t",
-                topic,
-                "-m",
-                payload,
-            ])
+        self.client("mosquitto_pub", topic)
+            .args(["-m", payload])
             .status()
             .await
             .expect("mosquitto_pub (Debian package `mosquitto-clients`)")
@@ -76,8 +74,8 @@ impl Broker {
 
     /// The retained message on `topic` (waits up to 2 s for one).
     pub async fn retained(&self, topic: &str) -> String {
-        let out = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic])
+        let out = self
+            .client("mosquitto_sub", topic)
             .args(["-C", "1", "-W", "2"])
             .output()
             .await
@@ -93,16 +91,9 @@ impl Broker {
         Child,
         tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     ) {
-        let mut child = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-t",
-                topic,
-                "-v",
-            ])
+        let mut child = self
+            .client("mosquitto_sub", topic)
+            .arg("-v")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
