@@ -185,14 +185,7 @@ impl Bridge {
                 Err(BusError::Failed(_)) => AckStatus::Failed,
             };
             let mut st = inner.state.lock().unwrap();
-            inner.send_to(
-                &mut st,
-                &device,
-                &Body::Ack {
-                    seq,
-                    status: status as u8,
-                },
-            );
+            inner.ack(&mut st, &device, Some(seq), status);
         }
     }
 
@@ -439,6 +432,14 @@ impl Inner {
         let device = session.device.clone();
         st.stats.entry(device).or_default().frames_out += 1;
         Ok(())
+    }
+
+    /// Acknowledge frame `seq` with `status`, if the device asked (QoS 1).
+    fn ack(&self, st: &mut State, device: &str, seq: Option<u32>, status: AckStatus) {
+        if let Some(seq) = seq {
+            let status = status as u8;
+            self.send_to(st, device, &Body::Ack { seq, status });
+        }
     }
 
     fn send_to(&self, st: &mut State, device: &str, body: &Body<'_>) {

@@ -53,21 +53,12 @@ impl Inner {
         if frame.len() > session.max_frame {
             return Err(refuse(Reject::Oversized));
         }
-        let wants_ack = h.flags & FLAG_ACK != 0;
+        let ack = (h.flags & FLAG_ACK != 0).then_some(h.seq);
         match session.window.check(h.seq) {
             SeqCheck::TooOld => return Err(refuse(Reject::Replay)),
             SeqCheck::Duplicate => {
                 // A retry whose ack was lost: acknowledge, do not redo.
-                if wants_ack {
-                    self.send_to(
-                        st,
-                        &device,
-                        &Body::Ack {
-                            seq: h.seq,
-                            status: 0,
-                        },
-                    );
-                }
+                self.ack(st, &device, ack, AckStatus::Ok);
                 return Err(refuse(Reject::Replay));
             }
             SeqCheck::Fresh => {}
@@ -75,10 +66,7 @@ impl Inner {
         let now = Instant::now();
         if !session.bucket.take(now) {
             // Not marked as seen: the device's retry will be taken.
-            if wants_ack {
-                let status = AckStatus::RateLimited as u8;
-                self.send_to(st, &device, &Body::Ack { seq: h.seq, status });
-            }
+            self.ack(st, &device, ack, AckStatus::RateLimited);
             return Err(refuse(Reject::RateLimited));
         }
         session.window.mark(h.seq);
@@ -87,14 +75,10 @@ impl Inner {
         let body = match proto::body(frame) {
             Ok(b) => b,
             Err(r) => {
-                if wants_ack {
-                    let status = AckStatus::BadFrame as u8;
-                    self.send_to(st, &device, &Body::Ack { seq: h.seq, status });
-                }
+                self.ack(st, &device, ack, AckStatus::BadFrame);
                 return Err(refuse(r));
             }
         };
-        let ack = wants_ack.then_some(h.seq);
         self.dispatch(st, &device, body, ack).map_err(refuse)
     }
 
@@ -112,7 +96,8 @@ impl Inner {
                 payload,
             } => {
                 if !from.is_empty() || name.is_empty() {
-                    return self.nack(st, device, ack, Reject::Malformed);
+                    self.ack(st, device, ack, AckStatus::BadFrame);
+                    return Err(Reject::Malformed);
                 }
                 After::Emit {
                     name: name.to_string(),
@@ -130,16 +115,7 @@ impl Inner {
             },
             Body::Subscribe { from, name } => {
                 let status = self.subscribe(st, device, from, name);
-                if let Some(seq) = ack {
-                    self.send_to(
-                        st,
-                        device,
-                        &Body::Ack {
-                            seq,
-                            status: status as u8,
-                        },
-                    );
-                }
+                self.ack(st, device, ack, status);
                 return Ok(None);
             }
             Body::Unsubscribe { from, name } => {
@@ -149,9 +125,7 @@ impl Inner {
                 {
                     self.bus.unsubscribe(device, id);
                 }
-                if let Some(seq) = ack {
-                    self.send_to(st, device, &Body::Ack { seq, status: 0 });
-                }
+                self.ack(st, device, ack, AckStatus::Ok);
                 return Ok(None);
             }
             Body::Reply {
@@ -186,20 +160,6 @@ impl Inner {
             }
         };
         Ok(Some((after, device.clone(), ack)))
-    }
-
-    fn nack(
-        &self,
-        st: &mut State,
-        device: &Arc<str>,
-        ack: Option<u32>,
-        r: Reject,
-    ) -> Result<Option<Work>, Reject> {
-        if let Some(seq) = ack {
-            let status = AckStatus::BadFrame as u8;
-            self.send_to(st, device, &Body::Ack { seq, status });
-        }
-        Err(r)
     }
 
     fn subscribe(&self, st: &mut State, device: &Arc<str>, from: &str, name: &str) -> AckStatus {
