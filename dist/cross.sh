@@ -42,11 +42,9 @@ while [ $# -gt 0 ]; do
     *) target="$1"; shift ;;
   esac
 done
-case "$target" in
-  arm64|aarch64) target=aarch64-unknown-linux-gnu ;;
-  armv7) target=armv7-unknown-linux-gnueabihf ;;
-  armv6|armhf|arm-unknown-linux-musleabihf) target=armv6-unknown-linux-musleabihf ;;
-esac
+. "$root/dist/targets.sh"
+covey_target "$target" || exit 2
+target="$triple"
 
 apt_install() {
   local missing=()
@@ -65,16 +63,16 @@ cargo_args=(build --locked -p covey --bin covey --profile "$profile" --target "$
 
 case "$target" in
   aarch64-unknown-linux-gnu)
-    apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    apt_install "gcc-$gnu" libc6-dev-arm64-cross
     rustup target add "$target" >&2
-    export "CARGO_TARGET_${env_target}_LINKER=aarch64-linux-gnu-gcc"
-    export "CC_${cc_target}=aarch64-linux-gnu-gcc"
+    export "CARGO_TARGET_${env_target}_LINKER=$gnu-gcc"
+    export "CC_${cc_target}=$gnu-gcc"
     ;;
   armv7-unknown-linux-gnueabihf)
-    apt_install gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
+    apt_install "gcc-$gnu" libc6-dev-armhf-cross
     rustup target add "$target" >&2
-    export "CARGO_TARGET_${env_target}_LINKER=arm-linux-gnueabihf-gcc"
-    export "CC_${cc_target}=arm-linux-gnueabihf-gcc"
+    export "CARGO_TARGET_${env_target}_LINKER=$gnu-gcc"
+    export "CC_${cc_target}=$gnu-gcc"
     ;;
   armv6-unknown-linux-musleabihf)
     rustup component add rust-src >&2
@@ -95,10 +93,6 @@ case "$target" in
     export "CARGO_TARGET_${env_target}_RUSTFLAGS=-C target-cpu=arm1176jzf-s -C link-self-contained=no"
     export RUSTC_BOOTSTRAP=1
     cargo_args+=(-Zbuild-std=std,panic_unwind -Zjson-target-spec)
-    ;;
-  *)
-    echo "unknown target '$target' (see: bash dist/cross.sh --help)" >&2
-    exit 2
     ;;
 esac
 

@@ -19,16 +19,12 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${1:?usage: dist/qemu-bench.sh arm64|armv6 [BINARY]}"
 bin="${2:-}"
-case "$target" in
-  arm64|aarch64|aarch64-unknown-linux-gnu)
-    triple=aarch64-unknown-linux-gnu; debarch=arm64; gnu=aarch64-linux-gnu
-    qemu=(qemu-aarch64-static -R 512G)
-    libc_pkg=libc6-arm64-cross ;;
-  armv6|armhf|arm-unknown-linux-musleabihf|armv6-unknown-linux-musleabihf)
-    triple=armv6-unknown-linux-musleabihf; debarch=armel; gnu=arm-linux-gnueabi
-    qemu=(qemu-arm-static -cpu arm1176)
-    libc_pkg=libc6-armel-cross ;;
-  *) echo "unknown target '$target' (arm64 or armv6)" >&2; exit 2 ;;
+. "$root/dist/targets.sh"
+covey_target "$target" || exit 2
+case "$short" in
+  arm64) debarch=arm64 libc_pkg=libc6-arm64-cross ;;
+  armv6) debarch=armel libc_pkg=libc6-armel-cross ;;
+  *) echo "qemu-bench: arm64 or armv6 (armv7 runs the same Pulley as armv6)" >&2; exit 2 ;;
 esac
 [ -n "$bin" ] || bin="$(bash "$root/dist/cross.sh" "$triple" | tail -1)"
 
@@ -47,9 +43,8 @@ if [ ! -x "$sysroot/usr/bin/lua5.4" ]; then
   rm -rf "$dl"
 fi
 libs="$sysroot/usr/lib/$gnu:$sysroot/lib/$gnu"
-native_lua=("${qemu[@]}" -L "/usr/$gnu" -E "LD_LIBRARY_PATH=$libs" "$sysroot/usr/bin/lua5.4")
+native_lua=("${qemu_cpu[@]}" -L "/usr/$gnu" -E "LD_LIBRARY_PATH=$libs" "$sysroot/usr/bin/lua5.4")
 "${native_lua[@]}" -v >/dev/null || { echo "FAILED: native lua5.4 does not run under qemu" >&2; exit 1; }
-case "$target" in arm64|aarch64*) qemu+=(-L "/usr/$gnu") ;; esac
 
 work="$(mktemp -d)"
 pid=""

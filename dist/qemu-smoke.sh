@@ -22,20 +22,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${1:?usage: dist/qemu-smoke.sh TARGET [BINARY]}"
 bin="${2:-}"
 
-case "$target" in
-  arm64|aarch64|aarch64-unknown-linux-gnu)
-    target=aarch64-unknown-linux-gnu
-    # -R 512G: the 39-bit address space of a Pi 3/4 kernel, so the engine
-    # picks the memory layout it picks on a real Pi.
-    qemu=(qemu-aarch64-static -R 512G -L /usr/aarch64-linux-gnu); compile_for=arm64 ;;
-  armv7|armv7-unknown-linux-gnueabihf)
-    target=armv7-unknown-linux-gnueabihf
-    qemu=(qemu-arm-static -cpu cortex-a7 -L /usr/arm-linux-gnueabihf); compile_for=armv7 ;;
-  armv6|armhf|arm-unknown-linux-musleabihf|armv6-unknown-linux-musleabihf)
-    target=armv6-unknown-linux-musleabihf
-    qemu=(qemu-arm-static -cpu arm1176); compile_for=armv6 ;;
-  *) echo "unknown target '$target'" >&2; exit 2 ;;
-esac
+. "$root/dist/targets.sh"
+covey_target "$target" || exit 2
+target="$triple" compile_for="$short"
 command -v "${qemu[0]}" >/dev/null || {
   echo "installing qemu-user-static" >&2
   apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null

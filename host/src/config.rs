@@ -148,7 +148,7 @@ pub struct RunArgs {
     /// This node's name, unique in the cluster [default: the host name]
     #[arg(long, env = "COVEY_NODE")]
     pub node: Option<String>,
-    /// Directory of scripts (`*.wasm`), watched recursively [default: ./scripts]
+    /// Directory of scripts (`*.wasm`, `*.lua`), watched recursively [default: ./scripts]
     #[arg(long, env = "COVEY_SCRIPTS")]
     pub scripts: Option<PathBuf>,
     /// Directory for the key-value store and the compiled-code cache
@@ -157,7 +157,9 @@ pub struct RunArgs {
     pub data: Option<PathBuf>,
     /// YAML config file (keys: node, port, discovery, scripts, iface, extras,
     /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log,
-    /// log_rate, kv_quota_keys, kv_quota_bytes, trust_precompiled)
+    /// log_rate, kv_quota_keys, kv_quota_bytes, cluster_token, listen, peers,
+    /// peer_timeout_ms, trust_precompiled, bridge_udp, bridge_serial,
+    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Memory cap per script in MiB [default: 64]
@@ -445,7 +447,9 @@ fn resolve_cluster(
     let Some(token) = token else {
         if !peers.is_empty() || port.is_some() || mdns == Some(true) || !ifaces.is_empty() {
             bail!(
-                "cluster settings are given but this node has no cluster token: run                  `covey cluster init` on one node and `covey cluster join TOKEN` on the                  others (or pass --cluster-token)"
+                "cluster settings are given but this node has no cluster token: run \
+                 `covey cluster init` on one node and `covey cluster join TOKEN` on the \
+                 others (or pass --cluster-token)"
             );
         }
         return Ok(None);
@@ -585,6 +589,31 @@ mod tests {
         };
         let err = format!("{:#}", NodeConfig::resolve(&args).unwrap_err());
         assert!(err.contains("scirpts"), "{err}");
+    }
+
+    #[test]
+    fn config_help_lists_every_file_key() {
+        use clap::CommandFactory;
+        let err = serde_yaml_ng::from_str::<FileConfig>("nope: 1")
+            .unwrap_err()
+            .to_string();
+        let keys = err
+            .split("expected one of ")
+            .nth(1)
+            .expect("serde lists the keys");
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let config = run
+            .get_arguments()
+            .find(|a| a.get_id() == "config")
+            .unwrap();
+        let help = config.get_help().unwrap().to_string();
+        for key in keys
+            .split(", ")
+            .map(|k| k.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_'))
+        {
+            assert!(help.contains(key), "--config help misses `{key}`: {help}");
+        }
     }
 
     #[test]
