@@ -96,6 +96,13 @@ t0=$SECONDS
 out="$(covey exec --data "$work/exec-data" "$work/fib.lua" 20)" || fail "covey exec: $out"
 [ "$out" = "fib(20) = 6765" ] || fail "covey exec printed '$out'"
 echo "ok: $out ($((SECONDS - t0)) s, first run compiles or loads the Lua guest)"
+if [ "$compile_for" != arm64 ]; then
+  # 32-bit builds carry the Lua guest precompiled (deflated): had it not
+  # loaded, exec would have compiled the guest into its cache.
+  [ -z "$(ls -A "$work/exec-data/cache" 2>/dev/null)" ] ||
+    fail "the built-in Lua guest artifact was not used: exec compiled the guest"
+  echo "ok: the built-in precompiled Lua guest was used"
+fi
 
 echo "== node a: Lua + Rust components, runaway loop, memory bomb"
 mkdir -p "$work/a/scripts"

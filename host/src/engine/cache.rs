@@ -3,9 +3,10 @@
 //! precompiled artifacts (`covey compile`, or the Lua guest precompiled
 //! into the binary at build time) for machines too slow to compile.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use wasmtime::component::Component;
 
 use super::ScriptEngine;
@@ -121,11 +122,16 @@ impl ComponentCache {
     }
 
     /// Like [`ComponentCache::load`] for a component built into this binary
-    /// with its artifact precompiled at build time (empty if none was).
-    pub fn load_builtin(&self, bytes: &[u8], precompiled: &[u8], what: &str) -> Result<Component> {
-        if !precompiled.is_empty() {
+    /// with its artifact precompiled at build time, deflated (empty if none
+    /// was).
+    pub fn load_builtin(&self, bytes: &[u8], deflated: &[u8], what: &str) -> Result<Component> {
+        if !deflated.is_empty() {
+            let mut precompiled = Vec::new();
+            flate2::read::DeflateDecoder::new(deflated)
+                .read_to_end(&mut precompiled)
+                .context("inflating the built-in artifact")?;
             // SAFETY: made by this binary's own build.
-            match unsafe { self.engine.load_precompiled(bytes, precompiled) } {
+            match unsafe { self.engine.load_precompiled(bytes, &precompiled) } {
                 Ok(component) => return Ok(component),
                 Err(err) => tracing::info!(
                     "compiling {what}: its build-time artifact does not fit this node's \

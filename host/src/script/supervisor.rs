@@ -66,9 +66,10 @@ pub const LUA_GUEST: &[u8] = include_bytes!("../../../lua-guest/dist/lua-guest.w
 
 /// The Lua guest precompiled for this binary's target at build time
 /// (`COVEY_LUA_GUEST_CWASM`, set by `dist/cross.sh` for 32-bit ARM, where
-/// compiling it on a Pi Zero takes minutes); empty when the build had none.
+/// compiling it on a Pi Zero takes minutes), deflated (build.rs); empty
+/// when the build had none.
 pub const LUA_GUEST_PRECOMPILED: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/lua-guest.cwasm"));
+    include_bytes!(concat!(env!("OUT_DIR"), "/lua-guest.cwasm.deflate"));
 
 impl ScriptSupervisor {
     pub fn new(services: Arc<Services>, cache: ComponentCache, dir: PathBuf) -> Result<Self> {
