@@ -29,7 +29,9 @@
 //!   membership, mDNS discovery; the router's way to other nodes.
 //! - [`devices`] — the firmware bridge beside the cluster: device
 //!   registry (replicated), microcontrollers as the router's peers.
-//! - [`control`] — the local control socket behind `covey status`.
+//! - [`control`] — the local control socket behind `covey status` and the
+//!   operator's verbs (`covey emit|send|call|kv|nodes|logs|events`).
+//! - [`logring`] — the node's recent log lines in memory, for `covey logs`.
 //! - [`docstore`] — `DocStore`: an Automerge document in a file, durable
 //!   writes, compaction, recovery; under the key-value store and the
 //!   scripts manifest.
@@ -58,6 +60,7 @@ pub mod files;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod kvdoc;
+pub mod logring;
 pub mod node;
 pub mod pattern;
 pub mod random;

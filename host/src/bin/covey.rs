@@ -39,6 +39,7 @@ fn main() -> Result<()> {
         }
         Command::Cluster(cmd) => cluster(cmd),
         Command::Device(cmd) => covey::devices::cli::run(cmd),
+        Command::Operator(cmd) => std::process::exit(covey::control::cli::run(cmd)?),
         Command::Compile(args) => {
             init_logging("warn");
             covey::compile::compile(&args)
@@ -135,5 +136,12 @@ fn init_logging(filter: &str) {
         eprintln!("covey: bad log filter {filter:?} ({e}); using `info`");
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // The terminal, and the ring `covey logs` reads (same filter).
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .with(covey::logring::RingLayer)
+        .init();
 }

@@ -48,6 +48,8 @@ pub enum Command {
     /// Microcontrollers on the bus (firmware bridge): register, list, remove.
     #[command(subcommand)]
     Device(crate::devices::cli::DeviceCommand),
+    #[command(flatten)]
+    Operator(crate::control::cli::OperatorCommand),
 }
 
 #[derive(Subcommand, Debug)]

@@ -14,6 +14,7 @@ mod kv;
 mod limits;
 mod lua;
 mod mqtt;
+mod operator;
 mod process;
 mod pulley;
 mod reload;

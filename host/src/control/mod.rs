@@ -3,22 +3,22 @@
 //! A Unix socket in the data directory (`control.sock`): reachable only
 //! from this machine, by users who can open the data directory, so there
 //! is nothing to authenticate and no TCP port to expose. One request per
-//! connection, a line of text (`status`, `device add|remove|list [NAME]`);
-//! the answer is JSON.
+//! connection: a line of JSON (the operator's verbs, [`proto`], answered in
+//! [`ops`]) or of text (`status`, `device add|remove|list [NAME]`).
+//! `covey emit|send|call|kv|nodes|logs` are its clients ([`cli`]).
 //!
 //! Binding it is also the data directory's lock: a second node started on
 //! the same directory finds the socket answering and stops before it
 //! touches the store.
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
@@ -30,6 +30,13 @@ use crate::devices::registry::{AttachedDevice, DeviceRegistry};
 use crate::kvdoc::KvDoc;
 use crate::router::{Router, now_ms};
 use crate::scriptsync::ScriptsSync;
+
+pub mod cli;
+mod ops;
+pub mod proto;
+mod render;
+
+pub use render::{human_duration, render};
 
 pub const SOCKET_FILE: &str = "control.sock";
 
@@ -226,8 +233,28 @@ impl Drop for ControlSocket {
 
 async fn answer(stream: UnixStream, source: &StatusSource) -> Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(1024)).read_line(&mut line).await?;
+    let mut read = BufReader::new(read);
+    let line = proto::read_line(&mut read).await?.unwrap_or_default();
+    if line.starts_with('{') {
+        let req = match serde_json::from_str::<proto::Request>(&line) {
+            Ok(req) => req,
+            Err(e) => {
+                let failure = proto::Failure::new(
+                    proto::FailureKind::BadRequest,
+                    format!("malformed request: {e}"),
+                );
+                let answer = proto::Answer {
+                    error: Some(failure),
+                    ..Default::default()
+                };
+                write.write_all(&proto::line(&answer)?).await?;
+                return Ok(());
+            }
+        };
+        ops::handle(source, req, &mut read, &mut write).await?;
+        write.shutdown().await?;
+        return Ok(());
+    }
     let reply = match line.trim() {
         "status" => serde_json::to_string(&source.report())?,
         other if other.starts_with("device ") => {
@@ -254,164 +281,9 @@ pub async fn fetch_status(data_dir: &Path) -> Result<StatusReport> {
 
 /// One request to the node running on `data_dir`; its JSON answer.
 pub async fn request(data_dir: &Path, line: &str) -> Result<String> {
-    let path = data_dir.join(SOCKET_FILE);
-    let mut stream = match UnixStream::connect(&path).await {
-        Ok(s) => s,
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            bail!(
-                "no covey node is running with data directory {} (start one with `covey run`, \
-                 or pass the node's --data)",
-                data_dir.display()
-            )
-        }
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
-    };
+    let mut stream = proto::connect(data_dir).await?;
     stream.write_all(format!("{line}\n").as_bytes()).await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(text)
-}
-
-/// The human form of a status report.
-pub fn render(r: &StatusReport) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "node {} (covey {}, pid {}, up {})",
-        r.node,
-        r.version,
-        r.pid,
-        human_duration(r.uptime_ms)
-    );
-    match &r.cluster {
-        None => {
-            let _ = writeln!(out, "cluster: none (single node)");
-        }
-        Some(c) => {
-            let up = c.peers.iter().filter(|p| p.up).count();
-            let _ = writeln!(
-                out,
-                "cluster {} listening on {}: {} of {} peers up",
-                c.fingerprint,
-                c.listen,
-                up,
-                c.peers.len()
-            );
-            if !c.peers.is_empty() {
-                let _ = writeln!(
-                    out,
-                    "  {:<20} {:<5} {:>10} {:>9} {:<28} {:>8}",
-                    "PEER", "STATE", "SINCE", "RTT", "ADDRESS", "DROPPED"
-                );
-            }
-            let now = now_ms();
-            for p in &c.peers {
-                let rtt = p
-                    .rtt_us
-                    .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into());
-                let addr = p.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-                let _ = writeln!(
-                    out,
-                    "  {:<20} {:<5} {:>10} {:>9} {:<28} {:>8}",
-                    p.name,
-                    if p.up { "up" } else { "down" },
-                    human_duration(now.saturating_sub(p.since_ms)),
-                    rtt,
-                    addr,
-                    p.frames_dropped
-                );
-            }
-        }
-    }
-    let _ = writeln!(out, "scripts ({}):", r.scripts.len());
-    for s in &r.scripts {
-        let _ = writeln!(out, "  {s}");
-    }
-    let _ = writeln!(
-        out,
-        "messages: {} delivered, {} handled, {} dropped",
-        r.messages_delivered, r.messages_handled, r.messages_dropped
-    );
-    render_devices(&mut out, r);
-    if !r.scripts_refused.is_empty() {
-        let by_reason: Vec<String> = r
-            .scripts_refused
-            .iter()
-            .map(|(why, n)| format!("{n} {why}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "scripts sync: refused manifest entries from peers: {}",
-            by_reason.join(", ")
-        );
-    }
-    out
-}
-
-fn render_devices(out: &mut String, r: &StatusReport) {
-    use std::fmt::Write;
-    let d = &r.devices;
-    if let Some(udp) = &r.bridge_udp {
-        let _ = writeln!(out, "device bridge on UDP {udp}");
-    }
-    let now = now_ms();
-    if d.devices.is_empty() && d.errors.is_empty() && r.other_devices.is_empty() {
-        return;
-    }
-    let _ = writeln!(out, "devices ({}):", d.devices.len());
-    let _ = writeln!(
-        out,
-        "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  ERRORS",
-        "DEVICE", "VIA", "ADDRESS", "SINCE", "SEEN", "IN", "OUT"
-    );
-    let errors = |m: &BTreeMap<String, u64>| {
-        let v: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        if v.is_empty() {
-            "-".into()
-        } else {
-            v.join(", ")
-        }
-    };
-    for x in &d.devices {
-        let _ = writeln!(
-            out,
-            "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  {}",
-            x.name,
-            x.transport,
-            x.address,
-            human_duration(now.saturating_sub(x.since_ms)),
-            human_duration(now.saturating_sub(x.last_seen_ms)),
-            x.frames_in,
-            x.frames_out,
-            errors(&x.errors)
-        );
-    }
-    if !d.errors.is_empty() {
-        let _ = writeln!(out, "  refused, no device known: {}", errors(&d.errors));
-    }
-    for (node, list) in &r.other_devices {
-        let _ = writeln!(out, "devices on {node} ({}):", list.len());
-        for x in list {
-            let _ = writeln!(
-                out,
-                "  {:<20} {:<7} {:<24} {:>8}",
-                x.name,
-                x.transport,
-                x.address,
-                human_duration(now.saturating_sub(x.since_ms))
-            );
-        }
-    }
-}
-
-fn human_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
-    }
 }

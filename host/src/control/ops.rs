@@ -1,0 +1,352 @@
+//! The operator's requests, answered by the running node: the node side
+//! of `covey emit|send|call|kv|nodes|logs` (see [`super::proto`]).
+//!
+//! Bus operations go through the router exactly as a script's would, from
+//! this node (`from` = the node's name); key-value writes go to the store
+//! with no script's quota. Streams (`kv watch`, `events`) are taps: a
+//! mailbox registered in the router under `tap:N` — a name no script can
+//! have — with one subscription, removed when the reader goes away.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{broadcast, mpsc};
+
+use super::StatusSource;
+use super::proto::{
+    Answer, Bytes, EventItem, Failure, FailureKind, KvChange, Request, line, payload_too_large,
+};
+use crate::kvdoc::KvError;
+use crate::logring::{LOGS, LogLine, LogQuery};
+use crate::pattern::Pattern;
+use crate::router::{Delivery, Router, SubKind, now_ms};
+
+/// Longest call timeout an operator may ask for.
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Items a tap holds for a slow reader before the router drops them.
+const TAP_MAILBOX: usize = 1024;
+/// Longest event name.
+const MAX_NAME: usize = 1024;
+
+type Outcome = std::result::Result<(serde_json::Value, Vec<u8>), Failure>;
+
+pub(super) async fn handle(
+    source: &StatusSource,
+    req: Request,
+    read: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+) -> Result<()> {
+    let outcome = match req {
+        Request::KvWatch { prefix } => {
+            let kind = SubKind::Watch { prefix };
+            return tap(&source.router, kind, read, write).await;
+        }
+        Request::Events { pattern } => {
+            let kind = SubKind::Event {
+                from: Pattern::new("*"),
+                name: Pattern::new(&pattern),
+            };
+            return tap(&source.router, kind, read, write).await;
+        }
+        Request::Logs {
+            query,
+            follow,
+            tail,
+        } => return logs(query, follow, tail, read, write).await,
+        Request::Emit { name, len } => match payload(source, read, len).await? {
+            Ok(p) => emit(source, &name, p),
+            Err(f) => Err(f),
+        },
+        Request::Send { target, name, len } => match payload(source, read, len).await? {
+            Ok(p) => send(source, &target, &name, p),
+            Err(f) => Err(f),
+        },
+        Request::Call {
+            target,
+            name,
+            len,
+            timeout_ms,
+        } => match payload(source, read, len).await? {
+            Ok(p) => call(source, &target, &name, p, timeout_ms).await,
+            Err(f) => Err(f),
+        },
+        Request::KvSet { key, len } => match payload(source, read, len).await? {
+            Ok(value) => (source
+                .kv
+                .set(&key, &value)
+                .map(|()| (json!({ "key": key }), vec![])))
+            .map_err(kv_failure),
+            Err(f) => Err(f),
+        },
+        other => simple(source, other),
+    };
+    let (answer, bytes) = match outcome {
+        Ok((value, bytes)) => (
+            Answer {
+                value,
+                len: bytes.len() as u64,
+                error: None,
+            },
+            bytes,
+        ),
+        Err(f) => (
+            Answer {
+                error: Some(f),
+                ..Answer::default()
+            },
+            vec![],
+        ),
+    };
+    write.write_all(&line(&answer)?).await?;
+    write.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// The requests answered at once, without a payload.
+fn simple(source: &StatusSource, req: Request) -> Outcome {
+    match req {
+        Request::Status => Ok((serde_json::to_value(source.report()).unwrap(), vec![])),
+        Request::KvGet { key } => match source.kv.get(&key) {
+            Some(v) => Ok((json!({ "key": key }), v)),
+            None => Err(Failure::new(
+                FailureKind::NotFound,
+                format!("no key `{key}`"),
+            )),
+        },
+        Request::KvDel { key } => match source.kv.delete(&key) {
+            Ok(existed) => Ok((json!({ "key": key, "existed": existed }), vec![])),
+            Err(e) => Err(kv_failure(e)),
+        },
+        Request::KvLs { prefix } => {
+            let keys = source.kv.keys(&prefix);
+            Ok((json!({ "keys": keys }), vec![]))
+        }
+        Request::Nodes => Ok((serde_json::to_value(nodes(source)).unwrap(), vec![])),
+        _ => Err(Failure::new(
+            FailureKind::BadRequest,
+            "not a simple request",
+        )),
+    }
+}
+
+/// Read a request's payload, unless it is over the limit (then it is
+/// refused unread; the connection ends with the answer).
+async fn payload(
+    source: &StatusSource,
+    read: &mut BufReader<OwnedReadHalf>,
+    len: u64,
+) -> Result<std::result::Result<Vec<u8>, Failure>> {
+    let max = source.router.max_payload() as u64;
+    if len > max {
+        return Ok(Err(payload_too_large(max)));
+    }
+    let mut bytes = vec![0; len as usize];
+    read.read_exact(&mut bytes).await?;
+    Ok(Ok(bytes))
+}
+
+fn check_name(name: &str) -> std::result::Result<(), Failure> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Failure::new(
+            FailureKind::BadRequest,
+            format!("a message name must be 1..={MAX_NAME} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn emit(source: &StatusSource, name: &str, payload: Vec<u8>) -> Outcome {
+    check_name(name)?;
+    let n = source.router.emit(name, payload)?;
+    Ok((json!({ "local_scripts": n }), vec![]))
+}
+
+fn send(source: &StatusSource, target: &str, name: &str, payload: Vec<u8>) -> Outcome {
+    check_name(name)?;
+    check_target(target)?;
+    let n = source.router.send_command(target, name, payload)?;
+    Ok((json!({ "local_scripts": n }), vec![]))
+}
+
+async fn call(
+    source: &StatusSource,
+    target: &str,
+    name: &str,
+    payload: Vec<u8>,
+    timeout_ms: u64,
+) -> Outcome {
+    check_name(name)?;
+    check_target(target)?;
+    let timeout = Duration::from_millis(timeout_ms).min(MAX_CALL_TIMEOUT);
+    let reply = (source.router)
+        .call(None, target, name, payload, timeout)
+        .await?;
+    Ok((json!({}), reply))
+}
+
+fn check_target(target: &str) -> std::result::Result<(), Failure> {
+    let (node, device) = crate::router::split_target(target);
+    let bad =
+        |why: &str| Failure::new(FailureKind::BadRequest, format!("target {target:?}: {why}"));
+    if node.is_empty() || device.is_some_and(str::is_empty) {
+        return Err(bad("expected NODE, NODE/DEVICE or *"));
+    }
+    if node != "*" && crate::config::validate_node_name(node).is_err() {
+        return Err(bad("not a node name"));
+    }
+    Ok(())
+}
+
+fn kv_failure(e: KvError) -> Failure {
+    let kind = match e {
+        KvError::InvalidKey(_) => FailureKind::BadRequest,
+        KvError::ValueTooLarge(_) => FailureKind::PayloadTooLarge,
+        _ => FailureKind::Failed,
+    };
+    Failure::new(kind, e.to_string())
+}
+
+/// One member, for `covey nodes`.
+#[derive(Serialize)]
+struct NodeRow {
+    name: String,
+    this_node: bool,
+    up: bool,
+    since_ms: Option<u64>,
+    addr: Option<String>,
+    rtt_us: Option<u64>,
+    version: String,
+}
+
+fn nodes(source: &StatusSource) -> Vec<NodeRow> {
+    let me = NodeRow {
+        name: source.router.node_name().to_string(),
+        this_node: true,
+        up: true,
+        since_ms: Some(source.started_ms),
+        addr: source.cluster.as_ref().map(|c| c.local_addr().to_string()),
+        rtt_us: None,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let peers = source
+        .cluster
+        .as_ref()
+        .map(|c| c.peers())
+        .unwrap_or_default();
+    std::iter::once(me)
+        .chain(peers.into_iter().map(|p| NodeRow {
+            name: p.name,
+            this_node: false,
+            up: p.up,
+            since_ms: Some(p.since_ms),
+            addr: p.addr.map(|a| a.to_string()),
+            rtt_us: p.rtt_us,
+            version: p.version,
+        }))
+        .collect()
+}
+
+/// A mailbox in the router under a name no script can have.
+struct Tap<'a> {
+    router: &'a Router,
+    name: Arc<str>,
+}
+
+impl Drop for Tap<'_> {
+    fn drop(&mut self) {
+        self.router.unregister(&self.name);
+    }
+}
+
+/// Stream what `kind` selects until the reader goes away.
+async fn tap(
+    router: &Router,
+    kind: SubKind,
+    read: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+) -> Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let (tx, mut rx) = mpsc::channel(TAP_MAILBOX);
+    let tap = Tap {
+        router,
+        name: format!("tap:{}", NEXT.fetch_add(1, Ordering::Relaxed)).into(),
+    };
+    router.register(tap.name.clone(), tx);
+    router.subscribe(&tap.name, 0, kind);
+    write.write_all(&line(&Answer::default())?).await?;
+    let mut sink = [0u8; 64];
+    loop {
+        let delivery = tokio::select! {
+            d = rx.recv() => d,
+            // Anything read, or the end: the reader is gone.
+            _ = read.read(&mut sink) => return Ok(()),
+        };
+        let item = match delivery {
+            Some(Delivery::KvChange { key, value, .. }) => line(&KvChange {
+                key: key.to_string(),
+                value: value.map(|v| Bytes::new(&v)),
+            })?,
+            Some(Delivery::Event { msg, .. }) => line(&EventItem {
+                from: msg.from.clone(),
+                name: msg.name.clone(),
+                timestamp_ms: msg.timestamp_ms,
+                payload: Bytes::new(&msg.payload),
+            })?,
+            Some(_) => continue,
+            None => return Ok(()),
+        };
+        write.write_all(&item).await?;
+    }
+}
+
+/// The kept lines (the last `tail` of them), then new ones if `follow`.
+async fn logs(
+    query: LogQuery,
+    follow: bool,
+    tail: Option<u64>,
+    read: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+) -> Result<()> {
+    let mut new = LOGS.follow();
+    let mut kept = LOGS.recent(&query);
+    if let Some(n) = tail {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        kept.drain(..kept.len().saturating_sub(n));
+    }
+    write.write_all(&line(&Answer::default())?).await?;
+    let last_kept = kept.last().map_or(0, |l| l.seq);
+    for l in &kept {
+        write.write_all(&line(l)?).await?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut sink = [0u8; 64];
+    loop {
+        let next = tokio::select! {
+            l = new.recv() => l,
+            _ = read.read(&mut sink) => return Ok(()),
+        };
+        let l = match next {
+            // Subscribed before reading the ring: skip what it already gave.
+            Ok(l) if l.seq <= last_kept || !query.matches(&l) => continue,
+            Ok(l) => l,
+            Err(broadcast::error::RecvError::Lagged(n)) => LogLine {
+                seq: 0,
+                time_ms: now_ms(),
+                level: "WARN".into(),
+                target: "covey::logs".into(),
+                script: None,
+                message: format!("{n} log lines skipped: this reader fell behind"),
+            },
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        write.write_all(&line(&l)?).await?;
+    }
+}
