@@ -156,6 +156,7 @@ impl Node {
     fn status_source(&self) -> crate::control::StatusSource {
         crate::control::StatusSource {
             router: self.services.router.clone(),
+            supervisor: self.supervisor.clone(),
             kv: self.services.kv.clone(),
             scripts_sync: self.scripts_sync.clone(),
             cluster: self.cluster.clone(),

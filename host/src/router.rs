@@ -79,6 +79,8 @@ struct Sub {
 struct Entry {
     mailbox: mpsc::Sender<Delivery>,
     subs: Vec<Sub>,
+    /// Deliveries dropped because this mailbox was full.
+    dropped: AtomicU64,
 }
 
 /// Counters visible in `covey status` and the benchmarks.
@@ -222,6 +224,7 @@ impl Router {
             Entry {
                 mailbox,
                 subs: Vec::new(),
+                dropped: AtomicU64::new(0),
             },
         );
     }
@@ -347,7 +350,7 @@ impl Router {
                     msg: msg.clone(),
                     generation: sub.generation,
                 };
-                n += self.offer(script, &entry.mailbox, d) as usize;
+                n += self.offer(script, entry, d) as usize;
             }
         }
         n
@@ -422,7 +425,7 @@ impl Router {
                     generation: sub.generation,
                     reply: None,
                 };
-                n += self.offer(script, &entry.mailbox, d) as usize;
+                n += self.offer(script, entry, d) as usize;
             }
         }
         n
@@ -496,7 +499,7 @@ impl Router {
                 generation,
                 reply: Some(tx),
             };
-            if !self.offer(script, &entry.mailbox, d) {
+            if !self.offer(script, entry, d) {
                 return Err(CallError::HandlerFailed(format!(
                     "mailbox of `{script}` is full"
                 )));
@@ -526,7 +529,7 @@ impl Router {
                         key: key.clone(),
                         value: value.clone(),
                     };
-                    self.offer(script, &entry.mailbox, d);
+                    self.offer(script, entry, d);
                 }
             }
         }
@@ -534,13 +537,14 @@ impl Router {
 
     /// Queue without waiting: a full mailbox (a stuck or crashed script)
     /// never blocks the sender or other scripts; the drop is counted.
-    fn offer(&self, script: &str, mailbox: &mpsc::Sender<Delivery>, d: Delivery) -> bool {
-        match mailbox.try_send(d) {
+    fn offer(&self, script: &str, entry: &Entry, d: Delivery) -> bool {
+        match entry.mailbox.try_send(d) {
             Ok(()) => {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(_) => {
+                entry.dropped.fetch_add(1, Ordering::Relaxed);
                 let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(script, dropped_total = n, "mailbox full, message dropped");
@@ -548,6 +552,12 @@ impl Router {
                 false
             }
         }
+    }
+
+    /// Deliveries to `script` dropped because its mailbox was full.
+    pub fn dropped(&self, script: &str) -> u64 {
+        let table = self.table.read().unwrap();
+        (table.get(script)).map_or(0, |e| e.dropped.load(Ordering::Relaxed))
     }
 
     /// Names of the registered scripts, sorted (devices' entries, named

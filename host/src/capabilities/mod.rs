@@ -53,7 +53,7 @@ pub struct CpuBudget {
 /// Everything one store (one instance of one script) owns.
 pub struct ScriptState {
     pub env: ScriptEnv,
-    pub limits: StoreLimits,
+    pub limits: MeteredLimits,
     pub budget: CpuBudget,
     pub table: ResourceTable,
     pub wasi: WasiCtx,
@@ -76,7 +76,10 @@ impl ScriptState {
             .tables(32)
             .build();
         ScriptState {
-            limits: store_limits,
+            limits: MeteredLimits {
+                limits: store_limits,
+                memory_bytes: 0,
+            },
             budget: CpuBudget::default(),
             table: ResourceTable::new(),
             wasi: wasi::sandboxed_ctx(&env),
@@ -89,6 +92,57 @@ impl ScriptState {
             lua: lua::LuaCtx::new(&env),
             env,
         }
+    }
+}
+
+/// The store's limits, and the linear memory it holds (for `covey
+/// scripts`): every growth the limits allowed, added up.
+pub struct MeteredLimits {
+    limits: StoreLimits,
+    pub memory_bytes: usize,
+}
+
+impl wasmtime::ResourceLimiter for MeteredLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.memory_bytes += desired.saturating_sub(current);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 

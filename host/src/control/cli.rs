@@ -18,6 +18,7 @@ use tokio::io::AsyncBufReadExt;
 use super::proto::{self, Bytes, EventItem, KvChange, Request};
 use crate::config::DataArg;
 use crate::logring::{LogLine, LogQuery};
+use crate::script::supervisor::ScriptInfo;
 
 /// Longest payload read from standard input (the node has its own,
 /// smaller, limit: `max_payload`).
@@ -62,6 +63,12 @@ pub enum OperatorCommand {
     Kv(KvCommand),
     /// The cluster's members as this node sees them.
     Nodes {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// This node's scripts: state, version, restarts, last error, memory,
+    /// time in callbacks, messages handled and dropped.
+    Scripts {
         #[command(flatten)]
         out: Out,
     },
@@ -187,6 +194,7 @@ async fn run_async(cmd: OperatorCommand) -> Result<i32> {
         }
         C::Kv(kv) => run_kv(kv).await,
         C::Nodes { out } => once(&out, Request::Nodes, &[], Print::Nodes).await,
+        C::Scripts { out } => once(&out, Request::Scripts, &[], Print::Scripts).await,
         C::Logs(args) => logs(args).await,
         C::Events { pattern, out } => stream(&out, Request::Events { pattern }, print_event).await,
     }
@@ -219,6 +227,7 @@ enum Print {
     Bytes(&'static str),
     Keys,
     Nodes,
+    Scripts,
 }
 
 async fn once(out: &Out, req: Request, payload: &[u8], print: Print) -> Result<i32> {
@@ -253,6 +262,7 @@ async fn once(out: &Out, req: Request, payload: &[u8], print: Print) -> Result<i
             }
         }
         Print::Nodes => print_nodes(&mut stdout, &value)?,
+        Print::Scripts => print_scripts(&mut stdout, serde_json::from_value(value)?)?,
     }
     Ok(0)
 }
@@ -282,6 +292,54 @@ fn print_nodes(out: &mut impl Write, value: &serde_json::Value) -> Result<()> {
             out,
             "{name:<24} {state:<5} {since:>9} {rtt:>9}  {addr:<28} {version}"
         )?;
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct ScriptsAnswer {
+    node: String,
+    scripts: Vec<ScriptInfo>,
+}
+
+fn print_scripts(out: &mut impl Write, answer: ScriptsAnswer) -> Result<()> {
+    let now = crate::router::now_ms();
+    writeln!(
+        out,
+        "{:<28} {:<8} {:<7} {:<16} {:>8} {:>8} {:>9} {:>9} {:>10} {:>8}",
+        "SCRIPT",
+        "NODE",
+        "STATE",
+        "VERSION",
+        "UP",
+        "RESTARTS",
+        "MEMORY",
+        "BUSY",
+        "HANDLED",
+        "DROPPED"
+    )?;
+    for s in &answer.scripts {
+        let up = match s.state.as_str() {
+            "running" => super::human_duration(now.saturating_sub(s.started_ms)),
+            _ => "-".into(),
+        };
+        writeln!(
+            out,
+            "{:<28} {:<8} {:<7} {:<16} {:>8} {:>8} {:>6} KiB {:>7.1} s {:>10} {:>8}",
+            s.script,
+            answer.node,
+            s.state,
+            s.version,
+            up,
+            s.restarts,
+            s.memory_bytes / 1024,
+            s.busy_ms as f64 / 1000.0,
+            s.handled,
+            s.dropped
+        )?;
+        if let Some(e) = &s.last_error {
+            writeln!(out, "  last error: {e}")?;
+        }
     }
     Ok(())
 }

@@ -29,6 +29,7 @@ use crate::cluster::members::PeerReport;
 use crate::devices::registry::{AttachedDevice, DeviceRegistry};
 use crate::kvdoc::KvDoc;
 use crate::router::{Router, now_ms};
+use crate::script::supervisor::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
 
 pub mod cli;
@@ -83,6 +84,7 @@ pub struct ClusterReport {
 /// Where the status comes from.
 pub struct StatusSource {
     pub router: Arc<Router>,
+    pub supervisor: Arc<ScriptSupervisor>,
     pub kv: Arc<KvDoc>,
     pub scripts_sync: Option<Arc<ScriptsSync>>,
     pub cluster: Option<Cluster>,

@@ -76,6 +76,13 @@ pub(super) async fn handle(
             Ok(p) => call(source, &target, &name, p, timeout_ms).await,
             Err(f) => Err(f),
         },
+        Request::Scripts => {
+            let list = source.supervisor.list().await;
+            Ok((
+                json!({ "node": source.router.node_name(), "scripts": list }),
+                vec![],
+            ))
+        }
         Request::KvSet { key, len } => match payload(source, read, len).await? {
             Ok(value) => (source
                 .kv

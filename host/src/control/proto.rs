@@ -71,6 +71,8 @@ pub enum Request {
     },
     /// The cluster's members as this node sees them.
     Nodes,
+    /// This node's scripts ([`crate::script::supervisor::ScriptInfo`]).
+    Scripts,
     /// The node's recent log lines (the last `tail`), then (`follow`) new
     /// ones as they come ([`crate::logring::LogLine`]).
     Logs {

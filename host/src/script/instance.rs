@@ -10,6 +10,7 @@
 //! A hot reload is the same swap with new code, requested over the control
 //! channel; if the new code fails to start, the old instance keeps running.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,8 +49,23 @@ pub enum Control {
 pub struct ScriptStatus {
     pub running: bool,
     pub generation: u64,
+    /// When the live generation started (ms since the Unix epoch).
+    pub started_ms: u64,
     pub restarts: u64,
     pub last_error: Option<String>,
+}
+
+/// A script's counters across its generations, updated on every delivery
+/// without a lock (read by `covey scripts` and the metrics).
+#[derive(Debug, Default)]
+pub struct ScriptCounters {
+    /// Deliveries taken from the mailbox (handled, or skipped as stale).
+    pub handled: AtomicU64,
+    /// Time spent in callbacks, ns: CPU time, plus what a callback waits
+    /// for (a call to another node).
+    pub busy_ns: AtomicU64,
+    /// Linear memory of the live generation, bytes.
+    pub memory_bytes: AtomicU64,
 }
 
 /// `init` gets this many times the per-callback CPU budget.
@@ -80,6 +96,7 @@ pub struct ScriptInstance {
     consecutive_failures: u32,
     restart_at: Option<Instant>,
     status: Arc<Mutex<ScriptStatus>>,
+    counters: Arc<ScriptCounters>,
     log_rate: Arc<LogRate>,
 }
 
@@ -95,7 +112,7 @@ impl ScriptInstance {
         code: Arc<LoadedScript>,
         mailbox: (mpsc::Sender<Delivery>, mpsc::Receiver<Delivery>),
         control: mpsc::UnboundedReceiver<Control>,
-        status: Arc<Mutex<ScriptStatus>>,
+        status: (Arc<Mutex<ScriptStatus>>, Arc<ScriptCounters>),
         log_rate: Arc<LogRate>,
     ) -> Self {
         ScriptInstance {
@@ -109,7 +126,8 @@ impl ScriptInstance {
             next_generation: 1,
             consecutive_failures: 0,
             restart_at: None,
-            status,
+            status: status.0,
+            counters: status.1,
             log_rate,
         }
     }
@@ -182,11 +200,14 @@ impl ScriptInstance {
                 self.services
                     .router
                     .retire_other_generations(&self.script, generation);
+                let memory = live.store.data().limits.memory_bytes as u64;
+                self.counters.memory_bytes.store(memory, Ordering::Relaxed);
                 self.live = Some(live); // drops the previous generation
                 self.restart_at = None;
                 let mut st = self.status.lock().unwrap();
                 st.running = true;
                 st.generation = generation;
+                st.started_ms = crate::router::now_ms();
                 Ok(())
             }
             Err(err) => {
@@ -201,11 +222,18 @@ impl ScriptInstance {
     }
 
     async fn deliver(&mut self, d: Delivery) {
+        let started = std::time::Instant::now();
         self.deliver_one(d).await;
+        let busy = started.elapsed().as_nanos() as u64;
+        let c = &self.counters;
+        c.handled.fetch_add(1, Ordering::Relaxed);
+        c.busy_ns.fetch_add(busy, Ordering::Relaxed);
+        if let Some(live) = &self.live {
+            let memory = live.store.data().limits.memory_bytes as u64;
+            c.memory_bytes.store(memory, Ordering::Relaxed);
+        }
         let stats = &self.services.router.stats;
-        stats
-            .handled
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.handled.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn deliver_one(&mut self, d: Delivery) {

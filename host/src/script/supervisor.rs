@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
@@ -14,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use wasmtime::component::{Component, Linker};
 
-use super::instance::{Control, LoadedScript, ScriptInstance, ScriptStatus};
+use super::instance::{Control, LoadedScript, ScriptCounters, ScriptInstance, ScriptStatus};
 use crate::bindings::{ScriptPre, WIT_VERSION, wit_version_of};
 use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::LuaScript;
@@ -29,15 +30,30 @@ struct Handle {
     task: JoinHandle<()>,
     hash: blake3::Hash,
     status: Arc<Mutex<ScriptStatus>>,
+    counters: Arc<ScriptCounters>,
     log_rate: Arc<LogRate>,
 }
 
-/// One script as listed by `covey status`.
-#[derive(Clone, Debug)]
+/// One script as listed by `covey scripts`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ScriptInfo {
-    pub id: ScriptId,
-    pub hash: String,
-    pub status: ScriptStatus,
+    pub script: String,
+    /// `running`, or `failed` (waiting to restart, or its first start failed).
+    pub state: String,
+    /// The running version: the first 16 hex digits of its BLAKE3 hash.
+    pub version: String,
+    pub generation: u64,
+    /// When the running generation started (ms since the Unix epoch).
+    pub started_ms: u64,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+    pub memory_bytes: u64,
+    /// Time in callbacks since the script was first started.
+    pub busy_ms: u64,
+    /// Messages taken from its mailbox.
+    pub handled: u64,
+    /// Messages dropped because its mailbox was full.
+    pub dropped: u64,
     /// Log lines dropped by the rate limit since the script started.
     pub log_dropped: u64,
 }
@@ -266,6 +282,7 @@ impl ScriptSupervisor {
         let (mailbox_tx, mailbox_rx) = mpsc::channel(self.services.limits.mailbox);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(ScriptStatus::default()));
+        let counters = Arc::new(ScriptCounters::default());
         let log_rate = Arc::new(LogRate::new(self.services.limits.log_rate));
         self.services
             .router
@@ -276,7 +293,7 @@ impl ScriptSupervisor {
             code,
             (mailbox_tx, mailbox_rx),
             control_rx,
-            status.clone(),
+            (status.clone(), counters.clone()),
             log_rate.clone(),
         );
         let (started_tx, started_rx) = oneshot::channel();
@@ -287,6 +304,7 @@ impl ScriptSupervisor {
                 task,
                 hash,
                 status,
+                counters,
                 log_rate,
             },
             started_rx,
@@ -340,15 +358,26 @@ impl ScriptSupervisor {
     }
 
     pub async fn list(&self) -> Vec<ScriptInfo> {
-        self.scripts
-            .lock()
-            .await
-            .iter()
-            .map(|(id, h)| ScriptInfo {
-                id: id.clone(),
-                hash: h.hash.to_hex()[..16].to_string(),
-                status: h.status.lock().unwrap().clone(),
-                log_dropped: h.log_rate.dropped(),
+        let router = &self.services.router;
+        let scripts = self.scripts.lock().await;
+        (scripts.iter())
+            .map(|(id, h)| {
+                let st = h.status.lock().unwrap().clone();
+                let c = &h.counters;
+                ScriptInfo {
+                    script: id.to_string(),
+                    state: if st.running { "running" } else { "failed" }.into(),
+                    version: h.hash.to_hex()[..16].to_string(),
+                    generation: st.generation,
+                    started_ms: st.started_ms,
+                    restarts: st.restarts,
+                    last_error: st.last_error,
+                    memory_bytes: c.memory_bytes.load(Ordering::Relaxed),
+                    busy_ms: c.busy_ns.load(Ordering::Relaxed) / 1_000_000,
+                    handled: c.handled.load(Ordering::Relaxed),
+                    dropped: router.dropped(id),
+                    log_dropped: h.log_rate.dropped(),
+                }
             })
             .collect()
     }

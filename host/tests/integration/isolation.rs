@@ -29,9 +29,9 @@ async fn runaway_loop_is_stopped_while_others_keep_running() {
     })
     .await;
     let list = t.node().supervisor().list().await;
-    let spin = list.iter().find(|s| &*s.id == "spin.wasm").unwrap();
-    assert!(spin.status.restarts >= 1);
-    let err = spin.status.last_error.as_deref().unwrap();
+    let spin = list.iter().find(|s| &*s.script == "spin.wasm").unwrap();
+    assert!(spin.restarts >= 1);
+    let err = spin.last_error.as_deref().unwrap();
     assert!(
         err.contains("on-event") && err.contains("CPU budget"),
         "{err}"
@@ -84,7 +84,7 @@ async fn crash_restarts_the_script() {
     })
     .await;
     let list = t.node().supervisor().list().await;
-    assert_eq!(list[0].status.restarts, 2);
+    assert_eq!(list[0].restarts, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,7 +118,7 @@ async fn a_script_printing_in_a_loop_is_rate_limited() {
     let dropped = || async {
         let list = t.node().supervisor().list().await;
         list.iter()
-            .find(|s| &*s.id == "flood.lua")
+            .find(|s| &*s.script == "flood.lua")
             .unwrap()
             .log_dropped
     };

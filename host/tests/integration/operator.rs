@@ -177,6 +177,30 @@ fn bus_verbs_reply_and_exit_codes() {
     let slow = covey(d, &["call", "op1", "spin", "--timeout-ms", "300"]);
     assert_eq!(code(&slow), 4, "{}", text(&slow));
 
+    // The spinning handler runs out of CPU budget: `covey scripts` shows
+    // the restart and why, and the script's counters.
+    let scripts = || -> serde_json::Value {
+        serde_json::from_slice(&covey(d, &["scripts", "--json"]).stdout).unwrap()
+    };
+    until(|| scripts()["scripts"][0]["restarts"] == 1);
+    let s = &scripts()["scripts"][0];
+    assert_eq!(s["script"], "ops.lua");
+    assert_eq!(s["state"], "running", "{s}");
+    let error = s["last_error"].as_str().unwrap();
+    assert!(error.contains("CPU budget"), "{error}");
+    assert!(s["handled"].as_u64().unwrap() >= 7, "{s}");
+    assert!(s["memory_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["busy_ms"].as_u64().unwrap() >= 300, "{s}");
+    let table = stdout(&covey(d, &["scripts"]));
+    assert!(
+        table.contains("ops.lua") && table.contains("op1"),
+        "{table}"
+    );
+    assert!(
+        table.contains("last error: on-command: CPU budget"),
+        "{table}"
+    );
+
     let nodes = stdout(&covey(d, &["nodes"]));
     assert!(nodes.contains("op1 (this)"), "{nodes}");
     let nodes: serde_json::Value =

@@ -92,7 +92,7 @@ async fn deleting_a_script_stops_it() {
         .list()
         .await
         .iter()
-        .map(|s| s.id.to_string())
+        .map(|s| s.script.clone())
         .collect();
     assert_eq!(ids, ["echo.wasm", "sub/dir/v.wasm"]);
     assert_eq!(t.call("version", "").await.unwrap(), "a");
