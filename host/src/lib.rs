@@ -31,6 +31,8 @@
 //!   registry (replicated), microcontrollers as the router's peers.
 //! - [`control`] — the local control socket behind `covey status` and the
 //!   operator's verbs (`covey emit|send|call|kv|nodes|logs|events`).
+//! - [`http`] — the HTTP API (axum): the same verbs for other programs,
+//!   Server-Sent Events streams, Prometheus metrics.
 //! - [`logring`] — the node's recent log lines in memory, for `covey logs`.
 //! - [`docstore`] — `DocStore`: an Automerge document in a file, durable
 //!   writes, compaction, recovery; under the key-value store and the
@@ -59,6 +61,7 @@ pub mod exec;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod http;
 pub mod kvdoc;
 pub mod logring;
 pub mod node;

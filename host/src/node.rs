@@ -28,6 +28,7 @@ pub struct Node {
     watcher: Option<ScriptsWatcher>,
     cluster: Option<Cluster>,
     control: Option<ControlSocket>,
+    http: Option<crate::http::HttpServer>,
     flusher: JoinHandle<()>,
     /// Background tasks stopped at shutdown (replication).
     tasks: Vec<JoinHandle<()>>,
@@ -45,6 +46,10 @@ impl Node {
         // First, so a second node on the same data directory stops here,
         // before it touches the store.
         let control = ControlSocket::bind(&cfg.data_dir)?;
+        let http = match cfg.http {
+            Some(addr) => Some(crate::http::HttpServer::bind(addr, &cfg.data_dir).await?),
+            None => None,
+        };
         let scripts_dir = cfg.scripts_dir.canonicalize()?;
         let engine = ScriptEngine::new(EngineLimits {
             memory_bytes: cfg.limits.memory_bytes,
@@ -143,12 +148,17 @@ impl Node {
             watcher,
             cluster,
             control: None,
+            http: None,
             flusher,
             tasks,
             scripts_sync: scripts_sync_handle,
             devices: Some(devices),
         };
-        node.control = Some(control.serve(node.status_source()));
+        let source = Arc::new(node.status_source());
+        node.control = Some(control.serve(source.clone()));
+        if let Some(http) = http {
+            node.http = Some(http.serve(source)?);
+        }
         Ok(node)
     }
 
@@ -198,6 +208,11 @@ impl Node {
         self.devices.as_ref().expect("devices run until shutdown")
     }
 
+    /// The HTTP API's address, when it listens.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(|h| h.local_addr())
+    }
+
     pub fn engine(&self) -> &ScriptEngine {
         &self.engine
     }
@@ -207,6 +222,7 @@ impl Node {
     pub async fn shutdown(mut self) -> Result<()> {
         self.watcher.take();
         self.control.take();
+        self.http.take();
         if let Some(c) = self.cluster.take() {
             c.shutdown().await;
         }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Parser;
 use covey::cluster::credentials::ClusterToken;
-use covey::config::{Cli, ClusterCommand, Command, NodeConfig};
+use covey::config::{Cli, ClusterCommand, Command, HttpCommand, NodeConfig};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> Result<()> {
@@ -40,6 +40,10 @@ fn main() -> Result<()> {
         Command::Cluster(cmd) => cluster(cmd),
         Command::Device(cmd) => covey::devices::cli::run(cmd),
         Command::Operator(cmd) => std::process::exit(covey::control::cli::run(cmd)?),
+        Command::Http(HttpCommand::Token(data)) => {
+            println!("{}", covey::http::token_command(&data.dir())?);
+            Ok(())
+        }
         Command::Compile(args) => {
             init_logging("warn");
             covey::compile::compile(&args)

@@ -50,6 +50,17 @@ pub enum Command {
     Device(crate::devices::cli::DeviceCommand),
     #[command(flatten)]
     Operator(crate::control::cli::OperatorCommand),
+    /// The HTTP API's bearer token (needed when it listens on an address
+    /// other than loopback).
+    #[command(subcommand)]
+    Http(HttpCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HttpCommand {
+    /// Print the HTTP API's token, making one if there is none (a running
+    /// node reads it when it starts).
+    Token(DataArg),
 }
 
 #[derive(Subcommand, Debug)]
@@ -153,7 +164,7 @@ pub struct RunArgs {
     /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log,
     /// log_rate, kv_quota_keys, kv_quota_bytes, cluster_token, listen, peers,
     /// peer_timeout_ms, trust_precompiled, bridge_udp, bridge_serial,
-    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix)
+    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Memory cap per script in MiB [default: 64]
@@ -208,4 +219,8 @@ pub struct RunArgs {
     /// Bridge events to an MQTT broker, `mqtt://HOST[:PORT]`
     #[arg(long, env = "COVEY_MQTT")]
     pub mqtt: Option<String>,
+    /// Serve the HTTP API on this address, e.g. `127.0.0.1:7467` (any
+    /// other than loopback needs `covey http token` first) [default: off]
+    #[arg(long, env = "COVEY_HTTP")]
+    pub http: Option<std::net::SocketAddr>,
 }

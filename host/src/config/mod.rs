@@ -73,6 +73,8 @@ pub struct FileConfig {
     pub mqtt_username: Option<String>,
     pub mqtt_password: Option<String>,
     pub mqtt_prefix: Option<String>,
+    /// The HTTP API's address (off when absent).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// Everything a node needs to start, resolved.
@@ -99,6 +101,8 @@ pub struct NodeConfig {
     pub engine_target: Target,
     /// The firmware bridge's transports (all off by default).
     pub bridge: crate::devices::BridgeSettings,
+    /// The HTTP API's address (off by default).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -119,6 +123,7 @@ impl NodeConfig {
             precompiled: Precompiled::Ignore,
             engine_target: Target::Host,
             bridge: Default::default(),
+            http: None,
         }
     }
 
@@ -197,6 +202,7 @@ impl NodeConfig {
             cfg.precompiled = Precompiled::Trust;
         }
         cfg.bridge = crate::devices::BridgeSettings::resolve(args, file_bridge)?;
+        cfg.http = args.http.or(file.http);
         Ok(cfg)
     }
 }

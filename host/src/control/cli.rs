@@ -422,7 +422,7 @@ async fn logs(args: LogsArgs) -> Result<i32> {
 }
 
 /// `30s`, `10m`, `2h`, `1d` (or plain seconds) → milliseconds.
-fn parse_age(text: &str) -> Result<u64> {
+pub(crate) fn parse_age(text: &str) -> Result<u64> {
     let (digits, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len()),

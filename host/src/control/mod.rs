@@ -33,7 +33,7 @@ use crate::script::supervisor::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
 
 pub mod cli;
-mod ops;
+pub(crate) mod ops;
 pub mod proto;
 mod render;
 
@@ -206,8 +206,7 @@ impl ControlSocket {
 }
 
 impl ControlBinding {
-    pub fn serve(self, source: StatusSource) -> ControlSocket {
-        let source = Arc::new(source);
+    pub fn serve(self, source: Arc<StatusSource>) -> ControlSocket {
         let listener = self.listener;
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {

@@ -34,7 +34,7 @@ const TAP_MAILBOX: usize = 1024;
 /// Longest event name.
 const MAX_NAME: usize = 1024;
 
-type Outcome = std::result::Result<(serde_json::Value, Vec<u8>), Failure>;
+pub(crate) type Outcome = std::result::Result<(serde_json::Value, Vec<u8>), Failure>;
 
 pub(super) async fn handle(
     source: &StatusSource,
@@ -44,15 +44,10 @@ pub(super) async fn handle(
 ) -> Result<()> {
     let outcome = match req {
         Request::KvWatch { prefix } => {
-            let kind = SubKind::Watch { prefix };
-            return tap(&source.router, kind, read, write).await;
+            return tap(Tap::kv(source.router.clone(), prefix), read, write).await;
         }
         Request::Events { pattern } => {
-            let kind = SubKind::Event {
-                from: Pattern::new("*"),
-                name: Pattern::new(&pattern),
-            };
-            return tap(&source.router, kind, read, write).await;
+            return tap(Tap::events(source.router.clone(), &pattern), read, write).await;
         }
         Request::Logs {
             query,
@@ -116,7 +111,7 @@ pub(super) async fn handle(
 }
 
 /// The requests answered at once, without a payload.
-fn simple(source: &StatusSource, req: Request) -> Outcome {
+pub(crate) fn simple(source: &StatusSource, req: Request) -> Outcome {
     match req {
         Request::Status => Ok((serde_json::to_value(source.report()).unwrap(), vec![])),
         Request::KvGet { key } => match source.kv.get(&key) {
@@ -168,20 +163,20 @@ fn check_name(name: &str) -> std::result::Result<(), Failure> {
     Ok(())
 }
 
-fn emit(source: &StatusSource, name: &str, payload: Vec<u8>) -> Outcome {
+pub(crate) fn emit(source: &StatusSource, name: &str, payload: Vec<u8>) -> Outcome {
     check_name(name)?;
     let n = source.router.emit(name, payload)?;
     Ok((json!({ "local_scripts": n }), vec![]))
 }
 
-fn send(source: &StatusSource, target: &str, name: &str, payload: Vec<u8>) -> Outcome {
+pub(crate) fn send(source: &StatusSource, target: &str, name: &str, payload: Vec<u8>) -> Outcome {
     check_name(name)?;
     check_target(target)?;
     let n = source.router.send_command(target, name, payload)?;
     Ok((json!({ "local_scripts": n }), vec![]))
 }
 
-async fn call(
+pub(crate) async fn call(
     source: &StatusSource,
     target: &str,
     name: &str,
@@ -210,7 +205,7 @@ fn check_target(target: &str) -> std::result::Result<(), Failure> {
     Ok(())
 }
 
-fn kv_failure(e: KvError) -> Failure {
+pub(crate) fn kv_failure(e: KvError) -> Failure {
     let kind = match e {
         KvError::InvalidKey(_) => FailureKind::BadRequest,
         KvError::ValueTooLarge(_) => FailureKind::PayloadTooLarge,
@@ -221,7 +216,7 @@ fn kv_failure(e: KvError) -> Failure {
 
 /// One member, for `covey nodes`.
 #[derive(Serialize)]
-struct NodeRow {
+pub(crate) struct NodeRow {
     name: String,
     this_node: bool,
     up: bool,
@@ -231,7 +226,7 @@ struct NodeRow {
     version: String,
 }
 
-fn nodes(source: &StatusSource) -> Vec<NodeRow> {
+pub(crate) fn nodes(source: &StatusSource) -> Vec<NodeRow> {
     let me = NodeRow {
         name: source.router.node_name().to_string(),
         this_node: true,
@@ -259,56 +254,133 @@ fn nodes(source: &StatusSource) -> Vec<NodeRow> {
         .collect()
 }
 
-/// A mailbox in the router under a name no script can have.
-struct Tap<'a> {
-    router: &'a Router,
+/// A mailbox in the router under a name no script can have, with one
+/// subscription; removed from the router when dropped.
+pub(crate) struct Tap {
+    router: Arc<Router>,
     name: Arc<str>,
+    rx: mpsc::Receiver<Delivery>,
 }
 
-impl Drop for Tap<'_> {
+/// What a tap yields.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub(crate) enum TapItem {
+    Kv(KvChange),
+    Event(EventItem),
+}
+
+impl Tap {
+    pub(crate) fn open(router: Arc<Router>, kind: SubKind) -> Tap {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let (tx, rx) = mpsc::channel(TAP_MAILBOX);
+        let name: Arc<str> = format!("tap:{}", NEXT.fetch_add(1, Ordering::Relaxed)).into();
+        router.register(name.clone(), tx);
+        router.subscribe(&name, 0, kind);
+        Tap { router, name, rx }
+    }
+
+    /// Key-value changes under `prefix`.
+    pub(crate) fn kv(router: Arc<Router>, prefix: String) -> Tap {
+        Tap::open(router, SubKind::Watch { prefix })
+    }
+
+    /// Events from anywhere whose name matches `pattern`.
+    pub(crate) fn events(router: Arc<Router>, pattern: &str) -> Tap {
+        let kind = SubKind::Event {
+            from: Pattern::new("*"),
+            name: Pattern::new(pattern),
+        };
+        Tap::open(router, kind)
+    }
+
+    pub(crate) async fn next(&mut self) -> Option<TapItem> {
+        loop {
+            return Some(match self.rx.recv().await? {
+                Delivery::KvChange { key, value, .. } => TapItem::Kv(KvChange {
+                    key: key.to_string(),
+                    value: value.map(|v| Bytes::new(&v)),
+                }),
+                Delivery::Event { msg, .. } => TapItem::Event(EventItem {
+                    from: msg.from.clone(),
+                    name: msg.name.clone(),
+                    timestamp_ms: msg.timestamp_ms,
+                    payload: Bytes::new(&msg.payload),
+                }),
+                _ => continue,
+            });
+        }
+    }
+}
+
+impl Drop for Tap {
     fn drop(&mut self) {
         self.router.unregister(&self.name);
     }
 }
 
-/// Stream what `kind` selects until the reader goes away.
+/// Stream a tap until the reader goes away.
 async fn tap(
-    router: &Router,
-    kind: SubKind,
+    mut tap: Tap,
     read: &mut BufReader<OwnedReadHalf>,
     write: &mut OwnedWriteHalf,
 ) -> Result<()> {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let (tx, mut rx) = mpsc::channel(TAP_MAILBOX);
-    let tap = Tap {
-        router,
-        name: format!("tap:{}", NEXT.fetch_add(1, Ordering::Relaxed)).into(),
-    };
-    router.register(tap.name.clone(), tx);
-    router.subscribe(&tap.name, 0, kind);
     write.write_all(&line(&Answer::default())?).await?;
     let mut sink = [0u8; 64];
     loop {
-        let delivery = tokio::select! {
-            d = rx.recv() => d,
+        let item = tokio::select! {
+            item = tap.next() => item,
             // Anything read, or the end: the reader is gone.
             _ = read.read(&mut sink) => return Ok(()),
         };
-        let item = match delivery {
-            Some(Delivery::KvChange { key, value, .. }) => line(&KvChange {
-                key: key.to_string(),
-                value: value.map(|v| Bytes::new(&v)),
-            })?,
-            Some(Delivery::Event { msg, .. }) => line(&EventItem {
-                from: msg.from.clone(),
-                name: msg.name.clone(),
-                timestamp_ms: msg.timestamp_ms,
-                payload: Bytes::new(&msg.payload),
-            })?,
-            Some(_) => continue,
-            None => return Ok(()),
+        let Some(item) = item else { return Ok(()) };
+        write.write_all(&line(&item)?).await?;
+    }
+}
+
+/// Log lines for `covey logs`: the kept ones, then new ones.
+pub(crate) struct LogFollow {
+    new: broadcast::Receiver<LogLine>,
+    last_kept: u64,
+    query: LogQuery,
+}
+
+impl LogFollow {
+    /// The kept lines that match (the last `tail` of them) and a follower
+    /// for the lines after them.
+    pub(crate) fn start(query: LogQuery, tail: Option<u64>) -> (Vec<LogLine>, LogFollow) {
+        // Subscribed before reading the ring: nothing falls in between.
+        let new = LOGS.follow();
+        let mut kept = LOGS.recent(&query);
+        if let Some(n) = tail {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            kept.drain(..kept.len().saturating_sub(n));
+        }
+        let last_kept = kept.last().map_or(0, |l| l.seq);
+        let follow = LogFollow {
+            new,
+            last_kept,
+            query,
         };
-        write.write_all(&item).await?;
+        (kept, follow)
+    }
+
+    pub(crate) async fn next(&mut self) -> Option<LogLine> {
+        loop {
+            return Some(match self.new.recv().await {
+                Ok(l) if l.seq <= self.last_kept || !self.query.matches(&l) => continue,
+                Ok(l) => l,
+                Err(broadcast::error::RecvError::Lagged(n)) => LogLine {
+                    seq: 0,
+                    time_ms: now_ms(),
+                    level: "WARN".into(),
+                    target: "covey::logs".into(),
+                    script: None,
+                    message: format!("{n} log lines skipped: this reader fell behind"),
+                },
+                Err(broadcast::error::RecvError::Closed) => return None,
+            });
+        }
     }
 }
 
@@ -320,14 +392,8 @@ async fn logs(
     read: &mut BufReader<OwnedReadHalf>,
     write: &mut OwnedWriteHalf,
 ) -> Result<()> {
-    let mut new = LOGS.follow();
-    let mut kept = LOGS.recent(&query);
-    if let Some(n) = tail {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        kept.drain(..kept.len().saturating_sub(n));
-    }
+    let (kept, mut new) = LogFollow::start(query, tail);
     write.write_all(&line(&Answer::default())?).await?;
-    let last_kept = kept.last().map_or(0, |l| l.seq);
     for l in &kept {
         write.write_all(&line(l)?).await?;
     }
@@ -336,24 +402,11 @@ async fn logs(
     }
     let mut sink = [0u8; 64];
     loop {
-        let next = tokio::select! {
-            l = new.recv() => l,
+        let l = tokio::select! {
+            l = new.next() => l,
             _ = read.read(&mut sink) => return Ok(()),
         };
-        let l = match next {
-            // Subscribed before reading the ring: skip what it already gave.
-            Ok(l) if l.seq <= last_kept || !query.matches(&l) => continue,
-            Ok(l) => l,
-            Err(broadcast::error::RecvError::Lagged(n)) => LogLine {
-                seq: 0,
-                time_ms: now_ms(),
-                level: "WARN".into(),
-                target: "covey::logs".into(),
-                script: None,
-                message: format!("{n} log lines skipped: this reader fell behind"),
-            },
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-        };
+        let Some(l) = l else { return Ok(()) };
         write.write_all(&line(&l)?).await?;
     }
 }

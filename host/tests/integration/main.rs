@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod durability;
 mod hostile;
+mod http;
 mod isolation;
 mod kv;
 mod limits;

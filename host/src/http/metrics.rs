@@ -1,0 +1,247 @@
+//! `GET /metrics`: the node in Prometheus' text format.
+//!
+//! Names follow Prometheus' conventions (`covey_` prefix, `_total` for
+//! counters, base units: `_seconds`, `_bytes`). Label values are script
+//! paths, peer and device names only: bounded by what the operator runs.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use crate::control::StatusSource;
+use crate::router::now_ms;
+
+/// The exposition text.
+pub async fn render(source: &StatusSource) -> String {
+    let mut m = Metrics::default();
+    let report = source.report();
+    m.family("covey_build_info", "gauge", "Covey's version (value 1).");
+    m.sample(
+        "covey_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("node", &report.node),
+        ],
+        1.0,
+    );
+    m.family(
+        "covey_uptime_seconds",
+        "gauge",
+        "Time since the node started.",
+    );
+    m.sample(
+        "covey_uptime_seconds",
+        &[],
+        report.uptime_ms as f64 / 1000.0,
+    );
+
+    let stats = &source.router.stats;
+    m.counter(
+        "covey_bus_deliveries_total",
+        "Messages queued into scripts' mailboxes.",
+        stats.delivered.load(Ordering::Relaxed),
+    );
+    m.counter(
+        "covey_bus_dropped_total",
+        "Messages dropped because a script's mailbox was full.",
+        stats.dropped.load(Ordering::Relaxed),
+    );
+
+    scripts(&mut m, source).await;
+    peers(&mut m, &report);
+
+    m.family(
+        "covey_kv_keys",
+        "gauge",
+        "Keys in the replicated key-value store.",
+    );
+    m.sample("covey_kv_keys", &[], source.kv.len() as f64);
+    let d = &report.devices;
+    m.family(
+        "covey_devices_attached",
+        "gauge",
+        "Microcontrollers attached to this node.",
+    );
+    m.sample("covey_devices_attached", &[], d.devices.len() as f64);
+    for (name, v) in [("in", 0), ("out", 1)] {
+        let metric = format!("covey_device_frames_{name}_total");
+        m.family(&metric, "counter", &format!("Frames {name} per device."));
+        for x in &d.devices {
+            let n = if v == 0 { x.frames_in } else { x.frames_out };
+            m.sample(&metric, &[("device", &x.name)], n as f64);
+        }
+    }
+    m.text
+}
+
+async fn scripts(m: &mut Metrics, source: &StatusSource) {
+    let list = source.supervisor.list().await;
+    let now = now_ms();
+    type Field = fn(&crate::script::supervisor::ScriptInfo, u64) -> f64;
+    let families: [(&str, &str, &str, Field); 8] = [
+        (
+            "covey_script_up",
+            "gauge",
+            "1 while the script runs, 0 while it waits to restart.",
+            |s, _| f64::from(u8::from(s.state == "running")),
+        ),
+        (
+            "covey_script_running_seconds",
+            "gauge",
+            "Time since the running version started.",
+            |s, now| {
+                if s.state == "running" {
+                    now.saturating_sub(s.started_ms) as f64 / 1000.0
+                } else {
+                    0.0
+                }
+            },
+        ),
+        (
+            "covey_script_restarts_total",
+            "counter",
+            "Restarts after a failure (trap, CPU budget, memory).",
+            |s, _| s.restarts as f64,
+        ),
+        (
+            "covey_script_memory_bytes",
+            "gauge",
+            "Linear memory of the running version.",
+            |s, _| s.memory_bytes as f64,
+        ),
+        (
+            "covey_script_callback_seconds_total",
+            "counter",
+            "Time spent in the script's callbacks.",
+            |s, _| s.busy_ms as f64 / 1000.0,
+        ),
+        (
+            "covey_script_messages_handled_total",
+            "counter",
+            "Messages taken from the script's mailbox.",
+            |s, _| s.handled as f64,
+        ),
+        (
+            "covey_script_messages_dropped_total",
+            "counter",
+            "Messages dropped: the script's mailbox was full.",
+            |s, _| s.dropped as f64,
+        ),
+        (
+            "covey_script_log_lines_dropped_total",
+            "counter",
+            "Log lines over the script's log rate.",
+            |s, _| s.log_dropped as f64,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        m.family(name, kind, help);
+        for s in &list {
+            m.sample(name, &[("script", &s.script)], value(s, now));
+        }
+    }
+}
+
+fn peers(m: &mut Metrics, report: &crate::control::StatusReport) {
+    let peers = report
+        .cluster
+        .as_ref()
+        .map(|c| c.peers.as_slice())
+        .unwrap_or_default();
+    type Field = fn(&crate::cluster::members::PeerReport) -> Option<f64>;
+    let families: [(&str, &str, &str, Field); 5] = [
+        (
+            "covey_peer_up",
+            "gauge",
+            "1 while the link to the peer is up.",
+            |p| Some(f64::from(u8::from(p.up))),
+        ),
+        (
+            "covey_peer_rtt_seconds",
+            "gauge",
+            "Smoothed round-trip time of the link.",
+            |p| p.rtt_us.map(|us| us as f64 / 1e6),
+        ),
+        (
+            "covey_peer_frames_sent_total",
+            "counter",
+            "Frames sent to the peer.",
+            |p| Some(p.frames_sent as f64),
+        ),
+        (
+            "covey_peer_frames_received_total",
+            "counter",
+            "Frames received from the peer.",
+            |p| Some(p.frames_received as f64),
+        ),
+        (
+            "covey_peer_frames_dropped_total",
+            "counter",
+            "Frames to the peer dropped (link down or full).",
+            |p| Some(p.frames_dropped as f64),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        m.family(name, kind, help);
+        for p in peers {
+            if let Some(v) = value(p) {
+                m.sample(name, &[("peer", &p.name)], v);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Metrics {
+    text: String,
+}
+
+impl Metrics {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, "counter", help);
+        self.sample(name, &[], value as f64);
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"{}\"", escape(v));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+}
+
+/// A label value in the text format: `\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_and_label_escaping() {
+        let mut m = Metrics::default();
+        m.family("covey_x_total", "counter", "X.");
+        m.sample("covey_x_total", &[("script", "a\"b\\c\nd.lua")], 3.0);
+        m.sample("covey_x_total", &[], 0.5);
+        assert_eq!(
+            m.text,
+            "# HELP covey_x_total X.\n# TYPE covey_x_total counter\n\
+             covey_x_total{script=\"a\\\"b\\\\c\\nd.lua\"} 3\ncovey_x_total 0.5\n"
+        );
+    }
+}
