@@ -95,20 +95,14 @@ fn answer(outcome: ops::Outcome, raw: bool) -> Response {
 }
 
 /// The body, or why it was refused (over the payload limit, unreadable).
-fn body(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> std::result::Result<Vec<u8>, Response> {
+fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Vec<u8>, Failure> {
     match body {
         Ok(b) => Ok(b.to_vec()),
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let max = state.source.router.max_payload() as u64;
-            Err(failure(payload_too_large(max)))
+            Err(payload_too_large(max))
         }
-        Err(r) => Err(failure(Failure::new(
-            FailureKind::BadRequest,
-            r.body_text(),
-        ))),
+        Err(r) => Err(Failure::new(FailureKind::BadRequest, r.body_text())),
     }
 }
 
@@ -150,7 +144,7 @@ async fn emit(
 ) -> Response {
     match body(&s, payload) {
         Ok(p) => answer(ops::emit(&s.source, &name, p), false),
-        Err(r) => r,
+        Err(f) => failure(f),
     }
 }
 
@@ -161,7 +155,7 @@ async fn send(
 ) -> Response {
     match body(&s, payload) {
         Ok(p) => answer(ops::send(&s.source, &target, &name, p), false),
-        Err(r) => r,
+        Err(f) => failure(f),
     }
 }
 
@@ -186,7 +180,7 @@ async fn call(
             ops::call(&s.source, &target, &name, p, timeout_ms).await,
             true,
         ),
-        Err(r) => r,
+        Err(f) => failure(f),
     }
 }
 
@@ -205,7 +199,7 @@ async fn kv_put(
             Ok(()) => StatusCode::NO_CONTENT.into_response(),
             Err(e) => failure(ops::kv_failure(e)),
         },
-        Err(r) => r,
+        Err(f) => failure(f),
     }
 }
 
