@@ -190,6 +190,15 @@ async fn bus_routes_and_their_status_codes() {
     assert!(r.text().contains("4096"), "{}", r.text());
     let garbage = raw(a, b"NOT HTTP AT ALL\r\n\r\n").await;
     assert_eq!(garbage.status, 400);
+    // Percent-encoding that decodes to bytes that are not UTF-8.
+    let r = req(a, "POST", "/v1/events/%FF%FE", b"").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let huge = format!(
+        "GET /v1/status HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "x".repeat(1 << 20)
+    );
+    let r = raw(a, huge.as_bytes()).await;
+    assert!(r.status == 431 || r.status == 400, "{}", r.status);
     let r = req(a, "GET", "/v1/nowhere", b"").await;
     assert_eq!((r.status, kind(&r).as_str()), (404, "not_found"));
     let r = req(a, "POST", "/v1/calls/n1/echo", b"still up").await;
@@ -352,4 +361,45 @@ async fn off_loopback_it_needs_the_token() {
     let r = req_auth(a, "GET", "/v1/status", b"", Some(&token)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_reader_that_never_reads_costs_a_bounded_queue() {
+    let (t, a) = node().await;
+    let mut s = TcpStream::connect(a).await.unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // Wait for its tap, then flood it without ever reading the socket:
+    // the tap's queue and the socket buffers fill, the rest is dropped
+    // and counted, and the node goes on answering.
+    let router = t.node().router().clone();
+    eventually(10, "the stream's tap", || async {
+        let before = router
+            .stats
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed);
+        router.emit("probe", vec![]).unwrap();
+        router
+            .stats
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > before
+    })
+    .await;
+    let payload = vec![b'x'; 4000];
+    for _ in 0..20_000 {
+        router.emit("flood", payload.clone()).unwrap();
+    }
+    let dropped = router
+        .stats
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        dropped > 10_000,
+        "only {dropped} dropped: the tap's queue is not bounded"
+    );
+    let r = req(a, "POST", "/v1/calls/n1/echo", b"alive").await;
+    assert_eq!(r.text(), "echo:alive");
+    drop(s);
 }
