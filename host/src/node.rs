@@ -133,14 +133,6 @@ impl Node {
                 None
             }
         };
-        tracing::info!(
-            node = cfg.name,
-            scripts = %supervisor.dir().display(),
-            data = %cfg.data_dir.display(),
-            allocator = ?engine.allocator(),
-            memory = ?engine.layout(),
-            "node started"
-        );
         let mut node = Node {
             services,
             supervisor,
@@ -159,7 +151,31 @@ impl Node {
         if let Some(http) = http {
             node.http = Some(http.serve(source)?);
         }
+        node.log_summary(&cfg).await;
         Ok(node)
+    }
+
+    /// The one start-up line: what runs, where to reach it.
+    async fn log_summary(&self, cfg: &NodeConfig) {
+        let scripts = self.supervisor.list().await;
+        let failed = scripts.iter().filter(|s| s.state != "running").count();
+        let cluster = match &self.cluster {
+            Some(c) => format!("{} on {}", c.fingerprint(), c.local_addr()),
+            None => "none (single node)".into(),
+        };
+        let http = self.http_addr().map_or("off".into(), |a| format!("http://{a}/"));
+        tracing::info!(
+            node = cfg.name,
+            cluster,
+            scripts_running = scripts.len() - failed,
+            scripts_failed = failed,
+            http,
+            scripts = %self.supervisor.dir().display(),
+            data = %cfg.data_dir.display(),
+            allocator = ?self.engine.allocator(),
+            memory = ?self.engine.layout(),
+            "node started"
+        );
     }
 
     /// What `covey status` reads; holds no strong reference to the node.
