@@ -138,7 +138,7 @@ pub(crate) fn simple(source: &StatusSource, req: Request) -> Outcome {
 }
 
 /// Read a request's payload, unless it is over the limit (then it is
-/// refused unread; the connection ends with the answer).
+/// refused, and read only to be thrown away).
 async fn payload(
     source: &StatusSource,
     read: &mut BufReader<OwnedReadHalf>,
@@ -146,6 +146,12 @@ async fn payload(
 ) -> Result<std::result::Result<Vec<u8>, Failure>> {
     let max = source.router.max_payload() as u64;
     if len > max {
+        // Read and dropped, not kept: closing with unread bytes would reset
+        // the connection before the client reads why. The sender is a
+        // local user; still, give up after a while.
+        let (mut rest, mut sink) = ((&mut *read).take(len), tokio::io::sink());
+        let drain = tokio::io::copy(&mut rest, &mut sink);
+        let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
         return Ok(Err(payload_too_large(max)));
     }
     let mut bytes = vec![0; len as usize];

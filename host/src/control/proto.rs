@@ -289,10 +289,15 @@ pub struct Reply {
 /// Send `req` (and `payload`) to the node on `data_dir`; read its answer.
 pub async fn exchange(data_dir: &Path, req: &Request, payload: &[u8]) -> Result<Reply> {
     let (read, mut write) = connect(data_dir).await?.into_split();
-    write.write_all(&line(req)?).await?;
-    write.write_all(payload).await?;
+    // A write the node cut short (it refused the request early) still
+    // leaves its answer to read.
+    let sent = match write.write_all(&line(req)?).await {
+        Ok(()) => write.write_all(payload).await,
+        Err(e) => Err(e),
+    };
     let mut rest = BufReader::new(read);
-    let Some(text) = read_line(&mut rest).await? else {
+    let Some(text) = read_line(&mut rest).await.ok().flatten() else {
+        sent.context("sending the request to the node")?;
         bail!("the node closed the connection without answering");
     };
     let answer: Answer = serde_json::from_str(&text)
