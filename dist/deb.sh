@@ -21,7 +21,7 @@ version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)"
 pkg="$(mktemp -d)"
 trap 'rm -rf "$pkg"' EXIT
 install -D -m 0755 "$bin" "$pkg/usr/bin/covey"
-install -D -m 0644 "$root/dist/deb/covey.service" "$pkg/lib/systemd/system/covey.service"
+install -D -m 0644 "$root/dist/covey.service" "$pkg/lib/systemd/system/covey.service"
 install -D -m 0644 "$root/dist/deb/covey.yaml" "$pkg/etc/covey/covey.yaml"
 install -D -m 0644 "$root/README.md" "$pkg/usr/share/doc/covey/README.md"
 install -D -m 0644 "$root/LICENSE" "$pkg/usr/share/doc/covey/copyright" 2>/dev/null ||

@@ -11,13 +11,31 @@ mkdir -p "$demo/scripts"
 for s in hello counter echo ping pong; do
   cp "$root/target/wasm32-wasip2/release/$s.wasm" "$demo/scripts/"
 done
+# A Lua script too: it counts `door.*` events and answers `doors`.
+cat > "$demo/scripts/doors.lua" <<'LUA'
+local opened = 0
+covey.on("*", "door.*", function(msg)
+  opened = opened + 1
+  covey.log.info("door event " .. msg.name .. " from " .. msg.from .. ": " .. msg.payload)
+end)
+covey.handle("*", "doors", function() return tostring(opened) .. " door events so far" end)
+LUA
 cat > "$demo/covey.yaml" <<YAML
 node: demo
 scripts: scripts
 data: data
+http: 127.0.0.1:7467
 extras:
   hello_interval_ms: 2000
 YAML
-echo "scripts in $demo/scripts (edit or drop files there to hot-reload); Ctrl-C to stop"
+cat <<EOF
+scripts in $demo/scripts (edit or drop files there to hot-reload); Ctrl-C to stop
+HTTP API: http://127.0.0.1:7467/v1/status   metrics: http://127.0.0.1:7467/metrics
+try, in another terminal:
+  target/release/covey emit door.opened front --data $demo/data
+  target/release/covey call demo doors --data $demo/data
+  curl -X POST --data back http://127.0.0.1:7467/v1/events/door.opened
+  target/release/covey logs -f --script doors.lua --data $demo/data
+EOF
 cd "$root"
 RUST_LIB_BACKTRACE=0 exec cargo run --release -p covey -- run --config "$demo/covey.yaml"
