@@ -163,7 +163,9 @@ impl Node {
             Some(c) => format!("{} on {}", c.fingerprint(), c.local_addr()),
             None => "none (single node)".into(),
         };
-        let http = self.http_addr().map_or("off".into(), |a| format!("http://{a}/"));
+        let http = self
+            .http_addr()
+            .map_or("off".into(), |a| format!("http://{a}/"));
         tracing::info!(
             node = cfg.name,
             cluster,

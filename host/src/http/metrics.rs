@@ -8,7 +8,8 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use crate::control::StatusSource;
-use crate::router::now_ms;
+use crate::router::{Outcome, RouterStats, now_ms};
+use crate::script::instance::DURATION_BUCKETS;
 
 /// The exposition text.
 pub async fn render(source: &StatusSource) -> String {
@@ -46,6 +47,7 @@ pub async fn render(source: &StatusSource) -> String {
         stats.dropped.load(Ordering::Relaxed),
     );
 
+    bus(&mut m, stats);
     scripts(&mut m, source).await;
     peers(&mut m, &report);
 
@@ -77,7 +79,7 @@ async fn scripts(m: &mut Metrics, source: &StatusSource) {
     let list = source.supervisor.list().await;
     let now = now_ms();
     type Field = fn(&crate::script::supervisor::ScriptInfo, u64) -> f64;
-    let families: [(&str, &str, &str, Field); 8] = [
+    let families: [(&str, &str, &str, Field); 7] = [
         (
             "covey_script_up",
             "gauge",
@@ -109,12 +111,6 @@ async fn scripts(m: &mut Metrics, source: &StatusSource) {
             |s, _| s.memory_bytes as f64,
         ),
         (
-            "covey_script_callback_seconds_total",
-            "counter",
-            "Time spent in the script's callbacks.",
-            |s, _| s.busy_ms as f64 / 1000.0,
-        ),
-        (
             "covey_script_messages_handled_total",
             "counter",
             "Messages taken from the script's mailbox.",
@@ -137,6 +133,65 @@ async fn scripts(m: &mut Metrics, source: &StatusSource) {
         m.family(name, kind, help);
         for s in &list {
             m.sample(name, &[("script", &s.script)], value(s, now));
+        }
+    }
+    let name = "covey_script_failures_total";
+    m.family(
+        name,
+        "counter",
+        "Failures that restarted the script, by kind.",
+    );
+    for s in &list {
+        for (kind, n) in &s.failures {
+            m.sample(name, &[("script", &s.script), ("kind", kind)], *n as f64);
+        }
+    }
+    let name = "covey_script_callback_duration_seconds";
+    m.family(name, "histogram", "How long the script's callbacks took.");
+    for s in &list {
+        let mut below = 0;
+        for (i, n) in s.callback_durations.iter().enumerate() {
+            below += n;
+            let le = DURATION_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            m.sample(
+                &format!("{name}_bucket"),
+                &[("script", &s.script), ("le", &le)],
+                below as f64,
+            );
+        }
+        m.sample(
+            &format!("{name}_sum"),
+            &[("script", &s.script)],
+            s.busy_ms as f64 / 1000.0,
+        );
+        m.sample(
+            &format!("{name}_count"),
+            &[("script", &s.script)],
+            below as f64,
+        );
+    }
+}
+
+/// Events, commands and calls sent from this node, by outcome.
+fn bus(m: &mut Metrics, stats: &RouterStats) {
+    for (what, outcomes) in [
+        ("events", &stats.events),
+        ("commands", &stats.commands),
+        ("calls", &stats.calls),
+    ] {
+        let name = format!("covey_bus_{what}_total");
+        m.family(
+            &name,
+            "counter",
+            &format!("{what} sent from this node, by outcome."),
+        );
+        for o in Outcome::ALL {
+            let n = outcomes.get(o);
+            if n > 0 || o == Outcome::Ok {
+                m.sample(&name, &[("outcome", o.name())], n as f64);
+            }
         }
     }
 }

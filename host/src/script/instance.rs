@@ -66,6 +66,26 @@ pub struct ScriptCounters {
     pub busy_ns: AtomicU64,
     /// Linear memory of the live generation, bytes.
     pub memory_bytes: AtomicU64,
+    /// Deliveries by how long they took: slot `i` counts those within
+    /// [`DURATION_BUCKETS`]`[i]` seconds and above the bound before; the
+    /// last slot, those above every bound.
+    pub durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    /// Failures (a generation dropped) by kind, see [`failure_kind`].
+    pub failures: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+/// Upper bounds, in seconds, of the callback duration histogram.
+pub const DURATION_BUCKETS: [f64; 10] = [1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+impl ScriptCounters {
+    fn count_failure(&self, err: &wasmtime::Error) {
+        *self
+            .failures
+            .lock()
+            .unwrap()
+            .entry(failure_kind(err))
+            .or_default() += 1;
+    }
 }
 
 /// `init` gets this many times the per-callback CPU budget.
@@ -215,6 +235,7 @@ impl ScriptInstance {
                     .router
                     .drop_generation(&self.script, generation);
                 let msg = describe_failure(&err);
+                self.counters.count_failure(&err);
                 self.status.lock().unwrap().last_error = Some(msg.clone());
                 Err(msg)
             }
@@ -224,10 +245,16 @@ impl ScriptInstance {
     async fn deliver(&mut self, d: Delivery) {
         let started = std::time::Instant::now();
         self.deliver_one(d).await;
-        let busy = started.elapsed().as_nanos() as u64;
+        let took = started.elapsed();
         let c = &self.counters;
         c.handled.fetch_add(1, Ordering::Relaxed);
-        c.busy_ns.fetch_add(busy, Ordering::Relaxed);
+        c.busy_ns
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let bucket = (DURATION_BUCKETS.iter())
+            .position(|&b| secs <= b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        c.durations[bucket].fetch_add(1, Ordering::Relaxed);
         if let Some(live) = &self.live {
             let memory = live.store.data().limits.memory_bytes as u64;
             c.memory_bytes.store(memory, Ordering::Relaxed);
@@ -308,6 +335,7 @@ impl ScriptInstance {
         };
         if let Err(err) = result {
             let msg = describe_failure(&err);
+            self.counters.count_failure(&err);
             tracing::debug!(script = &*self.script, "failure detail: {err:?}");
             if let Some(live) = self.live.take()
                 && live.since.elapsed() > HEALTHY_AFTER
@@ -394,6 +422,27 @@ fn budget_tick(mut ctx: StoreContextMut<'_, ScriptState>) -> Result<UpdateDeadli
         1,
         Box::pin(tokio::task::yield_now()),
     ))
+}
+
+/// What kind of failure `err` is, for the metrics: `cpu_budget`, a trap's
+/// kind (`unreachable` is also what an out-of-memory abort looks like),
+/// or `host_error`.
+pub fn failure_kind(err: &wasmtime::Error) -> &'static str {
+    if err.downcast_ref::<BudgetExceeded>().is_some() {
+        return "cpu_budget";
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::UnreachableCodeReached) => "unreachable",
+        Some(Trap::MemoryOutOfBounds) => "memory_out_of_bounds",
+        Some(Trap::StackOverflow) => "stack_overflow",
+        Some(Trap::Interrupt) => "interrupt",
+        Some(
+            Trap::IntegerDivisionByZero | Trap::IntegerOverflow | Trap::BadConversionToInteger,
+        ) => "arithmetic",
+        Some(Trap::TableOutOfBounds | Trap::IndirectCallToNull | Trap::BadSignature) => "bad_call",
+        Some(_) => "other_trap",
+        None => "host_error",
+    }
 }
 
 /// One line saying what went wrong: budget, trap kind, or the error chain.

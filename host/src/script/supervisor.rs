@@ -56,6 +56,11 @@ pub struct ScriptInfo {
     pub dropped: u64,
     /// Log lines dropped by the rate limit since the script started.
     pub log_dropped: u64,
+    /// Deliveries per duration bucket (`instance::DURATION_BUCKETS`, then
+    /// one for longer), not cumulative.
+    pub callback_durations: Vec<u64>,
+    /// Failures by kind (`cpu_budget`, `unreachable`, ...).
+    pub failures: BTreeMap<String, u64>,
 }
 
 /// What a load did.
@@ -377,6 +382,12 @@ impl ScriptSupervisor {
                     handled: c.handled.load(Ordering::Relaxed),
                     dropped: router.dropped(id),
                     log_dropped: h.log_rate.dropped(),
+                    callback_durations: (c.durations.iter())
+                        .map(|d| d.load(Ordering::Relaxed))
+                        .collect(),
+                    failures: (c.failures.lock().unwrap().iter())
+                        .map(|(k, n)| (k.to_string(), *n))
+                        .collect(),
                 }
             })
             .collect()

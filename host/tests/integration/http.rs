@@ -231,6 +231,9 @@ async fn kv_status_scripts_and_metrics() {
     );
 
     req(a, "POST", "/v1/calls/n1/echo", b"").await;
+    req(a, "POST", "/v1/calls/n1/nobody", b"").await;
+    // A callback over its CPU budget: a failure of kind cpu_budget.
+    req(a, "POST", "/v1/calls/n1/spin?timeout_ms=5000", b"").await;
     let m = req(a, "GET", "/metrics", b"").await;
     assert!(m.headers["content-type"].starts_with("text/plain; version=0.0.4"));
     let text = m.text();
@@ -241,6 +244,12 @@ async fn kv_status_scripts_and_metrics() {
         "# TYPE covey_script_messages_handled_total counter",
         "covey_script_messages_handled_total{script=\"ops.lua\"} ",
         "covey_kv_keys ",
+        "# TYPE covey_script_callback_duration_seconds histogram",
+        "covey_script_callback_duration_seconds_bucket{script=\"ops.lua\",le=\"+Inf\"} ",
+        "covey_script_callback_duration_seconds_count{script=\"ops.lua\"} ",
+        "covey_bus_calls_total{outcome=\"ok\"} ",
+        "covey_bus_calls_total{outcome=\"no_handler\"} 1",
+        "covey_script_failures_total{script=\"ops.lua\",kind=\"cpu_budget\"} 1",
     ] {
         assert!(text.contains(want), "no {want:?} in:\n{text}");
     }

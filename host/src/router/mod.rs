@@ -24,6 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bindings::{CallError, Message, SendError};
 use crate::pattern::Pattern;
 
+mod stats;
+pub use stats::{Outcome, Outcomes, RouterStats};
+
 /// A script's identity: its path relative to the scripts directory, with `/`
 /// separators (e.g. `sensors/temp.wasm`). Stable across versions.
 pub type ScriptId = Arc<str>;
@@ -81,17 +84,6 @@ struct Entry {
     subs: Vec<Sub>,
     /// Deliveries dropped because this mailbox was full.
     dropped: AtomicU64,
-}
-
-/// Counters visible in `covey status` and the benchmarks.
-#[derive(Default, Debug)]
-pub struct RouterStats {
-    /// Deliveries dropped because a script's mailbox was full.
-    pub dropped: AtomicU64,
-    /// Deliveries queued into mailboxes.
-    pub delivered: AtomicU64,
-    /// Deliveries taken out of mailboxes and handled (or skipped as stale).
-    pub handled: AtomicU64,
 }
 
 /// How this node sees another one.
@@ -329,8 +321,11 @@ impl Router {
         name: &str,
         payload: Vec<u8>,
     ) -> Result<usize, SendError> {
-        self.check_payload(&payload)
-            .map_err(SendError::PayloadTooLarge)?;
+        if let Err(max) = self.check_payload(&payload) {
+            self.stats.events.count(Outcome::PayloadTooLarge);
+            return Err(SendError::PayloadTooLarge(max));
+        }
+        self.stats.events.count(Outcome::Ok);
         let msg = Arc::new(self.message_from(device, "*", name, payload));
         if let Some(remote) = self.remote.get() {
             remote.broadcast_event(&msg);
@@ -370,6 +365,18 @@ impl Router {
     /// A command from this node or one of its devices, to a node, `*`, or
     /// `NODE/DEVICE`.
     pub fn send_command_from(
+        &self,
+        device: Option<&str>,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<usize, SendError> {
+        let r = self.route_command(device, target, name, payload);
+        self.stats.commands.count(Outcome::of_send(&r));
+        r
+    }
+
+    fn route_command(
         &self,
         device: Option<&str>,
         target: &str,
@@ -434,6 +441,21 @@ impl Router {
     /// Request/reply: on `target`, the first handler (by script path)
     /// other than `caller` answers, within `timeout`.
     pub async fn call(
+        &self,
+        caller: Option<&str>,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let r = self
+            .route_call(caller, target, name, payload, timeout)
+            .await;
+        self.stats.calls.count(Outcome::of_call(&r));
+        r
+    }
+
+    async fn route_call(
         &self,
         caller: Option<&str>,
         target: &str,
