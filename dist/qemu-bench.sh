@@ -61,7 +61,8 @@ guest_rss_kib() {
 }
 wait_count() { # LOG PATTERN COUNT SECONDS
   local deadline=$((SECONDS + $4))
-  while [ "$(grep -cE "$2" "$1" 2>/dev/null || true)" -lt "$3" ]; do
+  local n
+  while n="$(grep -cE "$2" "$1" 2>/dev/null)" || true; [ "${n:-0}" -lt "$3" ]; do
     [ $SECONDS -lt "$deadline" ] || { echo "FAILED: $3 x '$2' not in $1" >&2; tail -20 "$1" >&2; exit 1; }
     sleep 0.05
   done

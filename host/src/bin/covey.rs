@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Parser;
 use covey::cluster::credentials::ClusterToken;
 use covey::config::{Cli, ClusterCommand, Command, HttpCommand, NodeConfig};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 
 fn main() -> Result<()> {
     // With backtraces on, every wasm exception (a Lua error, a coroutine
@@ -136,9 +136,10 @@ async fn run(cfg: NodeConfig) -> Result<()> {
 }
 
 fn init_logging(filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+    // `LEVEL` or `TARGET=LEVEL,...` (e.g. `covey=debug,script=trace`).
+    let filter: Targets = filter.parse().unwrap_or_else(|e| {
         eprintln!("covey: bad log filter {filter:?} ({e}); using `info`");
-        EnvFilter::new("info")
+        Targets::new().with_default(tracing::Level::INFO)
     });
     // The terminal, and the ring `covey logs` reads (same filter).
     use tracing_subscriber::layer::SubscriberExt;
