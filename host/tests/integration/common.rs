@@ -13,6 +13,18 @@ use tempfile::TempDir;
 mod guests;
 pub use guests::guest;
 
+/// The script the operator tests (CLI and HTTP) drive.
+pub const OPS_SCRIPT: &str = r#"
+covey.on("*", "ping", function(msg)
+  covey.kv.set("pinged", msg.payload)
+  covey.log.info("got ping " .. msg.payload)
+end)
+covey.handle("*", "echo", function(msg) return "echo:" .. msg.payload end)
+covey.handle("*", "store", function(msg) covey.kv.set("stored", msg.payload) end)
+covey.handle("*", "spin", function() while true do end end)
+covey.log.info("ops script ready")
+"#;
+
 pub struct TestNode {
     pub name: String,
     pub node: Option<Node>,

@@ -11,19 +11,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{TestNode, eventually, start_with};
+use super::common::{OPS_SCRIPT, TestNode, eventually, start_with};
 use super::lua::load;
-
-const SCRIPT: &str = r#"
-covey.on("*", "ping", function(msg)
-  covey.kv.set("pinged", msg.payload)
-  covey.log.info("got ping " .. msg.payload)
-end)
-covey.handle("*", "echo", function(msg) return "echo:" .. msg.payload end)
-covey.handle("*", "store", function(msg) covey.kv.set("stored", msg.payload) end)
-covey.handle("*", "spin", function() while true do end end)
-covey.log.info("http script ready")
-"#;
 
 struct Response {
     status: u16,
@@ -123,7 +112,7 @@ async fn node() -> (TestNode, SocketAddr) {
         c.limits.cpu_budget = Duration::from_secs(3);
     })
     .await;
-    load(&t, "ops.lua", SCRIPT).await;
+    load(&t, "ops.lua", OPS_SCRIPT).await;
     let addr = t.node().http_addr().unwrap();
     (t, addr)
 }
@@ -282,26 +271,27 @@ async fn sse_until(s: &mut TcpStream, want: &str, seen: &mut String) -> Value {
     }
 }
 
+/// Open the SSE stream at `path`, then emit `ping` (with `payload`) until
+/// a `data:` line with `want` arrives (the stream may start after the
+/// first event).
+async fn stream_until(a: SocketAddr, path: &str, want: &str, payload: &[u8]) -> Value {
+    let mut s = TcpStream::connect(a).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    loop {
+        req(a, "POST", "/v1/events/ping", payload).await;
+        let next = sse_until(&mut s, want, &mut seen);
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(500), next).await {
+            return v;
+        }
+    }
+}
+
 #[tokio::test]
 async fn server_sent_events_and_logs() {
     let (_t, a) = node().await;
-    let mut s = TcpStream::connect(a).await.unwrap();
-    s.write_all(b"GET /v1/events?pattern=pi* HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    let mut seen = String::new();
-    // The stream starts when the tap is registered: emit until it shows.
-    let v = loop {
-        req(a, "POST", "/v1/events/ping", b"sse").await;
-        let got = tokio::time::timeout(
-            Duration::from_millis(500),
-            sse_until(&mut s, "ping", &mut seen),
-        )
-        .await;
-        if let Ok(v) = got {
-            break v;
-        }
-    };
+    let v = stream_until(a, "/v1/events?pattern=pi*", "ping", b"sse").await;
     assert_eq!(
         (v["from"].as_str(), v["payload"].as_str()),
         (Some("n1"), Some("sse"))
@@ -310,23 +300,7 @@ async fn server_sent_events_and_logs() {
     // Logs: the kept lines of one script (the ring needs the node's
     // logging layer, installed here as `covey run` does).
     covey_logging();
-    req(a, "POST", "/v1/events/ping", b"logged").await;
-    let mut s = TcpStream::connect(a).await.unwrap();
-    s.write_all(b"GET /v1/logs?script=ops.lua HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    let mut seen = String::new();
-    let line = loop {
-        req(a, "POST", "/v1/events/ping", b"logged").await;
-        let got = tokio::time::timeout(
-            Duration::from_millis(500),
-            sse_until(&mut s, "got ping logged", &mut seen),
-        )
-        .await;
-        if let Ok(v) = got {
-            break v;
-        }
-    };
+    let line = stream_until(a, "/v1/logs?script=ops.lua", "got ping logged", b"logged").await;
     assert_eq!(line["script"], "ops.lua");
     let r = req(a, "GET", "/v1/logs?since=10w", b"").await;
     assert_eq!(r.status, 400);

@@ -9,17 +9,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const SCRIPT: &str = r#"
-covey.on("*", "ping", function(msg)
-  covey.kv.set("pinged", msg.payload)
-  covey.log.info("got ping " .. msg.payload)
-end)
-covey.handle("*", "echo", function(msg) return "echo:" .. msg.payload end)
-covey.handle("*", "store", function(msg) covey.kv.set("stored", msg.payload) end)
-covey.handle("*", "spin", function() while true do end end)
-covey.log.info("operator script ready")
-"#;
-
 struct Node {
     child: Child,
     data: PathBuf,
@@ -37,7 +26,7 @@ fn start() -> Node {
     let dir = tempfile::tempdir().unwrap();
     let (data, scripts) = (dir.path().join("data"), dir.path().join("scripts"));
     std::fs::create_dir_all(&scripts).unwrap();
-    std::fs::write(scripts.join("ops.lua"), SCRIPT).unwrap();
+    std::fs::write(scripts.join("ops.lua"), super::common::OPS_SCRIPT).unwrap();
     let config = dir.path().join("covey.yaml");
     // A small payload limit to hit, and a CPU budget long enough that a
     // spinning handler outlives the caller's timeout.
@@ -60,7 +49,7 @@ fn start() -> Node {
         _dir: dir,
     };
     // Ready when the script has logged it (through `covey logs`).
-    until(|| text(&covey(&node.data, &["logs"])).contains("operator script ready"));
+    until(|| text(&covey(&node.data, &["logs"])).contains("ops script ready"));
     node
 }
 
@@ -258,7 +247,7 @@ fn kv_verbs_watch_events_and_logs() {
 
     // Past lines, one script's lines, the last N, and following.
     let logs = stdout(&covey(d, &["logs", "--script", "ops.lua"]));
-    assert!(logs.contains("operator script ready"), "{logs}");
+    assert!(logs.contains("ops script ready"), "{logs}");
     assert!(logs.lines().all(|l| l.contains("[ops.lua]")), "{logs}");
     assert_eq!(stdout(&covey(d, &["logs", "-n", "1"])).lines().count(), 1);
     let (mut follow, rx) = spawn_stream(d, &["logs", "-f", "--script", "ops.lua"]);
