@@ -70,7 +70,8 @@ while [ $SECONDS -lt $deadline ]; do
   sleep 0.2
 done
 grep -q "hello from the package" "$log" || fail "the installed node did not run hello.lua"
-"${as_covey[@]}" status | grep -q hello || fail "covey status does not list hello"
+status="$("${as_covey[@]}" status)" || fail "covey status failed"
+grep -q hello <<<"$status" || fail "covey status does not list hello: $status"
 kill -TERM $pid
 wait $pid || fail "the installed node did not stop cleanly on SIGTERM"
 echo "installed node ran a script and answered covey status"
