@@ -28,6 +28,7 @@ use crate::control::StatusSource;
 use crate::control::ops::{self, LogFollow, Tap};
 use crate::control::proto::{Failure, FailureKind, payload_too_large};
 use crate::logring::LogQuery;
+use crate::router::SYSTEM_SCRIPTS;
 
 #[derive(Clone)]
 struct AppState {
@@ -54,6 +55,8 @@ pub(super) fn router(source: Arc<StatusSource>, token: Option<String>) -> Router
         .route("/v1/status", get(status))
         .route("/v1/scripts", get(scripts))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/cluster/scripts", get(cluster_scripts))
+        .route("/", get(dashboard))
         .route("/v1/logs", get(logs))
         .route("/metrics", get(metrics))
         .fallback(|| async { failure(Failure::new(FailureKind::NotFound, "no such route")) })
@@ -107,7 +110,8 @@ fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Vec<u8>
 }
 
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(want) = &state.token {
+    // The dashboard page itself holds no data: it asks for the token.
+    if let Some(want) = state.token.as_ref().filter(|_| req.uri().path() != "/") {
         let given = (req.headers().get(header::AUTHORIZATION))
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
@@ -216,6 +220,39 @@ async fn kv_list(State(s): State<AppState>, Query(q): Params) -> Response {
 
 async fn status(State(s): State<AppState>) -> Response {
     axum::Json(s.source.report()).into_response()
+}
+
+/// `GET /`: the live dashboard (one embedded page; it reads the API).
+async fn dashboard() -> Response {
+    let html = HeaderValue::from_static("text/html; charset=utf-8");
+    let page = include_str!("dashboard.html");
+    ([(header::CONTENT_TYPE, html)], page).into_response()
+}
+
+/// Every node's scripts: this node's, and each peer that is up asked over
+/// the cluster link (a `covey.node.scripts` system call, 2 s each, all at
+/// once); a peer that does not answer is listed with its error.
+async fn cluster_scripts(State(s): State<AppState>) -> Response {
+    let me = s.source.router.node_name();
+    let mine = json!({ "node": me, "scripts": s.source.supervisor.list().await });
+    let peers = (s.source.cluster.as_ref())
+        .map(|c| c.peers())
+        .unwrap_or_default();
+    let asks = peers.into_iter().filter(|p| p.up).map(|p| {
+        let router = s.source.router.clone();
+        async move {
+            let timeout = Duration::from_secs(2);
+            let r = router.call(None, &p.name, SYSTEM_SCRIPTS, vec![], timeout).await;
+            match r.map(|b| serde_json::from_slice::<serde_json::Value>(&b)) {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => json!({ "node": p.name, "error": { "kind": "failed", "message": e.to_string() } }),
+                Err(e) => json!({ "node": p.name, "error": Failure::from(e) }),
+            }
+        }
+    });
+    let mut all = vec![mine];
+    all.extend(futures_util::future::join_all(asks).await);
+    axum::Json(all).into_response()
 }
 
 async fn nodes(State(s): State<AppState>) -> Response {

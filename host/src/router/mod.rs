@@ -120,6 +120,17 @@ pub trait Devices: Send + Sync {
     fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
 }
 
+/// Calls the node answers itself, before any script (names under
+/// `covey.node.`): how one node's dashboard shows the whole cluster.
+pub trait SystemCalls: Send + Sync {
+    /// The answer to the call `name`, or none when it is not a system call.
+    fn answer(&self, name: &str) -> Option<Pin<Box<dyn Future<Output = Vec<u8>> + Send>>>;
+}
+
+/// The system call that answers this node's scripts as JSON
+/// (`{"node", "scripts"}`, as `GET /v1/scripts`).
+pub const SYSTEM_SCRIPTS: &str = "covey.node.scripts";
+
 /// `NODE/DEVICE` → (`NODE`, `Some(DEVICE)`); anything else → (it, `None`).
 pub fn split_target(target: &str) -> (&str, Option<&str>) {
     match target.split_once('/') {
@@ -135,6 +146,7 @@ pub struct Router {
     max_payload: usize,
     remote: OnceLock<Arc<dyn Remote>>,
     devices: OnceLock<Arc<dyn Devices>>,
+    system: OnceLock<Arc<dyn SystemCalls>>,
     table: RwLock<BTreeMap<ScriptId, Entry>>,
     next_sub: AtomicU64,
     /// Next message id. Starts at a random point so ids do not repeat across
@@ -150,6 +162,7 @@ impl Router {
             max_payload,
             remote: OnceLock::new(),
             devices: OnceLock::new(),
+            system: OnceLock::new(),
             table: RwLock::new(BTreeMap::new()),
             next_sub: AtomicU64::new(1),
             msg_seq: AtomicU64::new(crate::random::u64()),
@@ -176,6 +189,13 @@ impl Router {
     pub fn set_devices(&self, devices: Arc<dyn Devices>) {
         if self.devices.set(devices).is_err() {
             panic!("router already has devices");
+        }
+    }
+
+    /// The node's own answers to `covey.node.*` calls (set once, at start).
+    pub fn set_system(&self, system: Arc<dyn SystemCalls>) {
+        if self.system.set(system).is_err() {
+            panic!("router already has system calls");
         }
     }
 
@@ -490,6 +510,9 @@ impl Router {
         msg: Arc<Message>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        if let Some(answer) = self.system.get().and_then(|s| s.answer(&msg.name)) {
+            return Ok(answer.await);
+        }
         if let Some(device) = self.local_device(&msg.to) {
             return match self.devices.get() {
                 Some(d) => d.call(device, msg.clone(), timeout).await,

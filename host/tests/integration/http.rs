@@ -14,10 +14,10 @@ use tokio::net::TcpStream;
 use super::common::{OPS_SCRIPT, TestNode, eventually, start_with};
 use super::lua::load;
 
-struct Response {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Response {
@@ -82,7 +82,7 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
 }
 
-async fn req(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+pub(crate) async fn req(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
     req_auth(addr, method, path, body, None).await
 }
 

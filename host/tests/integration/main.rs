@@ -7,6 +7,7 @@ mod bridge;
 mod bus;
 mod cli;
 mod cluster;
+mod dashboard;
 mod durability;
 mod hostile;
 mod http;
