@@ -30,7 +30,7 @@ extras:
 YAML
 cat <<EOF
 scripts in $demo/scripts (edit or drop files there to hot-reload); Ctrl-C to stop
-HTTP API: http://127.0.0.1:7467/v1/status   metrics: http://127.0.0.1:7467/metrics
+dashboard: http://127.0.0.1:7467/   API: http://127.0.0.1:7467/v1/status   metrics: http://127.0.0.1:7467/metrics
 try, in another terminal:
   target/release/covey emit door.opened front --data $demo/data
   target/release/covey call demo doors --data $demo/data
