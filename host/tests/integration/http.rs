@@ -35,12 +35,34 @@ impl Response {
 async fn raw(addr: SocketAddr, request: &[u8]) -> Response {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
+    // Up to the head, then `Content-Length` bytes, or to the end (some
+    // servers, chromedriver among them, keep the connection open).
     let mut all = Vec::new();
-    s.read_to_end(&mut all).await.unwrap();
-    let split = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head");
+    let mut buf = [0u8; 8192];
+    let split = loop {
+        if let Some(i) = all.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before the head ended");
+        all.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&all[..split]).to_ascii_lowercase();
+    let length = (head.lines())
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(len) => {
+            while all.len() < split + 4 + len {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "connection closed in the body");
+                all.extend_from_slice(&buf[..n]);
+            }
+        }
+        None => {
+            s.read_to_end(&mut all).await.unwrap();
+        }
+    }
     let head = String::from_utf8_lossy(&all[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines
