@@ -245,7 +245,15 @@ async fn kv_status_scripts_and_metrics() {
     req(a, "POST", "/v1/calls/n1/nobody", b"").await;
     // A callback over its CPU budget: a failure of kind cpu_budget.
     req(a, "POST", "/v1/calls/n1/spin?timeout_ms=5000", b"").await;
-    let m = req(a, "GET", "/metrics", b"").await;
+    // The failure is counted just after the reply went out: ask until it is.
+    let mut m = req(a, "GET", "/metrics", b"").await;
+    for _ in 0..100 {
+        if m.text().contains("kind=\"cpu_budget\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = req(a, "GET", "/metrics", b"").await;
+    }
     assert!(m.headers["content-type"].starts_with("text/plain; version=0.0.4"));
     let text = m.text();
     for want in [
