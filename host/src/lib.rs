@@ -32,7 +32,7 @@
 //! - [`control`] — the local control socket behind `covey status` and the
 //!   operator's verbs (`covey emit|send|call|kv|nodes|logs|events`).
 //! - [`http`] — the HTTP API (axum): the same verbs for other programs,
-//!   Server-Sent Events streams, Prometheus metrics.
+//!   Server-Sent Events streams, Prometheus metrics, the live dashboard.
 //! - [`logring`] — the node's recent log lines in memory, for `covey logs`.
 //! - [`docstore`] — `DocStore`: an Automerge document in a file, durable
 //!   writes, compaction, recovery; under the key-value store and the
