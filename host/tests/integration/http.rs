@@ -245,10 +245,14 @@ async fn kv_status_scripts_and_metrics() {
     req(a, "POST", "/v1/calls/n1/nobody", b"").await;
     // A callback over its CPU budget: a failure of kind cpu_budget.
     req(a, "POST", "/v1/calls/n1/spin?timeout_ms=5000", b"").await;
-    // The failure is counted just after the reply went out: ask until it is.
+    // The failure is counted just after the reply went out, and the script
+    // comes back after its restart delay: ask until both have happened.
     let mut m = req(a, "GET", "/metrics", b"").await;
-    for _ in 0..100 {
-        if m.text().contains("kind=\"cpu_budget\"} 1") {
+    for _ in 0..200 {
+        let t = m.text();
+        if t.contains("kind=\"cpu_budget\"} 1")
+            && t.contains("covey_script_up{script=\"ops.lua\"} 1")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
