@@ -40,6 +40,25 @@ pub struct LogLine {
     pub script: Option<String>,
     /// The message and the other fields, as the terminal shows them.
     pub message: String,
+    /// The node it comes from, when lines of several nodes are shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl LogLine {
+    /// A warning from the log machinery itself (a reader fell behind, a
+    /// node did not answer).
+    pub fn about_logs(message: String) -> LogLine {
+        LogLine {
+            seq: 0,
+            time_ms: now_ms(),
+            level: "WARN".into(),
+            target: "covey::logs".into(),
+            script: None,
+            message,
+            node: None,
+        }
+    }
 }
 
 /// Which lines `covey logs` wants.
@@ -103,6 +122,11 @@ impl LogRing {
             .collect()
     }
 
+    /// The position of the newest line (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.lines.lock().unwrap().next_seq - 1
+    }
+
     /// Lines from now on (subscribe before reading [`LogRing::recent`], so
     /// nothing falls between the two, and skip lines up to the last `seq`
     /// it gave).
@@ -141,6 +165,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RingLayer {
             target: meta.target().to_string(),
             script: fields.script,
             message,
+            node: None,
         });
     }
 }
@@ -224,6 +249,7 @@ mod tests {
                 target: "t".into(),
                 script: None,
                 message: i.to_string(),
+                node: None,
             });
         }
         let kept = LOGS.recent(&LogQuery::default());

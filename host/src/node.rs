@@ -1,7 +1,6 @@
 //! `Node`: one running Covey host — engine, router, key-value store,
 //! supervisor and watcher wired together, and taken down in order.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -147,9 +146,10 @@ impl Node {
             scripts_sync: scripts_sync_handle,
             devices: Some(devices),
         };
-        let system = NodeSystem {
+        let system = crate::control::fleet::NodeSystem {
             node: cfg.name.clone(),
             supervisor: Arc::downgrade(&node.supervisor),
+            max_payload: node.services.router.max_payload(),
         };
         node.services.router.set_system(Arc::new(system));
         let source = Arc::new(node.status_source());
@@ -265,31 +265,5 @@ impl Node {
         tokio::task::spawn_blocking(move || kv.flush()).await??;
         tracing::info!("node stopped");
         Ok(())
-    }
-}
-
-/// The node's own answers to `covey.node.*` calls from peers (the
-/// dashboard's cluster-wide view). Holds the supervisor weakly: the router
-/// it is registered in outlives nothing.
-struct NodeSystem {
-    node: String,
-    supervisor: std::sync::Weak<ScriptSupervisor>,
-}
-
-impl crate::router::SystemCalls for NodeSystem {
-    fn answer(
-        &self,
-        name: &str,
-    ) -> Option<std::pin::Pin<Box<dyn Future<Output = Vec<u8>> + Send>>> {
-        if name != crate::router::SYSTEM_SCRIPTS {
-            return None;
-        }
-        let supervisor = self.supervisor.upgrade()?;
-        let node = self.node.clone();
-        Some(Box::pin(async move {
-            let scripts = supervisor.list().await;
-            let answer = serde_json::json!({ "node": node, "scripts": scripts });
-            serde_json::to_vec(&answer).unwrap_or_default()
-        }))
     }
 }

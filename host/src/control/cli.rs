@@ -15,7 +15,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use super::proto::{self, Bytes, EventItem, KvChange, Request};
+use super::fleet::Nodes;
+use super::proto::{self, Bytes, EventItem, Failure, KvChange, Request};
 use crate::config::DataArg;
 use crate::logring::{LogLine, LogQuery};
 use crate::script::supervisor::ScriptInfo;
@@ -66,9 +67,12 @@ pub enum OperatorCommand {
         #[command(flatten)]
         out: Out,
     },
-    /// This node's scripts: state, version, restarts, last error, memory,
-    /// time in callbacks, messages handled and dropped.
+    /// Scripts: state, version, restarts, last error, memory, time in
+    /// callbacks, messages handled and dropped (this node's, or with
+    /// --node / --all-nodes other nodes', asked over the cluster links).
     Scripts {
+        #[command(flatten)]
+        nodes: NodesArg,
         #[command(flatten)]
         out: Out,
     },
@@ -135,7 +139,30 @@ pub struct LogsArgs {
     #[arg(short = 'n', long)]
     pub tail: Option<u64>,
     #[command(flatten)]
+    pub nodes: NodesArg,
+    #[command(flatten)]
     pub out: Out,
+}
+
+/// Which nodes to ask (default: the node on this machine).
+#[derive(Args, Debug)]
+pub struct NodesArg {
+    /// Ask this node of the cluster (over the cluster link)
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Ask this node and every peer that is up
+    #[arg(long, conflicts_with = "node")]
+    pub all_nodes: bool,
+}
+
+impl NodesArg {
+    pub fn nodes(&self) -> Nodes {
+        match (&self.node, self.all_nodes) {
+            (_, true) => Nodes::All,
+            (Some(n), false) => Nodes::One(n.clone()),
+            (None, false) => Nodes::Here,
+        }
+    }
 }
 
 /// Where the node is and how to print.
@@ -194,7 +221,12 @@ async fn run_async(cmd: OperatorCommand) -> Result<i32> {
         }
         C::Kv(kv) => run_kv(kv).await,
         C::Nodes { out } => once(&out, Request::Nodes, &[], Print::Nodes).await,
-        C::Scripts { out } => once(&out, Request::Scripts, &[], Print::Scripts).await,
+        C::Scripts { nodes, out } => {
+            let req = Request::Scripts {
+                nodes: nodes.nodes(),
+            };
+            once(&out, req, &[], Print::Scripts).await
+        }
         C::Logs(args) => logs(args).await,
         C::Events { pattern, out } => stream(&out, Request::Events { pattern }, print_event).await,
     }
@@ -262,7 +294,7 @@ async fn once(out: &Out, req: Request, payload: &[u8], print: Print) -> Result<i
             }
         }
         Print::Nodes => print_nodes(&mut stdout, &value)?,
-        Print::Scripts => print_scripts(&mut stdout, serde_json::from_value(value)?)?,
+        Print::Scripts => return print_scripts(&mut stdout, value),
     }
     Ok(0)
 }
@@ -283,9 +315,7 @@ fn print_nodes(out: &mut impl Write, value: &serde_json::Value) -> Result<()> {
         let since = (n["since_ms"].as_u64())
             .map(|t| super::human_duration(now.saturating_sub(t)))
             .unwrap_or_else(|| "-".into());
-        let rtt = (n["rtt_us"].as_u64())
-            .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
-            .unwrap_or_else(|| "-".into());
+        let rtt = super::rtt_text(n["rtt_us"].as_u64());
         let state = if n["up"] == true { "up" } else { "down" };
         let (addr, version) = (text("addr"), text("version"));
         writeln!(
@@ -299,10 +329,19 @@ fn print_nodes(out: &mut impl Write, value: &serde_json::Value) -> Result<()> {
 #[derive(serde::Deserialize)]
 struct ScriptsAnswer {
     node: String,
+    #[serde(default)]
     scripts: Vec<ScriptInfo>,
+    #[serde(default)]
+    error: Option<Failure>,
 }
 
-fn print_scripts(out: &mut impl Write, answer: ScriptsAnswer) -> Result<()> {
+/// One node's scripts (an object) or several nodes' (a list); a node that
+/// did not answer is said on stderr and makes the exit code 1.
+fn print_scripts(out: &mut impl Write, value: serde_json::Value) -> Result<i32> {
+    let answers: Vec<ScriptsAnswer> = match value {
+        serde_json::Value::Array(_) => serde_json::from_value(value)?,
+        one => vec![serde_json::from_value(one)?],
+    };
     let now = crate::router::now_ms();
     writeln!(
         out,
@@ -318,28 +357,40 @@ fn print_scripts(out: &mut impl Write, answer: ScriptsAnswer) -> Result<()> {
         "HANDLED",
         "DROPPED"
     )?;
-    for s in &answer.scripts {
-        let up = match s.state.as_str() {
-            "running" => super::human_duration(now.saturating_sub(s.started_ms)),
-            _ => "-".into(),
-        };
-        writeln!(
-            out,
-            "{:<28} {:<8} {:<7} {:<16} {:>8} {:>8} {:>6} KiB {:>7.1} s {:>10} {:>8}",
-            s.script,
-            answer.node,
-            s.state,
-            s.version,
-            up,
-            s.restarts,
-            s.memory_bytes / 1024,
-            s.busy_ms as f64 / 1000.0,
-            s.handled,
-            s.dropped
-        )?;
-        if let Some(e) = &s.last_error {
-            writeln!(out, "  last error: {e}")?;
+    let mut code = 0;
+    for answer in &answers {
+        if let Some(f) = &answer.error {
+            eprintln!("covey: node {}: {}", answer.node, f.message);
+            code = 1;
         }
+        for s in &answer.scripts {
+            print_script(out, &answer.node, s, now)?;
+        }
+    }
+    Ok(code)
+}
+
+fn print_script(out: &mut impl Write, node: &str, s: &ScriptInfo, now: u64) -> Result<()> {
+    let up = match s.state.as_str() {
+        "running" => super::human_duration(now.saturating_sub(s.started_ms)),
+        _ => "-".into(),
+    };
+    writeln!(
+        out,
+        "{:<28} {:<8} {:<7} {:<16} {:>8} {:>8} {:>6} KiB {:>7.1} s {:>10} {:>8}",
+        s.script,
+        node,
+        s.state,
+        s.version,
+        up,
+        s.restarts,
+        s.memory_bytes / 1024,
+        s.busy_ms as f64 / 1000.0,
+        s.handled,
+        s.dropped
+    )?;
+    if let Some(e) = &s.last_error {
+        writeln!(out, "  last error: {e}")?;
     }
     Ok(())
 }
@@ -396,8 +447,13 @@ fn print_log(l: &LogLine) -> String {
         .as_deref()
         .map(|s| format!(" [{s}]"))
         .unwrap_or_default();
+    let node = l
+        .node
+        .as_deref()
+        .map(|n| format!("{n} "))
+        .unwrap_or_default();
     format!(
-        "{} {:>5} {}{script}: {}",
+        "{} {:>5} {node}{}{script}: {}",
         format_time(l.time_ms),
         l.level,
         l.target,
@@ -417,6 +473,7 @@ async fn logs(args: LogsArgs) -> Result<i32> {
         },
         follow: args.follow,
         tail: args.tail,
+        nodes: args.nodes.nodes(),
     };
     stream(&args.out, req, print_log).await
 }

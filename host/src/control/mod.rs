@@ -33,11 +33,12 @@ use crate::script::supervisor::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
 
 pub mod cli;
+pub mod fleet;
 pub(crate) mod ops;
 pub mod proto;
 mod render;
 
-pub use render::{human_duration, render};
+pub use render::{human_duration, render, rtt_text};
 
 pub const SOCKET_FILE: &str = "control.sock";
 

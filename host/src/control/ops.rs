@@ -19,13 +19,15 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{broadcast, mpsc};
 
 use super::StatusSource;
+use super::fleet::{self, FleetLogs, Nodes};
 use super::proto::{
     Answer, Bytes, EventItem, Failure, FailureKind, KvChange, Request, line, payload_too_large,
 };
 use crate::kvdoc::KvError;
 use crate::logring::{LOGS, LogLine, LogQuery};
 use crate::pattern::Pattern;
-use crate::router::{Delivery, Router, SubKind, now_ms};
+use crate::router::{Delivery, Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SubKind};
+use futures_util::{Stream, StreamExt};
 
 /// Longest call timeout an operator may ask for.
 const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -53,7 +55,17 @@ pub(super) async fn handle(
             query,
             follow,
             tail,
+            nodes: Nodes::Here,
         } => return logs(query, follow, tail, read, write).await,
+        Request::Logs {
+            query,
+            follow,
+            tail,
+            nodes,
+        } => {
+            let fleet = FleetLogs::new(source, nodes.clone(), query, tail, follow);
+            return fleet_logs(source, &nodes, fleet, read, write).await;
+        }
         Request::Emit { name, len } => match payload(source, read, len).await? {
             Ok(p) => emit(source, &name, p),
             Err(f) => Err(f),
@@ -71,12 +83,20 @@ pub(super) async fn handle(
             Ok(p) => call(source, &target, &name, p, timeout_ms).await,
             Err(f) => Err(f),
         },
-        Request::Scripts => {
+        Request::Scripts { nodes: Nodes::Here } => {
             let list = source.supervisor.list().await;
             Ok((
                 json!({ "node": source.router.node_name(), "scripts": list }),
                 vec![],
             ))
+        }
+        Request::Scripts { nodes } => {
+            let answers = fleet::ask(source, &nodes, SYSTEM_SCRIPTS, b"").await;
+            match (&nodes, answers.first().and_then(fleet::failure_of)) {
+                // One node asked, and it could not answer: the request failed.
+                (Nodes::One(_), Some(f)) => Err(f),
+                _ => Ok((serde_json::Value::Array(answers), vec![])),
+            }
         }
         Request::KvSet { key, len } => match payload(source, read, len).await? {
             Ok(value) => (source
@@ -300,6 +320,13 @@ impl Tap {
         Tap::open(router, kind)
     }
 
+    /// The items as a stream (ends when the router drops the tap).
+    pub(crate) fn into_stream(self) -> impl Stream<Item = TapItem> + Send {
+        futures_util::stream::unfold(self, |mut tap| async move {
+            tap.next().await.map(|item| (item, tap))
+        })
+    }
+
     pub(crate) async fn next(&mut self) -> Option<TapItem> {
         loop {
             return Some(match self.rx.recv().await? {
@@ -327,16 +354,26 @@ impl Drop for Tap {
 
 /// Stream a tap until the reader goes away.
 async fn tap(
-    mut tap: Tap,
+    tap: Tap,
     read: &mut BufReader<OwnedReadHalf>,
     write: &mut OwnedWriteHalf,
 ) -> Result<()> {
     write.write_all(&line(&Answer::default())?).await?;
+    until_gone(tap.into_stream(), read, write).await
+}
+
+/// Write `items`, one JSON line each, until they end or the reader goes
+/// away (anything it sends, or the end of its side, means it is gone).
+async fn until_gone<T: Serialize>(
+    items: impl Stream<Item = T>,
+    read: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+) -> Result<()> {
+    let mut items = std::pin::pin!(items);
     let mut sink = [0u8; 64];
     loop {
         let item = tokio::select! {
-            item = tap.next() => item,
-            // Anything read, or the end: the reader is gone.
+            item = items.next() => item,
             _ = read.read(&mut sink) => return Ok(()),
         };
         let Some(item) = item else { return Ok(()) };
@@ -371,19 +408,19 @@ impl LogFollow {
         (kept, follow)
     }
 
+    /// The new lines as a stream.
+    pub(crate) fn into_stream(self) -> impl Stream<Item = LogLine> + Send {
+        futures_util::stream::unfold(self, |mut f| async move { f.next().await.map(|l| (l, f)) })
+    }
+
     pub(crate) async fn next(&mut self) -> Option<LogLine> {
         loop {
             return Some(match self.new.recv().await {
                 Ok(l) if l.seq <= self.last_kept || !self.query.matches(&l) => continue,
                 Ok(l) => l,
-                Err(broadcast::error::RecvError::Lagged(n)) => LogLine {
-                    seq: 0,
-                    time_ms: now_ms(),
-                    level: "WARN".into(),
-                    target: "covey::logs".into(),
-                    script: None,
-                    message: format!("{n} log lines skipped: this reader fell behind"),
-                },
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    LogLine::about_logs(format!("{n} log lines skipped: this reader fell behind"))
+                }
                 Err(broadcast::error::RecvError::Closed) => return None,
             });
         }
@@ -398,7 +435,7 @@ async fn logs(
     read: &mut BufReader<OwnedReadHalf>,
     write: &mut OwnedWriteHalf,
 ) -> Result<()> {
-    let (kept, mut new) = LogFollow::start(query, tail);
+    let (kept, new) = LogFollow::start(query, tail);
     write.write_all(&line(&Answer::default())?).await?;
     for l in &kept {
         write.write_all(&line(l)?).await?;
@@ -406,13 +443,34 @@ async fn logs(
     if !follow {
         return Ok(());
     }
-    let mut sink = [0u8; 64];
-    loop {
-        let l = tokio::select! {
-            l = new.next() => l,
-            _ = read.read(&mut sink) => return Ok(()),
-        };
-        let Some(l) = l else { return Ok(()) };
-        write.write_all(&line(&l)?).await?;
+    until_gone(new.into_stream(), read, write).await
+}
+
+/// Lines of other nodes (or all): one node asked that cannot answer fails
+/// the request; of all nodes, one that does not answer is a warning line.
+async fn fleet_logs(
+    source: &StatusSource,
+    nodes: &Nodes,
+    fleet: FleetLogs<'_>,
+    read: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+) -> Result<()> {
+    if let Nodes::One(node) = nodes {
+        let probe = serde_json::to_vec(&fleet::LogsAsk {
+            tail: Some(0),
+            ..Default::default()
+        })?;
+        let answer = fleet::ask_one(&source.router, node.clone(), SYSTEM_LOGS, &probe).await;
+        if let Some(f) = fleet::failure_of(&answer) {
+            let answer = Answer {
+                error: Some(f),
+                ..Answer::default()
+            };
+            return Ok(write.write_all(&line(&answer)?).await?);
+        }
     }
+    write.write_all(&line(&Answer::default())?).await?;
+    let items =
+        futures_util::stream::unfold(fleet, |mut f| async move { f.next().await.map(|l| (l, f)) });
+    until_gone(items, read, write).await
 }

@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::fleet::Nodes;
 use crate::bindings::{CallError, SendError};
 use crate::logring::LogQuery;
 
@@ -71,14 +72,22 @@ pub enum Request {
     },
     /// The cluster's members as this node sees them.
     Nodes,
-    /// This node's scripts ([`crate::script::supervisor::ScriptInfo`]).
-    Scripts,
-    /// The node's recent log lines (the last `tail`), then (`follow`) new
-    /// ones as they come ([`crate::logring::LogLine`]).
+    /// Scripts ([`crate::script::supervisor::ScriptInfo`]): this node's
+    /// as `{"node", "scripts"}`; of other nodes, a list of those (or of
+    /// `{"node", "error"}`).
+    Scripts {
+        #[serde(default)]
+        nodes: Nodes,
+    },
+    /// Recent log lines (the last `tail`), then (`follow`) new ones as
+    /// they come ([`crate::logring::LogLine`]); of other nodes, merged in
+    /// time order and labelled with their node.
     Logs {
         query: LogQuery,
         follow: bool,
         tail: Option<u64>,
+        #[serde(default)]
+        nodes: Nodes,
     },
 }
 

@@ -40,10 +40,7 @@ pub fn render(r: &StatusReport) -> String {
             }
             let now = now_ms();
             for p in &c.peers {
-                let rtt = p
-                    .rtt_us
-                    .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into());
+                let rtt = rtt_text(p.rtt_us);
                 let addr = p.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
                 let _ = writeln!(
                     out,
@@ -137,6 +134,12 @@ fn render_devices(out: &mut String, r: &StatusReport) {
             );
         }
     }
+}
+
+/// A round-trip time for a table: `0.42 ms`, or `-` when unknown.
+pub fn rtt_text(us: Option<u64>) -> String {
+    us.map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 pub fn human_duration(ms: u64) -> String {

@@ -25,6 +25,7 @@ use serde_json::json;
 
 use super::{MAX_CALL_TIMEOUT_MS, REQUEST_TIMEOUT};
 use crate::control::StatusSource;
+use crate::control::fleet::{self, Nodes};
 use crate::control::ops::{self, LogFollow, Tap};
 use crate::control::proto::{Failure, FailureKind, payload_too_large};
 use crate::logring::LogQuery;
@@ -233,26 +234,7 @@ async fn dashboard() -> Response {
 /// the cluster link (a `covey.node.scripts` system call, 2 s each, all at
 /// once); a peer that does not answer is listed with its error.
 async fn cluster_scripts(State(s): State<AppState>) -> Response {
-    let me = s.source.router.node_name();
-    let mine = json!({ "node": me, "scripts": s.source.supervisor.list().await });
-    let peers = (s.source.cluster.as_ref())
-        .map(|c| c.peers())
-        .unwrap_or_default();
-    let asks = peers.into_iter().filter(|p| p.up).map(|p| {
-        let router = s.source.router.clone();
-        async move {
-            let timeout = Duration::from_secs(2);
-            let r = router.call(None, &p.name, SYSTEM_SCRIPTS, vec![], timeout).await;
-            match r.map(|b| serde_json::from_slice::<serde_json::Value>(&b)) {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => json!({ "node": p.name, "error": { "kind": "failed", "message": e.to_string() } }),
-                Err(e) => json!({ "node": p.name, "error": Failure::from(e) }),
-            }
-        }
-    });
-    let mut all = vec![mine];
-    all.extend(futures_util::future::join_all(asks).await);
-    axum::Json(all).into_response()
+    axum::Json(fleet::ask(&s.source, &Nodes::All, SYSTEM_SCRIPTS, b"").await).into_response()
 }
 
 async fn nodes(State(s): State<AppState>) -> Response {
@@ -286,11 +268,7 @@ fn sse<T: serde::Serialize>(
 /// `GET /v1/events?pattern=`: events as they happen.
 async fn events(State(s): State<AppState>, Query(q): Params) -> Response {
     let pattern = q.get("pattern").map_or("*", |p| p.as_str());
-    let tap = Tap::events(s.source.router.clone(), pattern);
-    let items = futures_util::stream::unfold(tap, |mut tap| async move {
-        tap.next().await.map(|item| (item, tap))
-    });
-    sse(items).into_response()
+    sse(Tap::events(s.source.router.clone(), pattern).into_stream()).into_response()
 }
 
 /// `GET /v1/logs?script=&since=&tail=&follow=`: the kept lines, then new
@@ -314,13 +292,10 @@ async fn logs(Query(q): Params) -> Response {
         since_ms,
     };
     let (kept, new) = LogFollow::start(query, tail);
-    let kept = futures_util::stream::iter(kept);
-    let new = futures_util::stream::unfold((new, follow), |(mut new, follow)| async move {
-        if !follow {
-            return None;
-        }
-        new.next().await.map(|l| (l, (new, follow)))
-    });
     use futures_util::StreamExt;
+    let kept = futures_util::stream::iter(kept);
+    let new = new
+        .into_stream()
+        .take_while(move |_| std::future::ready(follow));
     sse(kept.chain(new)).into_response()
 }

@@ -121,15 +121,24 @@ pub trait Devices: Send + Sync {
 }
 
 /// Calls the node answers itself, before any script (names under
-/// `covey.node.`): how one node's dashboard shows the whole cluster.
+/// `covey.node.`): how one node's dashboard or CLI shows the whole cluster
+/// (`control::fleet`).
 pub trait SystemCalls: Send + Sync {
-    /// The answer to the call `name`, or none when it is not a system call.
-    fn answer(&self, name: &str) -> Option<Pin<Box<dyn Future<Output = Vec<u8>> + Send>>>;
+    /// The answer to the call `name` with `payload`, or none when it is
+    /// not a system call.
+    fn answer(
+        &self,
+        name: &str,
+        payload: &[u8],
+    ) -> Option<Pin<Box<dyn Future<Output = Vec<u8>> + Send>>>;
 }
 
 /// The system call that answers this node's scripts as JSON
 /// (`{"node", "scripts"}`, as `GET /v1/scripts`).
 pub const SYSTEM_SCRIPTS: &str = "covey.node.scripts";
+/// The system call that answers this node's recent log lines as JSON
+/// (`control::fleet::LogsAsk` in, `LogsAnswer` out).
+pub const SYSTEM_LOGS: &str = "covey.node.logs";
 
 /// `NODE/DEVICE` → (`NODE`, `Some(DEVICE)`); anything else → (it, `None`).
 pub fn split_target(target: &str) -> (&str, Option<&str>) {
@@ -510,7 +519,11 @@ impl Router {
         msg: Arc<Message>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        if let Some(answer) = self.system.get().and_then(|s| s.answer(&msg.name)) {
+        if let Some(answer) = self
+            .system
+            .get()
+            .and_then(|s| s.answer(&msg.name, &msg.payload))
+        {
             return Ok(answer.await);
         }
         if let Some(device) = self.local_device(&msg.to) {

@@ -24,15 +24,25 @@ impl Drop for Node {
 
 fn start() -> Node {
     let dir = tempfile::tempdir().unwrap();
+    start_in(dir, "op1", &[], true)
+}
+
+/// A node named `name` in `dir` (`dir/data` may hold a cluster token
+/// already), with `ops.lua` in its scripts directory if `with_script`.
+fn start_in(dir: tempfile::TempDir, name: &str, extra: &[&str], with_script: bool) -> Node {
     let (data, scripts) = (dir.path().join("data"), dir.path().join("scripts"));
     std::fs::create_dir_all(&scripts).unwrap();
-    std::fs::write(scripts.join("ops.lua"), super::common::OPS_SCRIPT).unwrap();
+    if with_script {
+        std::fs::write(scripts.join("ops.lua"), super::common::OPS_SCRIPT).unwrap();
+    }
     let config = dir.path().join("covey.yaml");
     // A small payload limit to hit, and a CPU budget long enough that a
     // spinning handler outlives the caller's timeout.
     std::fs::write(&config, "max_payload: 4096\ncpu_ms: 3000\n").unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_covey"))
-        .args(["run", "--node", "op1", "--discovery", "off", "--config"])
+        .args(["run", "--node", name, "--discovery", "off"])
+        .args(extra)
+        .arg("--config")
         .arg(&config)
         .arg("--data")
         .arg(&data)
@@ -279,4 +289,84 @@ fn verbs_without_a_node_say_so() {
             text(&o)
         );
     }
+}
+
+/// A free UDP port on loopback (for a node's QUIC endpoint).
+fn free_port() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap().port().to_string()
+}
+
+#[test]
+fn logs_and_scripts_of_the_whole_cluster() {
+    // Two processes, so each has its own log: what `--node` and
+    // `--all-nodes` show of op2 can only have come over the cluster link.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (data_a, data_b) = (dir_a.path().join("data"), dir_b.path().join("data"));
+    stdout(&covey(&data_a, &["cluster", "init"]));
+    let token = stdout(&covey(&data_a, &["cluster", "token"]));
+    stdout(&covey(&data_b, &["cluster", "join", token.trim()]));
+    let (port_a, port_b) = (free_port(), free_port());
+    let peer = format!("127.0.0.1:{port_a}");
+    let a = start_in(
+        dir_a,
+        "op1",
+        &["--listen", "127.0.0.1", "--port", &port_a],
+        true,
+    );
+    // op2 gets ops.lua from op1 (scripts sync) and runs it.
+    let b = start_in(
+        dir_b,
+        "op2",
+        &["--listen", "127.0.0.1", "--port", &port_b, "--peer", &peer],
+        false,
+    );
+    let (a, b) = (&a.data, &b.data);
+
+    let all = ["logs", "--all-nodes", "--script", "ops.lua"];
+    until(|| {
+        let t = text(&covey(a, &all));
+        t.contains("op1 script [ops.lua]: ops script ready")
+            && t.contains("op2 script [ops.lua]: ops script ready")
+    });
+    // One other node: only its lines, labelled.
+    let only_b = stdout(&covey(a, &["logs", "--node", "op2"]));
+    assert!(
+        only_b.contains("op2 script [ops.lua]: ops script ready"),
+        "{only_b}"
+    );
+    assert!(only_b.lines().all(|l| l.contains(" op2 ")), "{only_b}");
+    let json = stdout(&covey(a, &["logs", "--node", "op2", "-n", "1", "--json"]));
+    let line: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(line["node"], "op2", "{json}");
+    let nope = covey(a, &["logs", "--node", "nope"]);
+    assert_eq!(nope.status.code(), Some(6), "{}", text(&nope));
+
+    // Scripts of both nodes, from either.
+    let json = stdout(&covey(b, &["scripts", "--all-nodes", "--json"]));
+    let answers: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let nodes: Vec<&str> = (answers.as_array().unwrap().iter())
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["op2", "op1"], "{json}");
+    for n in answers.as_array().unwrap() {
+        assert_eq!(n["scripts"][0]["script"], "ops.lua", "{json}");
+    }
+    let table = stdout(&covey(a, &["scripts", "--node", "op2"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("ops.lua") && l.contains(" op2 ")),
+        "{table}"
+    );
+    let nope = covey(a, &["scripts", "--node", "nope"]);
+    assert_eq!(nope.status.code(), Some(6), "{}", text(&nope));
+
+    // Following both nodes: a line logged on op2 arrives at op1's reader.
+    let (mut follow, rx) = spawn_stream(a, &["logs", "--all-nodes", "-f", "--script", "ops.lua"]);
+    expect_line(&rx, "op2 script [ops.lua]: got ping from-b", || {
+        stdout(&covey(b, &["emit", "ping", "from-b"]));
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
 }
