@@ -15,6 +15,7 @@
 //! one, that peer's state is reset and the exchange starts over.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use automerge::sync;
@@ -35,6 +36,13 @@ pub trait SyncTarget: Send + Sync + 'static {
     fn version(&self) -> watch::Receiver<u64>;
 }
 
+/// Sync messages a document exchanged with peers, for metrics.
+#[derive(Default, Debug)]
+pub struct SyncCounters {
+    pub sent_bytes: AtomicU64,
+    pub received_bytes: AtomicU64,
+}
+
 struct Peer {
     link: Arc<PeerLink>,
     state: sync::State,
@@ -47,6 +55,7 @@ pub struct DocReplicator<T> {
     /// Shared heads of peers whose link is down, for a quick resume.
     resume: Mutex<HashMap<Arc<str>, Vec<u8>>>,
     wake: Notify,
+    pub counters: Arc<SyncCounters>,
 }
 
 impl<T: SyncTarget> DocReplicator<T> {
@@ -57,6 +66,7 @@ impl<T: SyncTarget> DocReplicator<T> {
             peers: Mutex::new(HashMap::new()),
             resume: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            counters: Arc::default(),
         })
     }
 
@@ -80,11 +90,14 @@ impl<T: SyncTarget> DocReplicator<T> {
         let mut peers = self.peers.lock().unwrap();
         for peer in peers.values_mut() {
             if let Some(msg) = self.target.generate(&mut peer.state) {
+                let len = msg.len() as u64;
                 let frame = Frame::Sync {
                     doc: self.doc,
                     msg: msg.into(),
                 };
-                if !peer.link.offer(frame.encode()) {
+                if peer.link.offer(frame.encode()) {
+                    self.counters.sent_bytes.fetch_add(len, Ordering::Relaxed);
+                } else {
                     tracing::debug!(peer = %peer.link.node, "sync message not queued; restarting the exchange");
                     peer.state = sync::State::new();
                 }
@@ -161,6 +174,7 @@ impl<T: SyncTarget> Replica for DocReplicator<T> {
         let Some(peer) = peers.get_mut(&link.node) else {
             return;
         };
+        (self.counters.received_bytes).fetch_add(msg.len() as u64, Ordering::Relaxed);
         if let Err(e) = self.target.receive(&mut peer.state, msg) {
             tracing::warn!(peer = %link.node, doc = ?self.doc, "bad sync message ({e:#}); restarting the exchange");
             peer.state = sync::State::new();

@@ -34,6 +34,8 @@ pub struct Node {
     tasks: Vec<JoinHandle<()>>,
     scripts_sync: Option<Arc<ScriptsSync>>,
     devices: Option<DeviceService>,
+    /// Per replicated document (`kv`, `scripts`, `devices`): sync bytes.
+    sync_counters: Vec<(&'static str, Arc<crate::docsync::SyncCounters>)>,
 }
 
 impl Node {
@@ -102,6 +104,7 @@ impl Node {
         // Join after the first scan: peers' calls find the handlers ready.
         let mut tasks = Vec::new();
         let mut scripts_sync_handle = None;
+        let mut sync_counters = Vec::new();
         let cluster = match (cfg.cluster.clone(), scripts_sync) {
             (Some(c), Some(sync)) => {
                 tasks.extend(sync.spawn());
@@ -114,6 +117,11 @@ impl Node {
                 tasks.push(kv_sync.spawn());
                 tasks.push(manifest_sync.spawn());
                 tasks.push(device_sync.spawn());
+                sync_counters = vec![
+                    ("kv", kv_sync.counters.clone()),
+                    ("scripts", manifest_sync.counters.clone()),
+                    ("devices", device_sync.counters.clone()),
+                ];
                 let cluster = Cluster::start(
                     c,
                     services.router.clone(),
@@ -145,6 +153,7 @@ impl Node {
             tasks,
             scripts_sync: scripts_sync_handle,
             devices: Some(devices),
+            sync_counters,
         };
         let system = crate::control::fleet::NodeSystem {
             node: cfg.name.clone(),
@@ -200,6 +209,7 @@ impl Node {
                 udp: d.udp,
             }),
             started_ms: self.services.started_ms,
+            sync_counters: self.sync_counters.clone(),
         }
     }
 

@@ -91,6 +91,8 @@ pub struct StatusSource {
     pub cluster: Option<Cluster>,
     pub devices: Option<DevicesView>,
     pub started_ms: u64,
+    /// Sync bytes per replicated document (clustered nodes only).
+    pub sync_counters: Vec<(&'static str, Arc<crate::docsync::SyncCounters>)>,
 }
 
 /// The device registry and bridge, as the control socket needs them.

@@ -32,6 +32,18 @@ struct Inner {
     /// tail after it: compaction is due when the tail outgrows the snapshot.
     snapshot_bytes: u64,
     tail_bytes: u64,
+    /// A flush failed: the next one writes a whole snapshot, which covers
+    /// the chunk that was lost.
+    snapshot_due: bool,
+}
+
+/// What a document's store has done, for metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreStats {
+    /// Local writes (commits) since the node started.
+    pub writes: u64,
+    /// Size of the file on disk (none for an in-memory document).
+    pub file_bytes: Option<u64>,
 }
 
 pub struct DocStore {
@@ -84,6 +96,7 @@ impl DocStore {
                 unsaved: false,
                 snapshot_bytes,
                 tail_bytes: 0,
+                snapshot_due: false,
             }),
             path,
             what,
@@ -93,6 +106,14 @@ impl DocStore {
             durable: watch::Sender::new(Progress::default()),
             version: watch::Sender::new(0),
         })
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let inner = self.inner.lock().unwrap();
+        StoreStats {
+            writes: self.written.load(Ordering::Relaxed),
+            file_bytes: (self.path.as_ref()).map(|_| inner.snapshot_bytes + inner.tail_bytes),
+        }
     }
 
     pub fn read<R>(&self, f: impl FnOnce(&AutoCommit) -> R) -> R {
@@ -196,7 +217,8 @@ impl DocStore {
                 return Ok(());
             }
             inner.unsaved = false;
-            let compact = inner.tail_bytes > (1 << 20).max(inner.snapshot_bytes);
+            let compact =
+                inner.snapshot_due || inner.tail_bytes > (1 << 20).max(inner.snapshot_bytes);
             if compact {
                 (inner.doc.save(), true, seq)
             } else {
@@ -214,6 +236,7 @@ impl DocStore {
                 if compact {
                     inner.snapshot_bytes = chunk.len() as u64;
                     inner.tail_bytes = 0;
+                    inner.snapshot_due = false;
                 } else {
                     inner.tail_bytes += chunk.len() as u64;
                 }
@@ -225,7 +248,7 @@ impl DocStore {
                 // Not written: make the next flush retry with a full
                 // snapshot, which covers the lost chunk.
                 inner.unsaved = true;
-                inner.tail_bytes = u64::MAX / 2;
+                inner.snapshot_due = true;
                 drop(inner);
                 let reason = format!("{err:#}");
                 self.durable.send_modify(|p| {

@@ -5,7 +5,7 @@
 //! paths, peer and device names only: bounded by what the operator runs.
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::control::StatusSource;
 use crate::router::{Outcome, RouterStats, now_ms};
@@ -51,28 +51,124 @@ pub async fn render(source: &StatusSource) -> String {
     scripts(&mut m, source).await;
     peers(&mut m, &report);
 
-    m.family(
-        "covey_kv_keys",
-        "gauge",
-        "Keys in the replicated key-value store.",
+    stores(&mut m, source);
+    devices(&mut m, &report.devices);
+    m.text
+}
+
+/// The key-value store, replication and scripts sync.
+fn stores(m: &mut Metrics, source: &StatusSource) {
+    let kv = &source.kv;
+    let gauges = [
+        (
+            "covey_kv_keys",
+            "Keys in the replicated key-value store.",
+            kv.len() as u64,
+        ),
+        (
+            "covey_kv_bytes",
+            "Bytes of the store's keys and values.",
+            kv.bytes(),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        m.family(name, "gauge", help);
+        m.sample(name, &[], value as f64);
+    }
+    let stats = kv.store_stats();
+    m.counter(
+        "covey_kv_writes_total",
+        "Writes made on this node (scripts, operators).",
+        stats.writes,
     );
-    m.sample("covey_kv_keys", &[], source.kv.len() as f64);
-    let d = &report.devices;
+    if let Some(bytes) = stats.file_bytes {
+        m.family(
+            "covey_kv_file_bytes",
+            "gauge",
+            "Size of the store's file on disk.",
+        );
+        m.sample("covey_kv_file_bytes", &[], bytes as f64);
+    }
+    type Field = fn(&crate::docsync::SyncCounters) -> &AtomicU64;
+    let families: [(&str, &str, Field); 2] = [
+        (
+            "covey_sync_sent_bytes_total",
+            "Bytes of sync messages sent, per replicated document.",
+            |c| &c.sent_bytes,
+        ),
+        (
+            "covey_sync_received_bytes_total",
+            "Bytes of sync messages received, per replicated document.",
+            |c| &c.received_bytes,
+        ),
+    ];
+    for (name, help, field) in families {
+        m.family(name, "counter", help);
+        for (doc, c) in &source.sync_counters {
+            m.sample(
+                name,
+                &[("doc", doc)],
+                field(c).load(Ordering::Relaxed) as f64,
+            );
+        }
+    }
+    let Some(sync) = &source.scripts_sync else {
+        return;
+    };
+    let t = sync.transfers();
+    let counters = [
+        (
+            "covey_scripts_sync_fetched_total",
+            "Script files fetched from peers.",
+            &t.fetched,
+        ),
+        (
+            "covey_scripts_sync_fetched_bytes_total",
+            "Bytes of script files fetched from peers.",
+            &t.fetched_bytes,
+        ),
+        (
+            "covey_scripts_sync_served_total",
+            "Script files sent to peers that asked.",
+            &t.served,
+        ),
+        (
+            "covey_scripts_sync_served_bytes_total",
+            "Bytes of script files sent to peers.",
+            &t.served_bytes,
+        ),
+    ];
+    for (name, help, n) in counters {
+        m.counter(name, help, n.load(Ordering::Relaxed));
+    }
+}
+
+fn devices(m: &mut Metrics, d: &covey_firmware_bridge::BridgeStatus) {
     m.family(
         "covey_devices_attached",
         "gauge",
         "Microcontrollers attached to this node.",
     );
     m.sample("covey_devices_attached", &[], d.devices.len() as f64);
-    for (name, v) in [("in", 0), ("out", 1)] {
-        let metric = format!("covey_device_frames_{name}_total");
-        m.family(&metric, "counter", &format!("Frames {name} per device."));
+    type Field = fn(&covey_firmware_bridge::DeviceStatus) -> u64;
+    let families: [(&str, &str, Field); 2] = [
+        (
+            "covey_device_frames_in_total",
+            "Frames in per device.",
+            |x| x.frames_in,
+        ),
+        (
+            "covey_device_frames_out_total",
+            "Frames out per device.",
+            |x| x.frames_out,
+        ),
+    ];
+    for (name, help, value) in families {
+        m.family(name, "counter", help);
         for x in &d.devices {
-            let n = if v == 0 { x.frames_in } else { x.frames_out };
-            m.sample(&metric, &[("device", &x.name)], n as f64);
+            m.sample(name, &[("device", &x.name)], value(x) as f64);
         }
     }
-    m.text
 }
 
 async fn scripts(m: &mut Metrics, source: &StatusSource) {

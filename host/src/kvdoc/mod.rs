@@ -111,6 +111,20 @@ impl KvDoc {
         self.keys("").len()
     }
 
+    /// Bytes of all keys and their values (as `get` returns them).
+    pub fn bytes(&self) -> u64 {
+        self.store.read(|doc| {
+            (layout::keys(doc, "").iter())
+                .map(|k| k.len() as u64 + layout::read(doc, k).map_or(0, |v| v.len() as u64))
+                .sum()
+        })
+    }
+
+    /// Writes and file size of the store (metrics).
+    pub fn store_stats(&self) -> crate::docstore::StoreStats {
+        self.store.stats()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -4,6 +4,7 @@
 //! request, once per node (a node that has a blob never fetches it again).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 
@@ -15,12 +16,34 @@ pub fn hash(bytes: &[u8]) -> Hash {
 
 pub struct BlobStore {
     dir: PathBuf,
+    pub transfers: Transfers,
+}
+
+/// Script contents that moved between this node and its peers (metrics).
+#[derive(Default, Debug)]
+pub struct Transfers {
+    /// Blobs fetched from peers, and their bytes.
+    pub fetched: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    /// Blobs sent to peers that asked, and their bytes.
+    pub served: AtomicU64,
+    pub served_bytes: AtomicU64,
+}
+
+impl Transfers {
+    pub fn count(n: &AtomicU64, bytes: &AtomicU64, len: usize) {
+        n.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
 }
 
 impl BlobStore {
     pub fn open(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(BlobStore { dir })
+        Ok(BlobStore {
+            dir,
+            transfers: Transfers::default(),
+        })
     }
 
     fn path(&self, hash: &Hash) -> PathBuf {

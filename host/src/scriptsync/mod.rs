@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use self::blobs::{BlobStore, Hash};
+use self::blobs::{BlobStore, Hash, Transfers};
 use self::manifest::Entry;
 use crate::cluster::{BlobSource, Cluster};
 use crate::docstore::DocStore;
@@ -119,6 +119,11 @@ impl ScriptsSync {
     }
 
     /// The manifest's heads (equal on two nodes = same manifest).
+    /// Contents fetched from and served to peers.
+    pub fn transfers(&self) -> &Transfers {
+        &self.blobs.transfers
+    }
+
     pub fn heads(&self) -> Vec<automerge::ChangeHash> {
         self.store.heads()
     }
@@ -515,6 +520,8 @@ impl ScriptsSync {
                     )
                 }
                 Ok(Some(bytes)) if blobs::hash(&bytes) == *hash => {
+                    let t = &self.blobs.transfers;
+                    Transfers::count(&t.fetched, &t.fetched_bytes, bytes.len());
                     if let Err(e) = self.blobs.put(hash, &bytes) {
                         tracing::warn!("scripts sync: cannot store a blob: {e:#}");
                     }
@@ -530,7 +537,10 @@ impl ScriptsSync {
 
 impl BlobSource for ScriptsSync {
     fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
-        self.blobs.get(hash)
+        let bytes = self.blobs.get(hash)?;
+        let t = &self.blobs.transfers;
+        Transfers::count(&t.served, &t.served_bytes, bytes.len());
+        Some(bytes)
     }
 }
 

@@ -283,6 +283,59 @@ async fn kv_status_scripts_and_metrics() {
     }
 }
 
+/// The value of the sample `name` (with its labels) in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn replication_and_scripts_sync_are_counted() {
+    use super::cluster::{addr, join, wait_up};
+    let token = covey::cluster::credentials::ClusterToken::generate();
+    let a = join("m-a", &token, &[], &[], |c| {
+        c.http = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let b = join("m-b", &token, &[addr(&a)], &[], |_| {}).await;
+    wait_up(&[&a, &b]).await;
+    let http = a.node().http_addr().unwrap();
+    // Written on b: reaches a by sync; the file by a fetch from b.
+    b.node().kv().set("sensors/b", b"21.5").unwrap();
+    std::fs::write(b.scripts.join("shared.lua"), "covey.log.info('shared')").unwrap();
+    eventually(60, "a counts what came from b", || async move {
+        let text = req(http, "GET", "/metrics", b"").await.text();
+        sample(&text, "covey_scripts_sync_fetched_total") == Some(1.0)
+            && sample(&text, "covey_kv_keys") == Some(1.0)
+    })
+    .await;
+    let text = req(http, "GET", "/metrics", b"").await.text();
+    let bytes = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    assert_eq!(bytes("covey_kv_bytes"), ("sensors/b".len() + 4) as f64);
+    // Merged, not written here.
+    assert_eq!(bytes("covey_kv_writes_total"), 0.0, "{text}");
+    assert!(bytes("covey_kv_file_bytes") >= 0.0);
+    for doc in ["kv", "scripts"] {
+        assert!(
+            bytes(&format!("covey_sync_received_bytes_total{{doc=\"{doc}\"}}")) > 0.0,
+            "{text}"
+        );
+        assert!(
+            bytes(&format!("covey_sync_sent_bytes_total{{doc=\"{doc}\"}}")) > 0.0,
+            "{text}"
+        );
+    }
+    let len = "covey.log.info('shared')".len() as f64;
+    assert_eq!(
+        bytes("covey_scripts_sync_fetched_bytes_total"),
+        len,
+        "{text}"
+    );
+    assert_eq!(bytes("covey_scripts_sync_served_total"), 0.0, "{text}");
+}
+
 /// Read an SSE stream until a `data:` line contains `want`.
 async fn sse_until(s: &mut TcpStream, want: &str, seen: &mut String) -> Value {
     let mut buf = [0u8; 4096];
