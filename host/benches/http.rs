@@ -12,6 +12,7 @@
 //!
 //! `COVEY_BENCH_QUICK=1` runs smaller counts.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -64,17 +65,11 @@ async fn run(n_events: u64, n_calls: usize) -> (f64, Vec<Duration>, (f64, f64)) 
     std::fs::write(scripts.join("bench.lua"), SCRIPT).unwrap();
     let base = NodeConfig::new("bench", scripts, dir.path().join("data"));
 
-    // Idle RSS without, then with, the HTTP API (one node at a time).
-    let plain = Node::start(base.clone()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_plain = rss_mib();
-    plain.shutdown().await.unwrap();
+    let (rss_plain, rss_http) = tokio::task::spawn_blocking(idle_rss).await.unwrap();
     let mut cfg = base;
     cfg.http = Some("127.0.0.1:0".parse().unwrap());
     cfg.limits.mailbox = 65_536;
     let node = Node::start(cfg).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_http = rss_mib();
     let addr = node.http_addr().unwrap();
 
     let started = Instant::now();
@@ -111,15 +106,47 @@ async fn run(n_events: u64, n_calls: usize) -> (f64, Vec<Duration>, (f64, f64)) 
     (events, calls, (rss_plain, rss_http))
 }
 
-/// This process's resident memory, MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
+/// Idle RSS of a `covey run` process with the Lua script, without and
+/// with the HTTP API (the dashboard page, status and metrics served once),
+/// MiB; each the second start of its data directory (compiled code cached).
+fn idle_rss() -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::write(scripts.join("bench.lua"), SCRIPT).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = vec![
+        "--node".to_string(),
+        "rss".into(),
+        "--scripts".into(),
+        scripts.display().to_string(),
+        "--data".into(),
+        dir.path().join("data").display().to_string(),
+    ];
+    let settle = Duration::from_secs(3);
+    let mib = |(kib, _): (u64, u64)| kib as f64 / 1024.0;
+    support::covey_run_memory(&args, settle, || {});
+    let plain = mib(support::covey_run_memory(&args, settle, || {}));
+    args.extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
+    let poke = || {
+        for path in ["/", "/v1/status", "/metrics", "/v1/cluster/scripts"] {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "GET {path}: {answer}");
+        }
+    };
+    let with_http = mib(support::covey_run_memory(&args, settle, poke));
+    (plain, with_http)
 }
 
 /// A keep-alive HTTP/1.1 client, just enough for the node's answers.

@@ -243,7 +243,6 @@ async fn swap_and_wait(node: &Node, path: &Path, bytes: &[u8], want: &str) -> Du
 }
 
 fn idle_rss(settle_secs: u64) {
-    let exe = env!("CARGO_BIN_EXE_covey");
     let measure = |n: usize| {
         let dir = tempfile::tempdir().unwrap();
         let scripts = dir.path().join("scripts");
@@ -252,32 +251,18 @@ fn idle_rss(settle_secs: u64) {
             let g = if i % 2 == 0 { "echo" } else { "hello" };
             std::fs::copy(guest(g), scripts.join(format!("s{i}.wasm"))).unwrap();
         }
-        let run = |dir: &Path| {
-            let mut child = std::process::Command::new(exe)
-                .args(["run", "--node", "rss", "--log", "warn"])
-                .arg("--scripts")
-                .arg(&scripts)
-                .arg("--data")
-                .arg(dir.join("data"))
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_secs(settle_secs));
-            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-            let kib = |key: &str| -> u64 {
-                status
-                    .lines()
-                    .find(|l| l.starts_with(key))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
-            let (rss, vsz) = (kib("VmRSS:"), kib("VmSize:"));
-            unsafe { libc_kill(child.id() as i32) };
-            let _ = child.wait();
-            (rss, vsz)
-        };
-        run(dir.path()); // first run fills the compiled-code cache
-        run(dir.path())
+        let args = [
+            "--node".to_string(),
+            "rss".into(),
+            "--scripts".into(),
+            scripts.display().to_string(),
+            "--data".into(),
+            dir.path().join("data").display().to_string(),
+        ];
+        let settle = Duration::from_secs(settle_secs);
+        // The first run fills the compiled-code cache.
+        support::covey_run_memory(&args, settle, || {});
+        support::covey_run_memory(&args, settle, || {})
     };
     let (rss0, _) = measure(0);
     let (rss10, vsz10) = measure(10);
@@ -289,14 +274,6 @@ fn idle_rss(settle_secs: u64) {
         (rss10 - rss0) as f64 / 1024.0 / 10.0,
         vsz10 as f64 / 1024.0 / 1024.0
     );
-}
-
-/// SIGTERM, so the node shuts down cleanly.
-unsafe fn libc_kill(pid: i32) {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    unsafe { kill(pid, 15) };
 }
 
 /// Time from a `.lua` file renamed into place to its new version answering.

@@ -57,3 +57,34 @@ pub fn ms(d: Duration) -> f64 {
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
+
+/// Idle memory of a real `covey run` process: started with `args` (plus
+/// `--log warn`), given `settle` to finish starting, `poke`d once (e.g. a
+/// request, so a lazily built part is built), given a moment more, read
+/// from `/proc`, then stopped with SIGTERM. (VmRSS, VmSize) in KiB.
+pub fn covey_run_memory(args: &[String], settle: Duration, poke: impl Fn()) -> (u64, u64) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args(["run", "--log", "warn"])
+        .args(args)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(settle);
+    poke();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let kib = |key: &str| -> u64 {
+        (status.lines())
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let memory = (kib("VmRSS:"), kib("VmSize:"));
+    // SIGTERM, so the node shuts down cleanly.
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(child.id() as i32, 15) };
+    let _ = child.wait();
+    memory
+}
