@@ -225,6 +225,18 @@ pub mod events {
 }
 
 /// The replicated key-value store.
+/// System events (`covey.node.down`, `covey.script.failed`, …): their
+/// names and typed payloads. Subscribe like any event
+/// (`events::subscribe("*", "covey.node.*")`), then read one with
+/// [`system::SystemEvent::parse`]`(&msg.name, &msg.payload)`.
+pub mod system {
+    pub use covey_lifecycle::{
+        ConflictEvent, DEVICE_ATTACHED, DEVICE_DETACHED, DeviceEvent, DownReason, KV_CONFLICT,
+        NODE_DOWN, NODE_UP, NodeEvent, SCRIPT_FAILED, SCRIPT_STARTED, SCRIPT_STOPPED,
+        SCRIPTS_CONFLICT, ScriptEvent, StartKind, SystemEvent, is_reserved,
+    };
+}
+
 pub mod kv {
     use crate::bindings::covey::script::kv as wit;
     pub use wit::{delete, get, incr, keys, unwatch, watch};

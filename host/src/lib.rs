@@ -23,6 +23,9 @@
 //!   manifest document + content-addressed blobs fetched from peers).
 //! - [`watcher`] — debounced file-system notifications → supervisor (and
 //!   scripts sync).
+//! - [`lifecycle`] — system events (`covey.node.up`, `covey.script.failed`,
+//!   …): names, scopes, JSON payloads, the reserved `covey.` prefix (the
+//!   `covey-lifecycle` crate in `lifecycle/`, shared with the guest SDK).
 //! - [`router`] — subscriptions and delivery of events, commands, calls and
 //!   key-value change notifications.
 //! - [`cluster`] — QUIC links with mutual TLS to the other nodes,
@@ -76,4 +79,6 @@ pub mod shutdown;
 pub mod watcher;
 
 pub use config::NodeConfig;
+/// System events: the `covey-lifecycle` crate, shared with the guest SDK.
+pub use covey_lifecycle as lifecycle;
 pub use node::Node;

@@ -86,7 +86,11 @@ impl Node {
         });
         // The scripts directory is replicated when this node is in a cluster.
         let scripts_sync = match &cfg.cluster {
-            Some(_) => Some(ScriptsSync::open(&cfg.name, &scripts_dir, &cfg.data_dir)?),
+            Some(_) => Some(ScriptsSync::open(
+                services.router.clone(),
+                &scripts_dir,
+                &cfg.data_dir,
+            )?),
             None => None,
         };
         let supervisor = Arc::new(ScriptSupervisor::new(services.clone(), cache, scripts_dir)?);

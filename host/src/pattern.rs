@@ -28,6 +28,19 @@ impl Pattern {
             Pattern::Glob(p) => glob_match(p.as_bytes(), s.as_bytes()),
         }
     }
+
+    /// Does this name pattern select the event named `name`? As
+    /// [`Pattern::matches`], except that system events (`covey.*`) are
+    /// selected only by a pattern that spells the prefix out
+    /// (`covey.node.*`, not `*`): a catch-all written before system events
+    /// existed does not start receiving them (as NATS' wildcards skip
+    /// `$SYS`).
+    pub fn selects(&self, name: &str) -> bool {
+        self.matches(name)
+            && (!covey_lifecycle::is_reserved(name)
+                || matches!(self, Pattern::Exact(p) | Pattern::Glob(p)
+                    if covey_lifecycle::is_reserved(p)))
+    }
 }
 
 /// Iterative wildcard matching with single backtrack point: linear in
@@ -56,6 +69,16 @@ fn glob_match(p: &[u8], s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::Pattern;
+
+    #[test]
+    fn system_events_only_for_patterns_that_name_them() {
+        assert!(Pattern::new("*").selects("temp"));
+        assert!(!Pattern::new("*").selects("covey.node.down"));
+        assert!(!Pattern::new("*.down").selects("covey.node.down"));
+        assert!(Pattern::new("covey.*").selects("covey.node.down"));
+        assert!(Pattern::new("covey.node.down").selects("covey.node.down"));
+        assert!(!Pattern::new("covey.node.up").selects("covey.node.down"));
+    }
 
     #[test]
     fn star_matches_everything() {

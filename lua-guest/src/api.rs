@@ -28,6 +28,22 @@ return function(f, from, to, name, payload, id, ts)
 end
 "#;
 
+/// `covey.on_node_down(fn)` and friends: a handler for one system event
+/// that gets its payload decoded (`fn(info, event)`), over plain `on`.
+const SYSTEM_SUGAR: &str = r#"
+for key, name in pairs({
+  node_up = "covey.node.up", node_down = "covey.node.down",
+  script_started = "covey.script.started", script_stopped = "covey.script.stopped",
+  script_failed = "covey.script.failed",
+  device_attached = "covey.device.attached", device_detached = "covey.device.detached",
+  kv_conflict = "covey.kv.conflict", scripts_conflict = "covey.scripts.conflict",
+}) do
+  covey["on_" .. key] = function(f)
+    return covey.on("*", name, function(ev) return f(json.decode(ev.payload), ev) end)
+  end
+end
+"#;
+
 /// The compiled `INVOKE` trampoline.
 pub(crate) fn invoker(lua: &Lua) -> mlua::Result<Function> {
     lua.load(INVOKE).set_name("=covey").eval()
@@ -81,6 +97,9 @@ fn send_error(e: events::SendError) -> mlua::Error {
         events::SendError::UnknownNode(n) => format!("unknown node `{n}`"),
         events::SendError::PayloadTooLarge(n) => format!("payload over the {n}-byte limit"),
         events::SendError::NodeDown(n) => format!("node `{n}` is down"),
+        events::SendError::ReservedName(n) => {
+            format!("`{n}` is a system event name (`covey.*`): only the node emits those")
+        }
     })
 }
 
@@ -291,6 +310,7 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
     )?;
     json.set("decode", lua.create_function(json_decode)?)?;
     g.set("json", json)?;
+    lua.load(SYSTEM_SUGAR).set_name("=covey").exec()?;
     g.set("require", require_fn(lua)?)?;
     sandbox(lua)
 }

@@ -106,7 +106,7 @@ impl Guest for LuaGuest {
             .borrow()
             .events
             .iter()
-            .filter(|(from, name, _)| from.matches(&msg.from) && name.matches(&msg.name))
+            .filter(|(from, name, _)| from.matches(&msg.from) && name.selects(&msg.name))
             .map(|(_, _, f)| f.clone())
             .collect();
         for f in matching {

@@ -26,6 +26,9 @@ pub struct EventsCtx {
     generation: u64,
     services: Arc<Services>,
     subs: Vec<(u64, SubKind)>,
+    /// Whether this generation got its replay of the nodes up (at its
+    /// first subscription that selects `covey.node.up`).
+    nodes_replayed: bool,
 }
 
 impl EventsCtx {
@@ -35,6 +38,7 @@ impl EventsCtx {
             generation: env.generation,
             services: env.services.clone(),
             subs: Vec::new(),
+            nodes_replayed: false,
         }
     }
 
@@ -62,11 +66,21 @@ impl EventsCtx {
             .services
             .router
             .subscribe(&self.script, self.generation, kind.clone());
+        let router = &self.services.router;
+        if !self.nodes_replayed && selects_node_up(&kind, router.node_name()) {
+            self.nodes_replayed = true;
+            router.replay_nodes_up(&self.script, self.generation);
+        }
         if !self.subs.iter().any(|(i, _)| *i == id) {
             self.subs.push((id, kind));
         }
         Ok(id)
     }
+}
+
+/// Does `kind` select the `covey.node.up` events this node emits?
+fn selects_node_up(kind: &SubKind, node: &str) -> bool {
+    kind.selects_event(node, crate::lifecycle::NODE_UP)
 }
 
 pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {

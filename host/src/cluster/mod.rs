@@ -6,6 +6,8 @@
 //! - [`frame`] — what travels on a link.
 //! - [`link`] — `PeerLink`, one connection to one peer.
 //! - [`members`] — who is up, since when, and the link to each.
+//! - [`presence`] — what this node's scripts were told of that:
+//!   `covey.node.up` / `covey.node.down`, once per transition.
 //! - [`discovery`] — mDNS announce and browse.
 //!
 //! Data paths: instance → router → [`Cluster`] (as `Remote`) → link →
@@ -22,6 +24,7 @@ pub mod discovery;
 pub mod frame;
 pub mod link;
 pub mod members;
+pub mod presence;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -38,6 +41,7 @@ use self::dial::DialTarget;
 use self::frame::{DocId, Frame, Hello, PROTOCOL, PeerAddr, WireCallError, WireMessage};
 use self::link::{Inbound, PeerLink, close};
 use self::members::{Members, PeerReport};
+use self::presence::Presence;
 use crate::bindings::{CallError, Message, NodeInfo};
 use crate::router::{CallFuture, PeerStatus, Remote, Router};
 
@@ -56,6 +60,9 @@ pub struct ClusterConfig {
     /// A peer silent this long is down (keep-alives go every third of it).
     pub peer_timeout: Duration,
     pub cipher: CipherPreference,
+    /// A link that drops and comes back within this long is not reported
+    /// to scripts as `covey.node.down` (0: every drop is).
+    pub flap_window: Duration,
 }
 
 pub const DEFAULT_PORT: u16 = 7466;
@@ -70,6 +77,7 @@ impl ClusterConfig {
             ifaces: Vec::new(),
             peer_timeout: Duration::from_secs(3),
             cipher: CipherPreference::detect(),
+            flap_window: presence::DEFAULT_FLAP_WINDOW,
         }
     }
 }
@@ -103,6 +111,7 @@ struct Shared {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
     members: Members,
+    presence: Arc<Presence>,
     /// Dial loops, by target (`peer:host:port` or `node:name`).
     dialers: Mutex<HashMap<String, JoinHandle<()>>>,
     /// One admission at a time, so two links of one node cannot race.
@@ -156,6 +165,7 @@ impl Cluster {
             endpoint,
             client,
             members: Members::default(),
+            presence: Presence::new(router.clone(), config.flap_window),
             dialers: Mutex::new(HashMap::new()),
             admit: tokio::sync::Mutex::new(()),
             accept_task: Mutex::new(None),
@@ -205,6 +215,19 @@ impl Cluster {
 
     /// Link to `host:port` too (and keep re-dialling it while down), as
     /// if it had been given with `--peer`.
+    /// Close the link to `node` as a network fault would (code `BAD_FRAME`,
+    /// not a shutdown); it is re-dialled. False if no link is up. How the
+    /// tests make a link flap.
+    pub fn sever(&self, node: &str) -> bool {
+        match self.shared.members.link(node) {
+            Some(link) => {
+                link.close(close::BAD_FRAME, "severed");
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn add_peer(&self, spec: &str) {
         self.shared
             .ensure_dialer(format!("peer:{spec}"), DialTarget::Static(spec.to_string()));
@@ -238,6 +261,7 @@ impl Cluster {
     /// down at once instead of after the timeout), stop dialling.
     pub async fn shutdown(self) {
         let s = &self.shared;
+        s.presence.close();
         if let Some(d) = s.discovery.lock().unwrap().take() {
             d.shutdown();
         }
@@ -370,6 +394,8 @@ impl Shared {
             }
         }
         self.members.set_up(link.clone());
+        let id = link.conn.stable_id();
+        (self.presence).up(&link.node, id, link.hello.incarnation, link.addr);
         link.run(rx, send, recv, max, self.clone());
         for r in &self.replicas {
             r.peer_up(&link);
@@ -442,6 +468,15 @@ impl Inbound for Shared {
                 oversized(link, "(reply)", reply.len(), limit);
                 link.complete_call(call, Err(CallError::PayloadTooLarge(limit as u64)));
             }
+            Frame::Event(w)
+                if !crate::lifecycle::peer_may_send(&link.node, &w.name, &w.payload) =>
+            {
+                tracing::warn!(
+                    peer = %link.node,
+                    name = crate::router::for_log(&w.name),
+                    "dropped an event from a peer: a system event only this node emits"
+                );
+            }
             Frame::Event(w) => {
                 self.router
                     .deliver_event(&Arc::new(w.into_message(&link.node)));
@@ -497,6 +532,8 @@ impl Inbound for Shared {
         }
         if self.members.set_down(link) {
             tracing::warn!(peer = %link.node, "peer down: {why}");
+            let reason = presence::reason_of(&link.conn);
+            (self.presence).down(&link.node, link.conn.stable_id(), reason);
         }
     }
 }
@@ -546,6 +583,10 @@ impl Remote for Shared {
 
     fn members(&self) -> Vec<NodeInfo> {
         self.members.infos()
+    }
+
+    fn replay_up(&self, deliver: &mut dyn FnMut(Vec<u8>)) {
+        self.presence.replay(deliver);
     }
 }
 

@@ -163,7 +163,7 @@ pub struct RunArgs {
     /// YAML config file (keys: node, port, discovery, scripts, iface, extras,
     /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log,
     /// log_rate, kv_quota_keys, kv_quota_bytes, cluster_token, listen, peers,
-    /// peer_timeout_ms, trust_precompiled, bridge_udp, bridge_serial,
+    /// peer_timeout_ms, flap_window_ms, trust_precompiled, bridge_udp, bridge_serial,
     /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
@@ -200,6 +200,10 @@ pub struct RunArgs {
     /// A peer silent for this long is marked down [default: 3000]
     #[arg(long, env = "COVEY_PEER_TIMEOUT_MS")]
     pub peer_timeout_ms: Option<u64>,
+    /// A link that drops and returns within this long is not reported to
+    /// scripts as `covey.node.down` (0: report every drop) [default: 5000]
+    #[arg(long, env = "COVEY_FLAP_WINDOW_MS")]
+    pub flap_window_ms: Option<u64>,
     /// Load `NAME.<target>.cwasm` artifacts (from `covey compile`) found
     /// beside components instead of compiling: only where every node that
     /// can write the scripts directory is trusted with native code

@@ -61,6 +61,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub peers: Vec<String>,
     pub peer_timeout_ms: Option<u64>,
+    pub flap_window_ms: Option<u64>,
     /// Load precompiled artifacts beside components (see `RunArgs`).
     pub trust_precompiled: Option<bool>,
     /// Firmware bridge: UDP address, serial ports, frames/s per device.
@@ -188,6 +189,7 @@ impl NodeConfig {
             discovery: file.discovery,
             iface: file.iface,
             peer_timeout_ms: file.peer_timeout_ms,
+            flap_window_ms: file.flap_window_ms,
         };
         let mut cfg = NodeConfig::new(&name, scripts_dir, data_dir);
         cfg.limits = limits;
@@ -216,6 +218,7 @@ struct FileCluster {
     discovery: Option<serde_json::Value>,
     iface: Option<serde_json::Value>,
     peer_timeout_ms: Option<u64>,
+    flap_window_ms: Option<u64>,
 }
 
 fn resolve_cluster(
@@ -289,6 +292,12 @@ fn resolve_cluster(
             bail!("peer_timeout_ms must be between 300 and 600000, got {ms}");
         }
         c.peer_timeout = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.flap_window_ms.or(file.flap_window_ms) {
+        if ms > 600_000 {
+            bail!("flap_window_ms must be at most 600000, got {ms}");
+        }
+        c.flap_window = Duration::from_millis(ms);
     }
     Ok(Some(c))
 }

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use self::registry::DeviceRegistry;
 use crate::bindings::{CallError, Message, SendError};
 use crate::docstore::DocStore;
+use crate::lifecycle;
 use crate::pattern::Pattern;
 use crate::router::{CallFuture, Delivery, Devices, Router, SubKind};
 
@@ -256,12 +257,14 @@ impl Bus for RouterBus {
         {
             old.abort();
         }
+        self.announce(lifecycle::DEVICE_ATTACHED, device);
     }
 
     fn detach(&self, device: &str) {
         self.router.unregister(&router_id(device));
         if let Some(t) = self.forwarders.lock().unwrap().remove(device) {
             t.abort();
+            self.announce(lifecycle::DEVICE_DETACHED, device);
         }
     }
 
@@ -301,11 +304,26 @@ impl Bus for RouterBus {
     }
 }
 
+impl RouterBus {
+    /// `covey.device.attached` / `detached`, to every node.
+    fn announce(&self, name: &str, device: &str) {
+        let event = lifecycle::DeviceEvent {
+            node: self.router.node_name().to_string(),
+            device: device.to_string(),
+            since_ms: crate::router::now_ms(),
+        };
+        self.router.emit_system(name, lifecycle::payload(&event));
+    }
+}
+
 fn bus_error(e: SendError) -> BusError {
     match e {
         SendError::PayloadTooLarge(n) => BusError::TooLarge(n as usize),
         SendError::UnknownNode(t) => BusError::Failed(format!("unknown node `{t}`")),
         SendError::NodeDown(t) => BusError::Failed(format!("node `{t}` is down")),
+        SendError::ReservedName(n) => BusError::Failed(format!(
+            "`{n}` is a system event name: only the node emits it"
+        )),
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use automerge::sync::{self, SyncDoc};
-use automerge::{AutoCommit, ChangeHash};
+use automerge::{ActorId, AutoCommit, ChangeHash};
 use tokio::sync::{Notify, watch};
 
 pub mod file;
@@ -83,6 +83,16 @@ pub enum NotDurable {
     Failed(String),
 }
 
+/// The node an actor id names ([`DocStore::name_actor`]), or the start of
+/// the id in hex for one made before names (or by other software).
+pub fn actor_node(actor: &ActorId) -> String {
+    let b = actor.to_bytes();
+    match b.len().checked_sub(9) {
+        Some(n) if n > 0 && b[n] == 0 => String::from_utf8_lossy(&b[..n]).into_owned(),
+        _ => format!("actor:{}", crate::files::hex(&b[..b.len().min(4)])),
+    }
+}
+
 impl DocStore {
     /// Open (or create) the document at `path`; `None` keeps it in memory.
     pub fn open(path: Option<PathBuf>, what: &'static str) -> Result<Self> {
@@ -106,6 +116,17 @@ impl DocStore {
             durable: watch::Sender::new(Progress::default()),
             version: watch::Sender::new(0),
         })
+    }
+
+    /// Make this node's changes from now on carry its name: the actor id
+    /// becomes `NODE \0 <8 random bytes>` (random, so a restart never
+    /// reuses a sequence number), which [`actor_node`] reads back to say
+    /// which node wrote a value.
+    pub fn name_actor(&self, node: &str) {
+        let mut id = node.as_bytes().to_vec();
+        id.push(0);
+        id.extend_from_slice(&crate::random::u64().to_le_bytes());
+        self.inner.lock().unwrap().doc.set_actor(ActorId::from(id));
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -14,8 +14,8 @@ use std::collections::BTreeSet;
 
 use automerge::transaction::Transactable;
 use automerge::{
-    AutoCommit, AutomergeError, ChangeHash, PatchAction, Prop, ROOT, ReadDoc, ScalarValue,
-    ScalarValueRef, Value, ValueRef,
+    ActorId, AutoCommit, AutomergeError, ChangeHash, ObjId, PatchAction, Prop, ROOT, ReadDoc,
+    ScalarValue, ScalarValueRef, Value, ValueRef,
 };
 
 pub const COUNTER_PREFIX: &str = "\0c\0";
@@ -147,4 +147,23 @@ pub fn changed_keys(
         }
     }
     keys
+}
+
+/// If plain key `key` holds concurrent values (written on two sides of a
+/// partition), the actor whose value reads (the winner) and the others'.
+pub fn conflict(doc: &AutoCommit, key: &str) -> Option<(ActorId, Vec<ActorId>)> {
+    let all = doc.get_all(ROOT, key).ok()?;
+    if all.len() < 2 {
+        return None;
+    }
+    let (_, winner) = doc.get(ROOT, key).ok()??;
+    let actor = |id: &ObjId| match id {
+        ObjId::Id(_, actor, _) => Some(actor.clone()),
+        ObjId::Root => None,
+    };
+    let losers = (all.iter())
+        .filter(|(_, id)| *id != winner)
+        .filter_map(|(_, id)| actor(id))
+        .collect();
+    Some((actor(&winner)?, losers))
 }

@@ -24,8 +24,9 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ROOT, ReadDoc, ScalarValue, Value};
 use tokio::sync::watch;
 
-use crate::docstore::DocStore;
+use crate::docstore::{DocStore, actor_node};
 use crate::docsync::SyncTarget;
+use crate::lifecycle;
 use crate::router::Router;
 
 mod layout;
@@ -85,8 +86,10 @@ pub struct KvDoc {
 impl KvDoc {
     /// Open (or create) the store at `path`; `None` keeps it in memory.
     pub fn open(path: Option<PathBuf>, limits: KvLimits, router: Arc<Router>) -> Result<Self> {
+        let store = Arc::new(DocStore::open(path, "key-value store")?);
+        store.name_actor(router.node_name());
         Ok(KvDoc {
-            store: Arc::new(DocStore::open(path, "key-value store")?),
+            store,
             node: router.node_name().to_string(),
             limits,
             router,
@@ -298,12 +301,33 @@ impl SyncTarget for KvDoc {
     }
 
     /// Merge a peer's changes; scripts watching a changed key are told,
-    /// exactly once per key per merge, as for a local write.
+    /// exactly once per key per merge, as for a local write. A key the
+    /// merge left with concurrent values is a `covey.kv.conflict`.
     fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
-        let changed = self
+        let (changed, conflicts) = self
             .store
-            .sync_receive(state, msg, layout::changed_keys)?
+            .sync_receive(state, msg, |doc, before, after| {
+                let changed = layout::changed_keys(doc, before, after);
+                let conflicts: Vec<_> = (changed.iter())
+                    .filter_map(|k| Some((k.clone(), layout::conflict(doc, k)?)))
+                    .collect();
+                (changed, conflicts)
+            })?
             .unwrap_or_default();
+        for (key, (winner, losers)) in conflicts {
+            let event = lifecycle::ConflictEvent {
+                key,
+                winner: actor_node(&winner),
+                losers: losers.iter().map(actor_node).collect(),
+                copy: None,
+            };
+            tracing::info!(
+                key = crate::router::for_log(&event.key),
+                winner = event.winner,
+                "key-value conflict: concurrent writes merged, one kept"
+            );
+            (self.router).emit_system(lifecycle::KV_CONFLICT, lifecycle::payload(&event));
+        }
         for key in &changed {
             let value = self.get(key);
             if value.is_none() {

@@ -11,20 +11,32 @@
 //! subscriptions stay routed until the new generation's `init` succeeds, so
 //! messages keep queueing in the script's mailbox and none is lost in the
 //! swap; then the old generation is retired in one step.
+//!
+//! System events (`covey.*`, see `lifecycle`) enter only through
+//! [`Router::emit_system`]; every other sender is refused the prefix.
+//!
+//! - `peers` — the traits through which it reaches other nodes, devices
+//!   and the node's own answers.
+//! - `calls` — request/reply.
+//! - `stats` — counters by outcome.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bindings::{CallError, Message, SendError};
+use crate::lifecycle;
 use crate::pattern::Pattern;
 
+mod calls;
+mod peers;
 mod stats;
+pub use peers::{
+    CallFuture, Devices, PeerStatus, Remote, SYSTEM_LOGS, SYSTEM_SCRIPTS, SystemCalls, split_target,
+};
 pub use stats::{Outcome, Outcomes, RouterStats};
 
 /// A script's identity: its path relative to the scripts directory, with `/`
@@ -64,7 +76,12 @@ pub enum SubKind {
 
 impl SubKind {
     pub fn matches_event(&self, msg: &Message) -> bool {
-        matches!(self, SubKind::Event { from, name } if name.matches(&msg.name) && from.matches(&msg.from))
+        self.selects_event(&msg.from, &msg.name)
+    }
+
+    /// Would an event `name` from `node` be delivered to this subscription?
+    pub fn selects_event(&self, node: &str, name: &str) -> bool {
+        matches!(self, SubKind::Event { from, name: p } if p.selects(name) && from.matches(node))
     }
 
     pub fn matches_command(&self, msg: &Message) -> bool {
@@ -84,68 +101,6 @@ struct Entry {
     subs: Vec<Sub>,
     /// Deliveries dropped because this mailbox was full.
     dropped: AtomicU64,
-}
-
-/// How this node sees another one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PeerStatus {
-    /// Not a member this node has ever seen.
-    Unknown,
-    /// Known, but no link is up.
-    Down,
-    Up,
-}
-
-pub type CallFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, CallError>> + Send>>;
-
-/// The other nodes, as the router needs them: implemented by the cluster.
-pub trait Remote: Send + Sync {
-    fn peer(&self, node: &str) -> PeerStatus;
-    /// Send an event to every peer that is up.
-    fn broadcast_event(&self, msg: &Message);
-    /// Send a command to one peer, or to every peer that is up (`None`).
-    fn send_command(&self, to: Option<&str>, msg: &Message);
-    /// A call to the peer `node`, answered or failed within `timeout`.
-    fn call(&self, node: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
-    /// Every peer this node knows of (itself excluded).
-    fn members(&self) -> Vec<crate::bindings::NodeInfo>;
-}
-
-/// The microcontrollers attached to this node (the firmware bridge), as
-/// the router needs them. They are addressed as `NODE/DEVICE`.
-pub trait Devices: Send + Sync {
-    /// A command for `device`, queued without waiting.
-    fn command(&self, device: &str, msg: &Message) -> Result<(), SendError>;
-    /// A call to `device`, answered or failed within `timeout`.
-    fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
-}
-
-/// Calls the node answers itself, before any script (names under
-/// `covey.node.`): how one node's dashboard or CLI shows the whole cluster
-/// (`control::fleet`).
-pub trait SystemCalls: Send + Sync {
-    /// The answer to the call `name` with `payload`, or none when it is
-    /// not a system call.
-    fn answer(
-        &self,
-        name: &str,
-        payload: &[u8],
-    ) -> Option<Pin<Box<dyn Future<Output = Vec<u8>> + Send>>>;
-}
-
-/// The system call that answers this node's scripts as JSON
-/// (`{"node", "scripts"}`, as `GET /v1/scripts`).
-pub const SYSTEM_SCRIPTS: &str = "covey.node.scripts";
-/// The system call that answers this node's recent log lines as JSON
-/// (`control::fleet::LogsAsk` in, `LogsAnswer` out).
-pub const SYSTEM_LOGS: &str = "covey.node.logs";
-
-/// `NODE/DEVICE` → (`NODE`, `Some(DEVICE)`); anything else → (it, `None`).
-pub fn split_target(target: &str) -> (&str, Option<&str>) {
-    match target.split_once('/') {
-        Some((node, device)) => (node, Some(device)),
-        None => (target, None),
-    }
 }
 
 /// Routes messages among the scripts of this node and, through
@@ -350,6 +305,10 @@ impl Router {
         name: &str,
         payload: Vec<u8>,
     ) -> Result<usize, SendError> {
+        if lifecycle::is_reserved(name) {
+            self.stats.events.count(Outcome::ReservedName);
+            return Err(SendError::ReservedName(name.to_string()));
+        }
         if let Err(max) = self.check_payload(&payload) {
             self.stats.events.count(Outcome::PayloadTooLarge);
             return Err(SendError::PayloadTooLarge(max));
@@ -360,6 +319,41 @@ impl Router {
             remote.broadcast_event(&msg);
         }
         Ok(self.deliver_event(&msg))
+    }
+
+    /// A system event (`lifecycle`): to this node's scripts, and to every
+    /// peer when its scope says so. Its payload is the node's own JSON,
+    /// far below any payload limit.
+    pub fn emit_system(&self, name: &str, payload: Vec<u8>) {
+        let Some(scope) = lifecycle::scope(name) else {
+            debug_assert!(false, "{name} is not a system event");
+            return;
+        };
+        self.stats.events.count(Outcome::Ok);
+        let msg = Arc::new(self.message("*", name, payload));
+        if scope == lifecycle::Scope::Cluster
+            && let Some(remote) = self.remote.get()
+        {
+            remote.broadcast_event(&msg);
+        }
+        self.deliver_event(&msg);
+    }
+
+    /// Queue a `covey.node.up` for every node up now, to one generation of
+    /// one script only: what it missed before it subscribed. The cluster
+    /// holds its membership lock meanwhile, so no transition slips between
+    /// these and the live events that follow.
+    pub fn replay_nodes_up(&self, script: &str, generation: u64) {
+        let Some(remote) = self.remote.get() else {
+            return;
+        };
+        remote.replay_up(&mut |payload| {
+            let msg = Arc::new(self.message("*", lifecycle::NODE_UP, payload));
+            let table = self.table.read().unwrap();
+            if let Some(entry) = table.get(script) {
+                self.offer(script, entry, Delivery::Event { msg, generation });
+            }
+        });
     }
 
     /// Queue `msg` for every local script with a matching event subscription.
@@ -465,111 +459,6 @@ impl Router {
             }
         }
         n
-    }
-
-    /// Request/reply: on `target`, the first handler (by script path)
-    /// other than `caller` answers, within `timeout`.
-    pub async fn call(
-        &self,
-        caller: Option<&str>,
-        target: &str,
-        name: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, CallError> {
-        let r = self
-            .route_call(caller, target, name, payload, timeout)
-            .await;
-        self.stats.calls.count(Outcome::of_call(&r));
-        r
-    }
-
-    async fn route_call(
-        &self,
-        caller: Option<&str>,
-        target: &str,
-        name: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, CallError> {
-        if target == "*" {
-            return Err(CallError::InvalidTarget(
-                "a call needs one node; use send-command for `*`".into(),
-            ));
-        }
-        self.check_payload(&payload)
-            .map_err(CallError::PayloadTooLarge)?;
-        let msg = Arc::new(self.message(target, name, payload));
-        let node = split_target(target).0;
-        if node == &*self.node {
-            return self.call_local(caller, msg, timeout).await;
-        }
-        match self.route(node) {
-            Ok(remote) => remote.call(node, msg, timeout).await,
-            Err(PeerStatus::Down) => Err(CallError::NodeDown(node.to_string())),
-            Err(_) => Err(CallError::UnknownNode(node.to_string())),
-        }
-    }
-
-    /// A call to a script of this node (from a local script, or from a
-    /// peer when `caller` is none).
-    pub async fn call_local(
-        &self,
-        caller: Option<&str>,
-        msg: Arc<Message>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, CallError> {
-        if let Some(answer) = self
-            .system
-            .get()
-            .and_then(|s| s.answer(&msg.name, &msg.payload))
-        {
-            return Ok(answer.await);
-        }
-        if let Some(device) = self.local_device(&msg.to) {
-            return match self.devices.get() {
-                Some(d) => d.call(device, msg.clone(), timeout).await,
-                None => Err(CallError::UnknownNode(msg.to.clone())),
-            };
-        }
-        let (tx, rx) = oneshot::channel();
-        {
-            let table = self.table.read().unwrap();
-            let handler = table.iter().find_map(|(script, entry)| {
-                if Some(&**script) == caller {
-                    return None;
-                }
-                let sub = entry
-                    .subs
-                    .iter()
-                    .rev()
-                    .find(|s| s.kind.matches_command(&msg))?;
-                Some((script, entry, sub.generation))
-            });
-            let Some((script, entry, generation)) = handler else {
-                return Err(CallError::NoHandler(format!(
-                    "no script on node `{}` handles `{}`",
-                    self.node, msg.name
-                )));
-            };
-            let d = Delivery::Command {
-                msg,
-                generation,
-                reply: Some(tx),
-            };
-            if !self.offer(script, entry, d) {
-                return Err(CallError::HandlerFailed(format!(
-                    "mailbox of `{script}` is full"
-                )));
-            }
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(CallError::HandlerFailed(
-                "the handling script stopped before replying".into(),
-            )),
-            Err(_) => Err(CallError::Timeout),
-        }
     }
 
     /// Tell watchers of `key` that it changed.

@@ -34,10 +34,11 @@ pub enum Outcome {
     NoReply,
     PayloadTooLarge,
     InvalidTarget,
+    ReservedName,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::NoHandler,
         Outcome::Timeout,
@@ -47,6 +48,7 @@ impl Outcome {
         Outcome::NoReply,
         Outcome::PayloadTooLarge,
         Outcome::InvalidTarget,
+        Outcome::ReservedName,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +62,7 @@ impl Outcome {
             Outcome::NoReply => "no_reply",
             Outcome::PayloadTooLarge => "payload_too_large",
             Outcome::InvalidTarget => "invalid_target",
+            Outcome::ReservedName => "reserved_name",
         }
     }
 
@@ -83,6 +86,7 @@ impl Outcome {
             Err(SendError::UnknownNode(_)) => Outcome::UnknownNode,
             Err(SendError::NodeDown(_)) => Outcome::NodeDown,
             Err(SendError::PayloadTooLarge(_)) => Outcome::PayloadTooLarge,
+            Err(SendError::ReservedName(_)) => Outcome::ReservedName,
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{CpuBudget, ScriptEnv, ScriptState};
 use crate::engine::EPOCH_TICK;
+use crate::lifecycle::{self, ScriptEvent, StartKind};
 use crate::router::{Delivery, ScriptId};
 use crate::services::Services;
 
@@ -154,7 +155,7 @@ impl ScriptInstance {
 
     /// Run until stopped. `started` learns whether the first `init` worked.
     pub async fn run(mut self, started: oneshot::Sender<Result<(), String>>) {
-        let first = self.start_code(self.code.clone()).await;
+        let first = self.start_code(self.code.clone(), StartKind::Loaded).await;
         if let Err(e) = &first {
             self.schedule_restart("init", e);
         }
@@ -165,9 +166,11 @@ impl ScriptInstance {
                 biased;
                 ctl = self.control.recv() => match ctl {
                     Some(Control::Replace { code, done }) => {
-                        let r = self.start_code(code.clone()).await;
-                        if r.is_ok() {
-                            self.code = code;
+                        let r = self.start_code(code.clone(), StartKind::Reloaded).await;
+                        match &r {
+                            Ok(()) => self.code = code,
+                            // The running version (if any) stays.
+                            Err(e) => self.announce_failure(&code, "init", e, None),
                         }
                         let _ = done.send(r);
                     }
@@ -176,7 +179,7 @@ impl ScriptInstance {
                 // Disabled unless a restart is pending (the sleep is then never polled).
                 _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now)), if restart_at.is_some() && self.live.is_none() => {
                     self.restart_at = None;
-                    if let Err(e) = self.start_code(self.code.clone()).await {
+                    if let Err(e) = self.start_code(self.code.clone(), StartKind::Restarted).await {
                         self.schedule_restart("init", &e);
                     }
                 }
@@ -199,12 +202,49 @@ impl ScriptInstance {
         self.services.router.unregister(&self.script);
         self.status.lock().unwrap().running = false;
         tracing::info!(script = &*self.script, "script stopped");
+        let event = self.event(&self.code, None);
+        (self.services.router).emit_system(lifecycle::SCRIPT_STOPPED, lifecycle::payload(&event));
+    }
+
+    /// A `covey.script.*` payload about version `code` of this script.
+    fn event(&self, code: &LoadedScript, start: Option<StartKind>) -> ScriptEvent {
+        ScriptEvent {
+            node: self.services.router.node_name().to_string(),
+            script: self.script.to_string(),
+            version: code.hash.to_hex().to_string(),
+            restarts: self.status.lock().unwrap().restarts,
+            start,
+            callback: None,
+            error: None,
+            retry_in_ms: None,
+        }
+    }
+
+    /// `covey.script.failed` for version `code`.
+    fn announce_failure(
+        &self,
+        code: &LoadedScript,
+        callback: &str,
+        error: &str,
+        retry: Option<Duration>,
+    ) {
+        let event = ScriptEvent {
+            callback: Some(callback.to_string()),
+            error: Some(error.to_string()),
+            retry_in_ms: retry.map(|d| d.as_millis() as u64),
+            ..self.event(code, None)
+        };
+        (self.services.router).emit_system(lifecycle::SCRIPT_FAILED, lifecycle::payload(&event));
     }
 
     /// Instantiate `code` as a new generation and run its `init`. On
     /// success it replaces the live generation (if any) atomically; on
     /// failure nothing changes.
-    async fn start_code(&mut self, code: Arc<LoadedScript>) -> Result<(), String> {
+    async fn start_code(
+        &mut self,
+        code: Arc<LoadedScript>,
+        start: StartKind,
+    ) -> Result<(), String> {
         let generation = self.next_generation;
         self.next_generation += 1;
         let env = ScriptEnv {
@@ -224,10 +264,15 @@ impl ScriptInstance {
                 self.counters.memory_bytes.store(memory, Ordering::Relaxed);
                 self.live = Some(live); // drops the previous generation
                 self.restart_at = None;
-                let mut st = self.status.lock().unwrap();
-                st.running = true;
-                st.generation = generation;
-                st.started_ms = crate::router::now_ms();
+                {
+                    let mut st = self.status.lock().unwrap();
+                    st.running = true;
+                    st.generation = generation;
+                    st.started_ms = crate::router::now_ms();
+                }
+                let event = self.event(&code, Some(start));
+                (self.services.router)
+                    .emit_system(lifecycle::SCRIPT_STARTED, lifecycle::payload(&event));
                 Ok(())
             }
             Err(err) => {
@@ -369,6 +414,7 @@ impl ScriptInstance {
             st.last_error = Some(format!("{callback}: {msg}"));
         }
         self.restart_at = Some(Instant::now() + delay);
+        self.announce_failure(&self.code.clone(), callback, msg, Some(delay));
     }
 }
 

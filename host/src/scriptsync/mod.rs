@@ -35,8 +35,9 @@ use crate::cluster::{BlobSource, Cluster};
 use crate::docstore::DocStore;
 use crate::docsync::SyncTarget;
 use crate::files::hex;
-use crate::router::for_log;
-use crate::scriptdir::{self, FileStat, ScriptDir, ScriptPath, is_ignored_name};
+use crate::lifecycle;
+use crate::router::{Router, for_log};
+use crate::scriptdir::{self, FileStat, ScriptDir, ScriptPath};
 
 /// Largest file synced (bigger ones stay local, with a warning): the
 /// largest blob a link accepts.
@@ -71,6 +72,8 @@ pub struct ScriptsSync {
     /// One rescan or reconcile at a time.
     turn: tokio::sync::Mutex<()>,
     cluster: OnceLock<Cluster>,
+    /// Where `covey.scripts.conflict` goes.
+    router: Arc<Router>,
     reconcile_needed: Notify,
     /// Conflict copies already written this run (so each is logged once).
     copies: Mutex<HashSet<String>>,
@@ -81,7 +84,7 @@ pub struct ScriptsSync {
 }
 
 impl ScriptsSync {
-    pub fn open(node: &str, dir: &Path, data: &Path) -> Result<Arc<Self>> {
+    pub fn open(router: Arc<Router>, dir: &Path, data: &Path) -> Result<Arc<Self>> {
         let applied_path = data.join("scripts-applied.json");
         let applied = match std::fs::read(&applied_path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
@@ -94,7 +97,7 @@ impl ScriptsSync {
             Err(_) => BTreeMap::new(),
         };
         Ok(Arc::new(ScriptsSync {
-            node: node.to_string(),
+            node: router.node_name().to_string(),
             root: dir.to_path_buf(),
             dir: ScriptDir::new(dir),
             store: Arc::new(DocStore::open(
@@ -106,6 +109,7 @@ impl ScriptsSync {
             applied: Mutex::new(applied),
             turn: tokio::sync::Mutex::new(()),
             cluster: OnceLock::new(),
+            router,
             reconcile_needed: Notify::new(),
             copies: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashSet::new()),
@@ -175,7 +179,7 @@ impl ScriptsSync {
 
     fn rescan_blocking(&self) -> Result<usize> {
         let mut files = Vec::new();
-        walk(&self.root, &self.root, &mut files);
+        scriptdir::walk(&self.root, &self.root, &mut files);
         // Names a peer would refuse are not offered to them.
         files.retain(|(rel, _)| match ScriptPath::parse(rel) {
             Ok(_) => true,
@@ -421,6 +425,13 @@ impl ScriptsSync {
             kept_as = copy.as_str(),
             "scripts sync: concurrent edits; the other version is kept as a conflict copy"
         );
+        let event = lifecycle::ConflictEvent {
+            key: path.to_string(),
+            winner: winner.origin.clone(),
+            losers: vec![loser.origin.clone()],
+            copy: Some(copy.to_string()),
+        };
+        (self.router).emit_system(lifecycle::SCRIPTS_CONFLICT, lifecycle::payload(&event));
         Ok(true)
     }
 
@@ -558,35 +569,6 @@ impl SyncTarget for ScriptsSync {
 
     fn version(&self) -> watch::Receiver<u64> {
         self.store.watch_version()
-    }
-}
-
-/// Files under `dir`, as (relative `/` path, full path); hidden and
-/// temporary files (and directories) are skipped.
-fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if is_ignored_name(&name) {
-            continue;
-        }
-        let path = e.path();
-        match e.file_type() {
-            Ok(t) if t.is_dir() => walk(root, &path, out),
-            Ok(t) if t.is_file() => {
-                if let Ok(rel) = path.strip_prefix(root) {
-                    let rel = rel
-                        .components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join("/");
-                    out.push((rel, path));
-                }
-            }
-            _ => {}
-        }
     }
 }
 

@@ -13,6 +13,7 @@ mod hostile;
 mod http;
 mod isolation;
 mod kv;
+mod lifecycle;
 mod limits;
 mod lua;
 mod mqtt;

@@ -1,0 +1,116 @@
+//! Calls: request/reply to one handler, on this node or another.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::{Delivery, Outcome, PeerStatus, Router, split_target};
+use crate::bindings::{CallError, Message};
+
+impl Router {
+    /// Request/reply: on `target`, the first handler (by script path)
+    /// other than `caller` answers, within `timeout`.
+    pub async fn call(
+        &self,
+        caller: Option<&str>,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let r = self
+            .route_call(caller, target, name, payload, timeout)
+            .await;
+        self.stats.calls.count(Outcome::of_call(&r));
+        r
+    }
+
+    async fn route_call(
+        &self,
+        caller: Option<&str>,
+        target: &str,
+        name: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        if target == "*" {
+            return Err(CallError::InvalidTarget(
+                "a call needs one node; use send-command for `*`".into(),
+            ));
+        }
+        self.check_payload(&payload)
+            .map_err(CallError::PayloadTooLarge)?;
+        let msg = Arc::new(self.message(target, name, payload));
+        let node = split_target(target).0;
+        if node == &*self.node {
+            return self.call_local(caller, msg, timeout).await;
+        }
+        match self.route(node) {
+            Ok(remote) => remote.call(node, msg, timeout).await,
+            Err(PeerStatus::Down) => Err(CallError::NodeDown(node.to_string())),
+            Err(_) => Err(CallError::UnknownNode(node.to_string())),
+        }
+    }
+
+    /// A call to a script of this node (from a local script, or from a
+    /// peer when `caller` is none).
+    pub async fn call_local(
+        &self,
+        caller: Option<&str>,
+        msg: Arc<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        if let Some(answer) = self
+            .system
+            .get()
+            .and_then(|s| s.answer(&msg.name, &msg.payload))
+        {
+            return Ok(answer.await);
+        }
+        if let Some(device) = self.local_device(&msg.to) {
+            return match self.devices.get() {
+                Some(d) => d.call(device, msg.clone(), timeout).await,
+                None => Err(CallError::UnknownNode(msg.to.clone())),
+            };
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let table = self.table.read().unwrap();
+            let handler = table.iter().find_map(|(script, entry)| {
+                if Some(&**script) == caller {
+                    return None;
+                }
+                let sub = entry
+                    .subs
+                    .iter()
+                    .rev()
+                    .find(|s| s.kind.matches_command(&msg))?;
+                Some((script, entry, sub.generation))
+            });
+            let Some((script, entry, generation)) = handler else {
+                return Err(CallError::NoHandler(format!(
+                    "no script on node `{}` handles `{}`",
+                    self.node, msg.name
+                )));
+            };
+            let d = Delivery::Command {
+                msg,
+                generation,
+                reply: Some(tx),
+            };
+            if !self.offer(script, entry, d) {
+                return Err(CallError::HandlerFailed(format!(
+                    "mailbox of `{script}` is full"
+                )));
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(CallError::HandlerFailed(
+                "the handling script stopped before replying".into(),
+            )),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+}
