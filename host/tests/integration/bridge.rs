@@ -33,6 +33,12 @@ covey.handle("*", "go", function(msg)
   covey.command(msg.payload, "blink", "led3")
   return "ok"
 end)
+-- System events: devices coming and going on any node's bridge.
+for _, kind in ipairs({ "attached", "detached" }) do
+  covey["on_device_" .. kind](function(info)
+    covey.kv.set("device/" .. self() .. "/" .. info.node .. "/" .. info.device, kind)
+  end)
+end
 "#;
 
 /// Nodes `a` (the bridge on UDP, on loopback) and `b`, linked; `b` runs
@@ -87,6 +93,11 @@ async fn a_device_on_udp_talks_with_scripts_on_another_node() {
     // from a script on the other node.
     let mut dev = Device::spawn(&key, &udp_args(&udp, &["listen", "led.*"]));
     assert_eq!(dev.expect("connected", 10).await, "connected a");
+    // b's script heard of it (`covey.device.attached`, from a).
+    eventually(10, "b saw esp-1 attach on a", || async {
+        b.kv_string("device/b/a/esp-1").as_deref() == Some("attached")
+    })
+    .await;
     let mut seen = false;
     for _ in 0..100 {
         // Until the subscription is in place.
@@ -185,9 +196,14 @@ async fn wrong_keys_unknown_and_removed_devices_are_refused_everywhere() {
     let mut dev = Device::spawn(&key, &udp_args(&udp, &["serve"]));
     dev.expect("connected", 10).await;
     attached(&a, "esp-1").await;
+    eventually(10, "b's script heard it attach", || async {
+        b.kv_string("device/b/a/esp-1").as_deref() == Some("attached")
+    })
+    .await;
     b.node().devices().registry.remove("esp-1").unwrap();
-    eventually(10, "the session ended on a", || async {
+    eventually(10, "a ends it, b hears", || async {
         !a.node().devices().bridge.attached("esp-1")
+            && b.kv_string("device/b/a/esp-1").as_deref() == Some("detached")
     })
     .await;
     let (ok, _) = run(&key, &udp_args(&udp, &["emit", "temp", "1"])).await;

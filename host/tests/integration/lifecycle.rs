@@ -295,6 +295,11 @@ async fn concurrent_writes_in_a_partition_are_one_conflict_event_on_each_node() 
     }
     a.node().kv().set("pump", b"on (a)").unwrap();
     b.node().kv().set("pump", b"off (b)").unwrap();
+    // And one file of the scripts directory, edited on both sides.
+    for t in [&a, &b] {
+        std::fs::write(t.scripts.join("notes.txt"), format!("by {}", t.name)).unwrap();
+        t.node().scripts_sync().unwrap().rescan().await.unwrap();
+    }
     b.node().cluster().unwrap().add_peer(&addr(&a).to_string());
     wait_up(&[&a, &b]).await;
     let conflicts = |events: Vec<SystemEvent>| -> Vec<_> {
@@ -323,5 +328,31 @@ async fn concurrent_writes_in_a_partition_are_one_conflict_event_on_each_node() 
         assert_eq!(c[0].winner, winner, "{c:?}");
         let loser = if winner == "a" { "b" } else { "a" };
         assert_eq!(c[0].losers, [loser], "{c:?}");
+    }
+    let file_conflicts = |events: Vec<SystemEvent>| -> Vec<_> {
+        (events.into_iter())
+            .filter_map(|e| match e {
+                SystemEvent::ScriptsConflict(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    };
+    for t in [&a, &b] {
+        eventually(
+            30,
+            &format!("{} sees the file conflict", t.name),
+            || async { !file_conflicts(seen(t).await).is_empty() },
+        )
+        .await;
+    }
+    for t in [&a, &b] {
+        let c = file_conflicts(seen(t).await);
+        assert_eq!(c.len(), 1, "{} saw {c:?}", t.name);
+        assert_eq!(c[0].key, "notes.txt");
+        let copy = c[0].copy.as_deref().unwrap();
+        let kept = std::fs::read_to_string(t.scripts.join(copy)).unwrap();
+        assert_eq!(kept, format!("by {}", c[0].losers[0]), "{c:?}");
+        let on_disk = std::fs::read_to_string(t.scripts.join("notes.txt")).unwrap();
+        assert_eq!(on_disk, format!("by {}", c[0].winner), "{c:?}");
     }
 }
