@@ -187,7 +187,10 @@ impl ScriptInstance {
                     let Some(d) = d else { break };
                     self.deliver(d).await;
                     for _ in 1..BATCH {
-                        if self.live.is_none() {
+                        // A stop or reload waits for no backlog: each
+                        // delivery may wait on an fsync (a KV write) or a
+                        // peer, and the watcher waits on the stop.
+                        if self.live.is_none() || !self.control.is_empty() {
                             break;
                         }
                         match self.mailbox.try_recv() {

@@ -161,3 +161,45 @@ async fn in_place_overwrite_is_picked_up() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_busy_script_does_not_wait_for_its_backlog() {
+    // Each event costs a fsynced KV write and a few ms of CPU: a backlog of
+    // 600 takes seconds to drain. A stop waits for the delivery in hand,
+    // not for the batch behind it (the watcher waits on the stop).
+    let t = start(&[]).await;
+    let busy = r#"
+covey.on("*", "work", function()
+  local t = os.clock()
+  while os.clock() - t < 0.005 do end
+  covey.kv.incr("handled")
+end)
+covey.log.info("busy ready")
+"#;
+    std::fs::write(t.scripts.join("busy.lua"), busy).unwrap();
+    let supervisor = t.node().supervisor().clone();
+    eventually(30, "busy.lua running", || async {
+        supervisor
+            .list()
+            .await
+            .iter()
+            .any(|s| s.script == "busy.lua")
+    })
+    .await;
+    for _ in 0..600 {
+        t.node().router().emit("work", Vec::new()).unwrap();
+    }
+    eventually(30, "it started on the backlog", || async {
+        t.kv_i64("handled") >= 1
+    })
+    .await;
+    assert!(supervisor.stop("busy.lua").await);
+    let handled = t.kv_i64("handled");
+    // Without the check, a stop waited for the rest of a 256-delivery batch.
+    assert!(
+        handled < 100,
+        "{handled} deliveries handled before the stop"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(t.kv_i64("handled"), handled, "nothing ran after the stop");
+}
