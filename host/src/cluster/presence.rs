@@ -199,3 +199,98 @@ pub fn reason_of(conn: &quinn::Connection) -> DownReason {
         _ => DownReason::Lost,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::SystemEvent;
+    use crate::pattern::Pattern;
+    use crate::router::{Delivery, SubKind};
+    use tokio::sync::mpsc;
+
+    /// A presence whose events land in the returned mailbox.
+    fn watched(window: Duration) -> (Arc<Presence>, mpsc::Receiver<Delivery>) {
+        let router = Arc::new(Router::new("me", 1 << 20));
+        let (tx, rx) = mpsc::channel(64);
+        router.register("watch.lua".into(), tx);
+        let kind = SubKind::Event {
+            from: Pattern::new("*"),
+            name: Pattern::new("covey.node.*"),
+        };
+        router.subscribe("watch.lua", 1, kind);
+        (Presence::new(router, window), rx)
+    }
+
+    fn events(rx: &mut mpsc::Receiver<Delivery>) -> Vec<SystemEvent> {
+        let mut out = Vec::new();
+        while let Ok(Delivery::Event { msg, .. }) = rx.try_recv() {
+            out.push(SystemEvent::parse(&msg.name, &msg.payload).unwrap());
+        }
+        out
+    }
+
+    fn down_reason(e: &SystemEvent) -> Option<DownReason> {
+        match e {
+            SystemEvent::NodeDown(n) => n.reason,
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn restarts_stale_links_and_shutdowns() {
+        let (p, mut rx) = watched(Duration::ZERO);
+        let node: Arc<str> = "b".into();
+        let addr: SocketAddr = "10.0.0.2:7466".parse().unwrap();
+        p.up(&node, 1, 100, addr);
+        assert!(matches!(events(&mut rx)[..], [SystemEvent::NodeUp(_)]));
+        // A new process (incarnation) while reported up: down, then up.
+        p.up(&node, 2, 200, addr);
+        let ev = events(&mut rx);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(down_reason(&ev[0]), Some(DownReason::Restarted));
+        assert!(matches!(ev[1], SystemEvent::NodeUp(_)));
+        // The replaced link closing late is no news.
+        p.down(&node, 1, DownReason::Lost);
+        assert!(events(&mut rx).is_empty());
+        p.down(&node, 2, DownReason::Shutdown);
+        let ev = events(&mut rx);
+        assert_eq!(
+            ev.iter().map(down_reason).collect::<Vec<_>>(),
+            [Some(DownReason::Shutdown)]
+        );
+        // Down once: a second close reports nothing.
+        p.down(&node, 2, DownReason::Lost);
+        assert!(events(&mut rx).is_empty());
+        // After close (this node stopping), nothing at all.
+        p.close();
+        p.up(&node, 3, 200, addr);
+        assert!(events(&mut rx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_drop_longer_than_the_window_is_reported_with_its_reason_and_time() {
+        let (p, mut rx) = watched(Duration::from_millis(20));
+        let node: Arc<str> = "b".into();
+        let addr: SocketAddr = "10.0.0.2:7466".parse().unwrap();
+        p.up(&node, 1, 100, addr);
+        p.down(&node, 1, DownReason::Timeout);
+        p.up(&node, 2, 100, addr); // back within the window: a flap
+        p.down(&node, 2, DownReason::Timeout);
+        let dropped_at = now_ms();
+        assert_eq!(events(&mut rx).len(), 1, "only the first up so far");
+        let down = loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Some(e) = events(&mut rx).pop() {
+                break e;
+            }
+        };
+        let SystemEvent::NodeDown(n) = down else {
+            panic!("{down:?}")
+        };
+        assert_eq!((n.reason, n.flaps), (Some(DownReason::Timeout), 1));
+        assert!(
+            n.since_ms <= dropped_at,
+            "the time of the drop, not of the report"
+        );
+    }
+}
