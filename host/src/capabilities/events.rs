@@ -14,6 +14,7 @@ use super::{ScriptEnv, ScriptState};
 use crate::bindings::covey::script::events as wit;
 use crate::bindings::covey::script::types;
 use crate::bindings::{CallError, LimitExceeded, Message, SendError};
+use crate::lifecycle;
 use crate::pattern::Pattern;
 use crate::router::{ScriptId, SubKind};
 use crate::services::Services;
@@ -67,7 +68,7 @@ impl EventsCtx {
             .router
             .subscribe(&self.script, self.generation, kind.clone());
         let router = &self.services.router;
-        if !self.nodes_replayed && selects_node_up(&kind, router.node_name()) {
+        if !self.nodes_replayed && kind.selects_event(router.node_name(), lifecycle::NODE_UP) {
             self.nodes_replayed = true;
             router.replay_nodes_up(&self.script, self.generation);
         }
@@ -76,11 +77,6 @@ impl EventsCtx {
         }
         Ok(id)
     }
-}
-
-/// Does `kind` select the `covey.node.up` events this node emits?
-fn selects_node_up(kind: &SubKind, node: &str) -> bool {
-    kind.selects_event(node, crate::lifecycle::NODE_UP)
 }
 
 pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {

@@ -313,12 +313,8 @@ impl Router {
             self.stats.events.count(Outcome::PayloadTooLarge);
             return Err(SendError::PayloadTooLarge(max));
         }
-        self.stats.events.count(Outcome::Ok);
-        let msg = Arc::new(self.message_from(device, "*", name, payload));
-        if let Some(remote) = self.remote.get() {
-            remote.broadcast_event(&msg);
-        }
-        Ok(self.deliver_event(&msg))
+        let msg = self.message_from(device, "*", name, payload);
+        Ok(self.publish(msg, true))
     }
 
     /// A system event (`lifecycle`): to this node's scripts, and to every
@@ -329,14 +325,19 @@ impl Router {
             debug_assert!(false, "{name} is not a system event");
             return;
         };
+        let msg = self.message("*", name, payload);
+        self.publish(msg, scope == lifecycle::Scope::Cluster);
+    }
+
+    /// Count an emitted event, send it to every peer that is up when
+    /// `to_peers`, and queue it for this node's subscribers (how many).
+    fn publish(&self, msg: Message, to_peers: bool) -> usize {
         self.stats.events.count(Outcome::Ok);
-        let msg = Arc::new(self.message("*", name, payload));
-        if scope == lifecycle::Scope::Cluster
-            && let Some(remote) = self.remote.get()
-        {
+        let msg = Arc::new(msg);
+        if to_peers && let Some(remote) = self.remote.get() {
             remote.broadcast_event(&msg);
         }
-        self.deliver_event(&msg);
+        self.deliver_event(&msg)
     }
 
     /// Queue a `covey.node.up` for every node up now, to one generation of

@@ -417,7 +417,7 @@ impl ScriptInstance {
             st.last_error = Some(format!("{callback}: {msg}"));
         }
         self.restart_at = Some(Instant::now() + delay);
-        self.announce_failure(&self.code.clone(), callback, msg, Some(delay));
+        self.announce_failure(&self.code, callback, msg, Some(delay));
     }
 }
 
