@@ -14,12 +14,18 @@ const PWNED: &[u8] = b"-- pwned\n";
 
 /// Every regular file under `dir` whose contents are `PWNED` (symlinks
 /// are not followed: what is listed is really there), except in `skip`.
+/// The node keeps writing its state while this walks (a temporary file
+/// renamed into place), so an entry that vanishes between the listing and
+/// the read is skipped: what it became is listed under its new name.
 fn pwned_files(dir: &Path, skip: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let t = e.file_type().unwrap();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
         if t.is_dir() && e.path() != skip {
             pwned_files(&e.path(), skip, out);
-        } else if t.is_file() && std::fs::read(e.path()).unwrap() == PWNED {
+        } else if t.is_file() && std::fs::read(e.path()).is_ok_and(|b| b == PWNED) {
             out.push(e.path());
         }
     }
