@@ -55,6 +55,9 @@ pub async fn bench(calls: usize, events: u64) -> Result<Duration> {
     let requester = async_nats::connect(&url).await?;
     let mut sub = responder.subscribe("echo").await?;
     responder.flush().await?;
+    // `flush` only writes the client's buffer: the server may not have
+    // the subscription yet when the first request arrives on the other
+    // connection (a "no responders" answer). Wait until it answers.
     let answering = tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             if let Some(reply) = msg.reply {
@@ -63,6 +66,14 @@ pub async fn bench(calls: usize, events: u64) -> Result<Duration> {
         }
     });
     let payload = bytes::Bytes::from(vec![b'x'; 64]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = requester.request("echo", payload.clone()).await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the responder never answered: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut rtt = sample(calls, async |_| {
         let reply = requester.request("echo", payload.clone()).await?;
         anyhow::ensure!(reply.payload.len() == 64, "short reply");
@@ -82,6 +93,27 @@ pub async fn bench(calls: usize, events: u64) -> Result<Duration> {
     let publisher = async_nats::connect(&url).await?;
     let mut sub = subscriber.subscribe("bench").await?;
     subscriber.flush().await?;
+    // As above: published before the server has the subscription, the
+    // first messages would be lost. A request on the subject returns once
+    // the server routes it to the subscriber (which ignores it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = publisher.request("bench", payload.clone());
+        match tokio::time::timeout(Duration::from_millis(50), probe).await {
+            Ok(Err(e)) if matches!(e.kind(), async_nats::RequestErrorKind::NoResponders) => {}
+            // Timed out waiting for a reply the subscriber never sends:
+            // the server routed the request, so the subscription is live.
+            Err(_) => break,
+            Ok(r) => anyhow::bail!("unexpected answer to the readiness probe: {r:?}"),
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the subscriber never became ready"
+        );
+    }
+    // The probe that got through is not part of the count.
+    (tokio::time::timeout(Duration::from_secs(5), sub.next()).await)
+        .context("the readiness probe never arrived")?;
     let seen = Arc::new(AtomicU64::new(0));
     let counting = {
         let seen = seen.clone();

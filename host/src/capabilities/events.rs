@@ -4,6 +4,7 @@
 //! can tell, after a reload or restart, whether a queued message is still
 //! wanted by the generation that is live now.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +27,10 @@ pub struct EventsCtx {
     script: ScriptId,
     generation: u64,
     services: Arc<Services>,
-    subs: Vec<(u64, SubKind)>,
+    /// This generation's subscriptions by id, and by kind (to answer a
+    /// repeat with its id): both O(1), so n subscriptions cost O(n).
+    subs: HashMap<u64, SubKind>,
+    ids: HashMap<SubKind, u64>,
     /// Whether this generation got its replay of the nodes up (at its
     /// first subscription that selects `covey.node.up`).
     nodes_replayed: bool,
@@ -38,30 +42,28 @@ impl EventsCtx {
             script: env.script.clone(),
             generation: env.generation,
             services: env.services.clone(),
-            subs: Vec::new(),
+            subs: HashMap::new(),
+            ids: HashMap::new(),
             nodes_replayed: false,
         }
     }
 
     /// Does this generation subscribe to `msg` as an event?
     pub fn wants_event(&self, msg: &Message) -> bool {
-        self.subs.iter().any(|(_, k)| k.matches_event(msg))
+        self.subs.values().any(|k| k.matches_event(msg))
     }
 
     /// Does this generation handle `msg` as a command?
     pub fn wants_command(&self, msg: &Message) -> bool {
-        self.subs.iter().any(|(_, k)| k.matches_command(msg))
+        self.subs.values().any(|k| k.matches_command(msg))
     }
 
     fn add(&mut self, kind: SubKind) -> Result<u64, LimitExceeded> {
+        if let Some(&id) = self.ids.get(&kind) {
+            return Ok(id);
+        }
         if self.subs.len() >= MAX_SUBSCRIPTIONS {
-            // Only a repeat of one it holds (answered with its id).
-            return self
-                .subs
-                .iter()
-                .find(|(_, k)| *k == kind)
-                .map(|(id, _)| *id)
-                .ok_or_else(|| LimitExceeded::new("subscriptions", MAX_SUBSCRIPTIONS));
+            return Err(LimitExceeded::new("subscriptions", MAX_SUBSCRIPTIONS));
         }
         let id = self
             .services
@@ -72,8 +74,9 @@ impl EventsCtx {
             self.nodes_replayed = true;
             router.replay_nodes_up(&self.script, self.generation);
         }
-        if !self.subs.iter().any(|(i, _)| *i == id) {
-            self.subs.push((id, kind));
+        if id != 0 {
+            self.ids.insert(kind.clone(), id);
+            self.subs.insert(id, kind);
         }
         Ok(id)
     }
@@ -102,9 +105,11 @@ impl wit::Host for EventsCtx {
     }
 
     async fn unsubscribe(&mut self, id: u64) -> bool {
-        let before = self.subs.len();
-        self.subs.retain(|(i, _)| *i != id);
-        before != self.subs.len() && self.services.router.unsubscribe(&self.script, id)
+        let Some(kind) = self.subs.remove(&id) else {
+            return false;
+        };
+        self.ids.remove(&kind);
+        self.services.router.unsubscribe(&self.script, id)
     }
 
     async fn emit(&mut self, name: String, payload: Vec<u8>) -> Result<(), SendError> {

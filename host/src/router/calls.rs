@@ -77,18 +77,11 @@ impl Router {
         let (tx, rx) = oneshot::channel();
         {
             let table = self.table.read().unwrap();
-            let handler = table.iter().find_map(|(script, entry)| {
-                if Some(&**script) == caller {
-                    return None;
-                }
-                let sub = entry
-                    .subs
-                    .iter()
-                    .rev()
-                    .find(|s| s.kind.matches_command(&msg))?;
-                Some((script, entry, sub.generation))
-            });
-            let Some((script, entry, generation)) = handler else {
+            let handlers = table.command_handlers(&msg);
+            let handler = (handlers.iter())
+                .filter(|sub| Some(&*sub.mailbox.script) != caller)
+                .min_by(|a, b| a.mailbox.script.cmp(&b.mailbox.script));
+            let Some(sub) = handler else {
                 return Err(CallError::NoHandler(format!(
                     "no script on node `{}` handles `{}`",
                     self.node, msg.name
@@ -96,12 +89,13 @@ impl Router {
             };
             let d = Delivery::Command {
                 msg,
-                generation,
+                generation: sub.generation,
                 reply: Some(tx),
             };
-            if !self.offer(script, entry, d) {
+            if !self.offer(&sub.mailbox, d) {
                 return Err(CallError::HandlerFailed(format!(
-                    "mailbox of `{script}` is full"
+                    "mailbox of `{}` is full",
+                    sub.mailbox.script
                 )));
             }
         }

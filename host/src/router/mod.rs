@@ -17,10 +17,11 @@
 //!
 //! - `peers` — the traits through which it reaches other nodes, devices
 //!   and the node's own answers.
+//! - `table` — the registered scripts and the index over their
+//!   subscriptions (routing cost independent of non-matching ones).
 //! - `calls` — request/reply.
 //! - `stats` — counters by outcome.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -34,6 +35,7 @@ use crate::pattern::Pattern;
 mod calls;
 mod peers;
 mod stats;
+mod table;
 pub use peers::{
     CallFuture, Devices, PeerStatus, Remote, SYSTEM_LOGS, SYSTEM_SCRIPTS, SystemCalls, split_target,
 };
@@ -67,7 +69,7 @@ pub enum Delivery {
 }
 
 /// What a subscription selects.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SubKind {
     Event { from: Pattern, name: Pattern },
     Command { from: Pattern, name: Pattern },
@@ -89,20 +91,6 @@ impl SubKind {
     }
 }
 
-#[derive(Debug)]
-struct Sub {
-    id: u64,
-    generation: u64,
-    kind: SubKind,
-}
-
-struct Entry {
-    mailbox: mpsc::Sender<Delivery>,
-    subs: Vec<Sub>,
-    /// Deliveries dropped because this mailbox was full.
-    dropped: AtomicU64,
-}
-
 /// Routes messages among the scripts of this node and, through
 /// [`Remote`], to other nodes; through [`Devices`], to its devices.
 pub struct Router {
@@ -111,7 +99,7 @@ pub struct Router {
     remote: OnceLock<Arc<dyn Remote>>,
     devices: OnceLock<Arc<dyn Devices>>,
     system: OnceLock<Arc<dyn SystemCalls>>,
-    table: RwLock<BTreeMap<ScriptId, Entry>>,
+    table: RwLock<table::Table>,
     next_sub: AtomicU64,
     /// Next message id. Starts at a random point so ids do not repeat across
     /// restarts of this node.
@@ -127,7 +115,7 @@ impl Router {
             remote: OnceLock::new(),
             devices: OnceLock::new(),
             system: OnceLock::new(),
-            table: RwLock::new(BTreeMap::new()),
+            table: RwLock::default(),
             next_sub: AtomicU64::new(1),
             msg_seq: AtomicU64::new(crate::random::u64()),
             stats: RouterStats::default(),
@@ -194,68 +182,38 @@ impl Router {
 
     /// Make a script reachable. Its subscriptions start empty.
     pub fn register(&self, script: ScriptId, mailbox: mpsc::Sender<Delivery>) {
-        let mut table = self.table.write().unwrap();
-        table.insert(
-            script,
-            Entry {
-                mailbox,
-                subs: Vec::new(),
-                dropped: AtomicU64::new(0),
-            },
-        );
+        self.table.write().unwrap().register(script, mailbox);
     }
 
     /// Remove a script and all its subscriptions.
     pub fn unregister(&self, script: &str) {
-        self.table.write().unwrap().remove(script);
+        self.table.write().unwrap().unregister(script);
     }
 
     /// Add a subscription for `generation` of `script`. An identical one of
     /// the same generation is reused, so each message is delivered once.
+    /// 0 when the script is not registered.
     pub fn subscribe(&self, script: &str, generation: u64, kind: SubKind) -> u64 {
-        let mut table = self.table.write().unwrap();
-        let Some(entry) = table.get_mut(script) else {
-            return 0;
-        };
-        if let Some(sub) = entry
-            .subs
-            .iter()
-            .find(|s| s.generation == generation && s.kind == kind)
-        {
-            return sub.id;
-        }
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        entry.subs.push(Sub {
-            id,
-            generation,
-            kind,
-        });
-        id
+        let mut table = self.table.write().unwrap();
+        table.subscribe(script, generation, kind, id).unwrap_or(0)
     }
 
     /// Remove one subscription of `script`.
     pub fn unsubscribe(&self, script: &str, id: u64) -> bool {
-        let mut table = self.table.write().unwrap();
-        let Some(entry) = table.get_mut(script) else {
-            return false;
-        };
-        let before = entry.subs.len();
-        entry.subs.retain(|s| s.id != id);
-        entry.subs.len() != before
+        self.table.write().unwrap().unsubscribe(script, id)
     }
 
     /// Keep only `generation`'s subscriptions: the swap to a new generation.
     pub fn retire_other_generations(&self, script: &str, generation: u64) {
-        if let Some(entry) = self.table.write().unwrap().get_mut(script) {
-            entry.subs.retain(|s| s.generation == generation);
-        }
+        let mut table = self.table.write().unwrap();
+        table.unsubscribe_where(script, |s| s.generation != generation);
     }
 
     /// Drop `generation`'s subscriptions: a new version that failed to start.
     pub fn drop_generation(&self, script: &str, generation: u64) {
-        if let Some(entry) = self.table.write().unwrap().get_mut(script) {
-            entry.subs.retain(|s| s.generation != generation);
-        }
+        let mut table = self.table.write().unwrap();
+        table.unsubscribe_where(script, |s| s.generation == generation);
     }
 
     /// A new message from this node.
@@ -351,8 +309,8 @@ impl Router {
         remote.replay_up(&mut |payload| {
             let msg = Arc::new(self.message("*", lifecycle::NODE_UP, payload));
             let table = self.table.read().unwrap();
-            if let Some(entry) = table.get(script) {
-                self.offer(script, entry, Delivery::Event { msg, generation });
+            if let Some(mailbox) = table.mailbox(script) {
+                self.offer(mailbox, Delivery::Event { msg, generation });
             }
         });
     }
@@ -360,19 +318,18 @@ impl Router {
     /// Queue `msg` for every local script with a matching event subscription.
     pub fn deliver_event(&self, msg: &Arc<Message>) -> usize {
         let table = self.table.read().unwrap();
-        let mut n = 0;
-        for (script, entry) in table.iter() {
-            // The newest matching generation decides; the instance re-checks
-            // against its own subscriptions if that is not the live one.
-            if let Some(sub) = entry.subs.iter().rev().find(|s| s.kind.matches_event(msg)) {
+        // The newest matching generation decides; the instance re-checks
+        // against its own subscriptions if that is not the live one.
+        let subs = table.event_subscribers(msg);
+        subs.iter()
+            .filter(|sub| {
                 let d = Delivery::Event {
                     msg: msg.clone(),
                     generation: sub.generation,
                 };
-                n += self.offer(script, entry, d) as usize;
-            }
-        }
-        n
+                self.offer(&sub.mailbox, d)
+            })
+            .count()
     }
 
     /// Send a command to `target` (a node or `*`); every matching handler
@@ -443,58 +400,52 @@ impl Router {
             return 0;
         }
         let table = self.table.read().unwrap();
-        let mut n = 0;
-        for (script, entry) in table.iter() {
-            if let Some(sub) = entry
-                .subs
-                .iter()
-                .rev()
-                .find(|s| s.kind.matches_command(msg))
-            {
+        let handlers = table.command_handlers(msg);
+        handlers
+            .iter()
+            .filter(|sub| {
                 let d = Delivery::Command {
                     msg: msg.clone(),
                     generation: sub.generation,
                     reply: None,
                 };
-                n += self.offer(script, entry, d) as usize;
-            }
-        }
-        n
+                self.offer(&sub.mailbox, d)
+            })
+            .count()
     }
 
     /// Tell watchers of `key` that it changed.
     pub fn kv_changed(&self, key: &str, value: Option<&[u8]>) {
         let table = self.table.read().unwrap();
+        let watchers = table.watchers(key);
+        if watchers.is_empty() {
+            return;
+        }
         let key: Arc<str> = key.into();
         let value: Option<Arc<[u8]>> = value.map(Into::into);
-        for (script, entry) in table.iter() {
-            for sub in &entry.subs {
-                if let SubKind::Watch { prefix } = &sub.kind
-                    && key.starts_with(prefix.as_str())
-                {
-                    let d = Delivery::KvChange {
-                        watch: sub.id,
-                        key: key.clone(),
-                        value: value.clone(),
-                    };
-                    self.offer(script, entry, d);
-                }
-            }
+        for sub in watchers {
+            let d = Delivery::KvChange {
+                watch: sub.id,
+                key: key.clone(),
+                value: value.clone(),
+            };
+            self.offer(&sub.mailbox, d);
         }
     }
 
     /// Queue without waiting: a full mailbox (a stuck or crashed script)
     /// never blocks the sender or other scripts; the drop is counted.
-    fn offer(&self, script: &str, entry: &Entry, d: Delivery) -> bool {
-        match entry.mailbox.try_send(d) {
+    fn offer(&self, mailbox: &table::Mailbox, d: Delivery) -> bool {
+        match mailbox.tx.try_send(d) {
             Ok(()) => {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(_) => {
-                entry.dropped.fetch_add(1, Ordering::Relaxed);
+                mailbox.dropped.fetch_add(1, Ordering::Relaxed);
                 let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
+                    let script = &*mailbox.script;
                     tracing::warn!(script, dropped_total = n, "mailbox full, message dropped");
                 }
                 false
@@ -505,14 +456,18 @@ impl Router {
     /// Deliveries to `script` dropped because its mailbox was full.
     pub fn dropped(&self, script: &str) -> u64 {
         let table = self.table.read().unwrap();
-        (table.get(script)).map_or(0, |e| e.dropped.load(Ordering::Relaxed))
+        (table.mailbox(script)).map_or(0, |m| m.dropped.load(Ordering::Relaxed))
     }
 
     /// Names of the registered scripts, sorted (devices' entries, named
     /// `device:NAME`, left out: no script path has a `:`).
     pub fn scripts(&self) -> Vec<ScriptId> {
         let table = self.table.read().unwrap();
-        table.keys().filter(|k| !k.contains(':')).cloned().collect()
+        table
+            .scripts()
+            .filter(|k| !k.contains(':'))
+            .cloned()
+            .collect()
     }
 }
 

@@ -217,12 +217,25 @@ async fn partition_and_kill_9_while_writing_then_everything_converges() {
     // Scripts: both sides' files everywhere, one winner for the shared
     // file everywhere, the other version kept as a conflict copy.
     let shared = std::fs::read_to_string(lan.scripts(1).join("shared.txt")).unwrap();
+    // On a failure, what each node's scripts sync did.
+    let sync_lines = || {
+        let lines = |l: &String| -> String {
+            (l.lines().filter(|l| l.contains("scripts sync")))
+                .map(|l| format!("    {l}\n"))
+                .collect()
+        };
+        (logs.iter().enumerate())
+            .map(|(i, l)| format!("  n{}:\n{}", i + 1, lines(l)))
+            .collect::<String>()
+    };
     for i in 1..=3 {
         let dir = lan.scripts(i);
         assert!(dir.join("side/one.lua").exists() && dir.join("side/three.lua").exists());
         assert_eq!(
             std::fs::read_to_string(dir.join("shared.txt")).unwrap(),
-            shared
+            shared,
+            "shared.txt on n{i} and n1 differ; scripts sync logs:\n{}",
+            sync_lines()
         );
         let copies: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
@@ -230,7 +243,7 @@ async fn partition_and_kill_9_while_writing_then_everything_converges() {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with("shared.txt.conflict-"))
             .collect();
-        assert_eq!(copies.len(), 1, "n{i}: {copies:?}");
+        assert_eq!(copies.len(), 1, "n{i}: {copies:?}\n{}", sync_lines());
         let copy = std::fs::read_to_string(dir.join(&copies[0])).unwrap();
         assert_ne!(copy, shared);
         assert!(copy.contains("version"), "{copy}");
