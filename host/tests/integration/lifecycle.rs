@@ -281,6 +281,75 @@ async fn reserved_names_are_refused_to_scripts_and_clients() {
     );
 }
 
+/// A modified peer puts system events on the wire itself (a router would
+/// refuse them): only a `covey.script.*`/`covey.device.*` event about
+/// the peer itself gets through; one about another node, or a local-only
+/// event (node up/down, conflicts), is dropped at the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_events_forged_by_a_peer_are_dropped() {
+    use serde_json::json;
+    let token = ClusterToken::generate();
+    let a = join("a", &token, &[], &[], with_watcher(300)).await;
+    let evil = join("evil", &token, &[addr(&a)], &[], |_| {}).await;
+    wait_up(&[&a, &evil]).await;
+    let router = evil.node().router();
+    let remote = router.remote().unwrap().clone();
+    let script = |node: &str, name: &str| {
+        json!({"node": node, "script": name, "version": "0".repeat(64), "restarts": 0,
+               "callback": "init", "error": "forged"})
+    };
+    let forged = [
+        (
+            "covey.node.down",
+            json!({"node": "ghost", "address": "10.0.0.9:7465",
+            "since_ms": 0, "reason": "timeout", "flaps": 0, "replay": false}),
+        ),
+        (
+            "covey.node.up",
+            json!({"node": "ghost", "address": "10.0.0.9:7465",
+            "since_ms": 0, "reason": null, "flaps": 0, "replay": false}),
+        ),
+        ("covey.script.failed", script("a", "pump.lua")),
+        ("covey.script.failed", json!({"script": "no-node.lua"})),
+        (
+            "covey.device.attached",
+            json!({"node": "a", "device": "relay"}),
+        ),
+        (
+            "covey.kv.conflict",
+            json!({"node": "evil", "key": "k", "winner": "evil", "losers": []}),
+        ),
+    ];
+    for (name, payload) in &forged {
+        let msg = router.message("*", name, serde_json::to_vec(payload).unwrap());
+        remote.broadcast_event(&msg);
+    }
+    // Sent last on the same link (frames arrive in order): about itself.
+    let own = router.message(
+        "*",
+        "covey.script.failed",
+        serde_json::to_vec(&script("evil", "marker.lua")).unwrap(),
+    );
+    remote.broadcast_event(&own);
+    let marker =
+        |e: &SystemEvent| matches!(e, SystemEvent::ScriptFailed(s) if s.script == "marker.lua");
+    eventually(30, "a sees evil's event about itself", || async {
+        seen(&a).await.iter().any(marker)
+    })
+    .await;
+    let events = seen(&a).await;
+    let leaked: Vec<_> = (events.iter())
+        .filter(|e| match e {
+            SystemEvent::NodeUp(n) | SystemEvent::NodeDown(n) => n.node == "ghost",
+            SystemEvent::ScriptFailed(s) => s.node != "evil",
+            SystemEvent::DeviceAttached(_) | SystemEvent::KvConflict(_) => true,
+            _ => false,
+        })
+        .collect();
+    assert!(leaked.is_empty(), "forged events delivered: {leaked:?}");
+    assert_eq!(events.iter().filter(|e| marker(e)).count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_in_a_partition_are_one_conflict_event_on_each_node() {
     let token = ClusterToken::generate();
