@@ -19,6 +19,8 @@
 //! unknown"); the realtime clock is not per namespace, so no clock jumps.
 //!
 //! Needs root, `ip` and `nft` (nftables); without root it prints SKIPPED.
+//!
+//! Also here: `soak` — an hour of steady load on three nodes (see there).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -36,6 +38,8 @@ mod lan;
 
 use common::eventually;
 use lan::{Lan, ip};
+
+mod soak;
 
 const NODES: usize = 5;
 
@@ -206,12 +210,16 @@ fn edit(lan: &Lan, rng: &mut Rng, edits: &mut Edits, seq: usize) {
     let i = 1 + rng.below(NODES as u64) as usize;
     let rel = format!("edits/e{}.txt", rng.below(6));
     let text = format!("n{i}:{seq}\n");
-    let path = lan.scripts(i).join(&rel);
+    write_file(&lan.scripts(i).join(&rel), &text);
+    edits.entry(rel).or_default().insert(text);
+}
+
+/// Write `text` to `path` as an editor would: whole, renamed into place.
+fn write_file(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let tmp = path.with_extension("partial~");
-    std::fs::write(&tmp, &text).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    edits.entry(rel).or_default().insert(text);
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 // Not yet part of the default run: on a 2-core machine the five nodes do
@@ -248,7 +256,7 @@ async fn five_nodes_survive_a_minute_of_faults_and_converge() {
         lan.run(i, &token);
     }
     let t0 = Instant::now();
-    all_linked(&lan, "linked at start").await;
+    all_linked_n(&lan, NODES, "linked at start").await;
     eprintln!("linked in {:.1} s", t0.elapsed().as_secs_f64());
     let rss_start: Vec<u64> = (1..=NODES).map(|i| lan.rss_kib(i).unwrap_or(0)).collect();
 
@@ -276,7 +284,7 @@ async fn five_nodes_survive_a_minute_of_faults_and_converge() {
     for i in 1..=NODES {
         assert!(lan.alive(i), "n{i} crashed: {}", tail(&lan.log(i)));
     }
-    all_linked(&lan, "linked again after the faults").await;
+    all_linked_n(&lan, NODES, "linked again after the faults").await;
     eprintln!(
         "[{:>5.1}s] all linked again",
         started.elapsed().as_secs_f64()
@@ -310,10 +318,10 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// Every node sees the four others up.
-async fn all_linked(lan: &Lan, what: &str) {
-    for i in 1..=NODES {
-        let want: Vec<String> = (1..=NODES)
+/// Every one of `nodes` nodes sees all the others up.
+async fn all_linked_n(lan: &Lan, nodes: usize, what: &str) {
+    for i in 1..=nodes {
+        let want: Vec<String> = (1..=nodes)
             .filter(|j| *j != i)
             .map(|j| format!("n{j}"))
             .collect();

@@ -18,6 +18,8 @@ pub struct Lan {
     subnet: u32,
     /// Extra `covey run` arguments for every start.
     pub args: Vec<String>,
+    /// The nodes' `--log` filter.
+    pub log: &'static str,
     /// Running nodes by number.
     children: Vec<(usize, Child)>,
     /// How many times each node was started (log file per start).
@@ -52,6 +54,7 @@ impl Lan {
             nodes: Vec::new(),
             subnet: 0,
             args: Vec::new(),
+            log: "covey=debug,info",
             children: Vec::new(),
             starts: Default::default(),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
@@ -131,7 +134,7 @@ impl Lan {
             .arg("--scripts")
             .arg(data.join("scripts"))
             .args(["--discovery", "mdns", "--iface", "eth0"])
-            .args(["--peer-timeout-ms", "1500", "--log", "covey=debug,info"])
+            .args(["--peer-timeout-ms", "1500", "--log", self.log])
             .args(&self.args)
             .env("COVEY_CLUSTER_TOKEN", token.encode())
             .env("NO_COLOR", "1")
