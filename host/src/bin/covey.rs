@@ -137,9 +137,9 @@ async fn run(cfg: NodeConfig) -> Result<()> {
 
 fn init_logging(filter: &str) {
     // `LEVEL` or `TARGET=LEVEL,...` (e.g. `covey=debug,script=trace`).
-    let filter: Targets = filter.parse().unwrap_or_else(|e| {
+    let filter = log_targets(filter).unwrap_or_else(|e| {
         eprintln!("covey: bad log filter {filter:?} ({e}); using `info`");
-        Targets::new().with_default(tracing::Level::INFO)
+        log_targets("info").expect("a valid filter")
     });
     // The terminal, and the ring `covey logs` reads (same filter).
     use tracing_subscriber::layer::SubscriberExt;
@@ -149,4 +149,33 @@ fn init_logging(filter: &str) {
         .with(tracing_subscriber::fmt::layer())
         .with(covey::logring::RingLayer)
         .init();
+}
+
+/// The filter `spec` asks for, with Automerge held to warnings unless it
+/// is named: its loader opens an info-level span whose fields include the
+/// document's whole change graph, so at `info` every merged sync message
+/// formatted the entire history into the log machinery — seconds per
+/// message after an hour of writes, found by the soak.
+fn log_targets(spec: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> {
+    let targets: Targets = spec.parse()?;
+    if targets.iter().any(|(target, _)| target.starts_with("automerge")) {
+        return Ok(targets);
+    }
+    Ok(targets.with_target("automerge", tracing::Level::WARN))
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    #[test]
+    fn automerge_stays_at_warnings_unless_named() {
+        let t = super::log_targets("info").unwrap();
+        assert!(t.would_enable("covey::node", &Level::INFO));
+        assert!(!t.would_enable("automerge::storage::load", &Level::INFO));
+        assert!(t.would_enable("automerge::storage::load", &Level::WARN));
+        let t = super::log_targets("covey=debug,automerge=debug").unwrap();
+        assert!(t.would_enable("automerge::sync", &Level::DEBUG));
+        assert!(super::log_targets("covey=loud").is_err());
+    }
 }
