@@ -158,7 +158,10 @@ fn init_logging(filter: &str) {
 /// message after an hour of writes, found by the soak.
 fn log_targets(spec: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> {
     let targets: Targets = spec.parse()?;
-    if targets.iter().any(|(target, _)| target.starts_with("automerge")) {
+    if targets
+        .iter()
+        .any(|(target, _)| target.starts_with("automerge"))
+    {
         return Ok(targets);
     }
     Ok(targets.with_target("automerge", tracing::Level::WARN))
