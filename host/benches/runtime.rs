@@ -122,12 +122,12 @@ async fn crowded_bus_throughput(n: u64) -> f64 {
     }
     let (node, _dir) = node_with_files(files).await;
     let router = node.router().clone();
-    covey_wait(|| router.scripts().len() == 64).await;
+    until_ready(|| router.scripts().len() == 64).await;
     bus_run(node, "a Rust guest beside 63 scripts x 50 subscriptions", n).await
 }
 
 /// Wait (polling) until `ready`, at most 60 s.
-async fn covey_wait(ready: impl Fn() -> bool) {
+async fn until_ready(ready: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ready() {
         assert!(Instant::now() < deadline, "scripts did not start in 60 s");

@@ -320,16 +320,15 @@ impl Router {
         let table = self.table.read().unwrap();
         // The newest matching generation decides; the instance re-checks
         // against its own subscriptions if that is not the live one.
-        let subs = table.event_subscribers(msg);
-        subs.iter()
-            .filter(|sub| {
-                let d = Delivery::Event {
-                    msg: msg.clone(),
-                    generation: sub.generation,
-                };
-                self.offer(&sub.mailbox, d)
-            })
-            .count()
+        let mut queued = 0;
+        for sub in table.event_subscribers(msg) {
+            let d = Delivery::Event {
+                msg: msg.clone(),
+                generation: sub.generation,
+            };
+            queued += self.offer(&sub.mailbox, d) as usize;
+        }
+        queued
     }
 
     /// Send a command to `target` (a node or `*`); every matching handler
@@ -400,18 +399,16 @@ impl Router {
             return 0;
         }
         let table = self.table.read().unwrap();
-        let handlers = table.command_handlers(msg);
-        handlers
-            .iter()
-            .filter(|sub| {
-                let d = Delivery::Command {
-                    msg: msg.clone(),
-                    generation: sub.generation,
-                    reply: None,
-                };
-                self.offer(&sub.mailbox, d)
-            })
-            .count()
+        let mut queued = 0;
+        for sub in table.command_handlers(msg) {
+            let d = Delivery::Command {
+                msg: msg.clone(),
+                generation: sub.generation,
+                reply: None,
+            };
+            queued += self.offer(&sub.mailbox, d) as usize;
+        }
+        queued
     }
 
     /// Tell watchers of `key` that it changed.

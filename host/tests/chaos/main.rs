@@ -35,9 +35,12 @@ mod common;
 #[allow(dead_code)]
 #[path = "../support/lan.rs"]
 mod lan;
+// Percentiles and units, as the benchmarks print them.
+#[path = "../../benches/support/mod.rs"]
+mod bench_support;
 
 use common::eventually;
-use lan::{Lan, ip};
+use lan::{Lan, ip, write_file};
 
 mod soak;
 
@@ -212,14 +215,6 @@ fn edit(lan: &Lan, rng: &mut Rng, edits: &mut Edits, seq: usize) {
     let text = format!("n{i}:{seq}\n");
     write_file(&lan.scripts(i).join(&rel), &text);
     edits.entry(rel).or_default().insert(text);
-}
-
-/// Write `text` to `path` as an editor would: whole, renamed into place.
-fn write_file(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let tmp = path.with_extension("partial~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 // Not yet part of the default run: on a 2-core machine the five nodes do

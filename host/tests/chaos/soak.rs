@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use covey::cluster::credentials::ClusterToken;
 use covey::control::proto::{Request, exchange};
 
-use crate::lan::Lan;
+use crate::bench_support::{pct, us};
+use crate::lan::{Lan, write_file};
 
 const NODES: usize = 3;
 
@@ -113,11 +114,6 @@ async fn call_latencies(lan: &Lan, from: usize, to: usize, calls: usize) -> (Vec
     (answered, failed)
 }
 
-fn pct(v: &mut [Duration], p: usize) -> Duration {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
 /// Per hour, from the first half's mean to the second half's.
 fn growth_per_hour(values: &[u64], minutes: usize) -> (f64, f64) {
     let half = values.len() / 2;
@@ -148,7 +144,7 @@ async fn soak() {
     }
     crate::all_linked_n(&lan, NODES, "links up").await;
     let load = |version: usize| LOAD.replace("VERSION", &version.to_string());
-    crate::write_file(&lan.scripts(1).join("load.lua"), &load(0));
+    write_file(&lan.scripts(1).join("load.lua"), &load(0));
 
     let started = Instant::now();
     let mut rows: Vec<[Sample; NODES]> = Vec::new();
@@ -172,14 +168,14 @@ async fn soak() {
         println!(
             "{minute:>6} | {} | {:.0}/{:.0}",
             cells.join(" | "),
-            pct(&mut lat, 50).as_secs_f64() * 1e6,
-            pct(&mut lat, 99).as_secs_f64() * 1e6
+            us(pct(&mut lat, 50)),
+            us(pct(&mut lat, 99))
         );
         all_calls.extend(lat);
         rows.push(row);
         // The reload: a new version of the load script, synced from n1
         // to every node and hot-reloaded there.
-        crate::write_file(&lan.scripts(1).join("load.lua"), &load(minute));
+        write_file(&lan.scripts(1).join("load.lua"), &load(minute));
     }
 
     for i in 0..NODES {
@@ -204,7 +200,7 @@ async fn soak() {
     println!(
         "calls: {} answered, {failed} failed, p50 {:.0} µs, p99 {:.0} µs over the whole run",
         all_calls.len(),
-        pct(&mut all_calls, 50).as_secs_f64() * 1e6,
-        pct(&mut all_calls, 99).as_secs_f64() * 1e6
+        us(pct(&mut all_calls, 50)),
+        us(pct(&mut all_calls, 99))
     );
 }

@@ -18,7 +18,7 @@ mod common;
 mod lan;
 
 use common::eventually;
-use lan::{Lan, ip};
+use lan::{Lan, ip, write_file};
 
 /// The namespace tests run one at a time, and in their own test binary so
 /// that no in-process test competes with their processes for the CPU and
@@ -124,13 +124,6 @@ fn conflict_copies(lan: &Lan, i: usize) -> usize {
             .starts_with("shared.txt.conflict-")
     })
     .count()
-}
-
-fn write_file(path: &std::path::Path, text: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let tmp = path.with_extension("partial~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,11 +3,20 @@
 //! `chaos`). Needs root and `ip` (iproute2); `Lan::new_or_skip` prints
 //! SKIPPED when they are missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use covey::cluster::credentials::ClusterToken;
 use covey::control::StatusReport;
+
+/// Write `text` to `path` as an editor would: whole, renamed into place
+/// (the watcher never sees a half-written file).
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("partial~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
 
 /// Namespaces, veths and processes of one test; removed on drop.
 pub struct Lan {
