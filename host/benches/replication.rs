@@ -5,9 +5,12 @@
 //! - convergence of two nodes that each wrote 10,000 keys apart, from the
 //!   moment they link;
 //! - a new node receiving 100 script files totalling 10 MB;
-//! - memory and disk for 100,000 keys.
+//! - memory and disk for 100,000 keys;
+//! - the cost of merging one peer's write as the document's history grows
+//!   (what a long-running node pays per replicated write).
 //!
-//! `COVEY_BENCH_QUICK=1` for a smoke run.
+//! `COVEY_BENCH_QUICK=1` for a smoke run; `COVEY_BENCH_ONLY=merge` for the
+//! merge figure alone.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,10 +22,14 @@ use covey::{Node, NodeConfig};
 use tokio::sync::mpsc;
 
 mod support;
-use support::{ms, pct, sample};
+use support::{ms, pct, sample, us};
 
 fn main() {
     let quick = support::start("replication");
+    if std::env::var("COVEY_BENCH_ONLY").as_deref() == Ok("merge") {
+        merge_cost(quick);
+        return;
+    }
     let rt = support::runtime();
     rt.block_on(async {
         set_to_watch(if quick { 200 } else { 2_000 }).await;
@@ -30,6 +37,7 @@ fn main() {
         late_joiner_scripts(if quick { 20 } else { 100 }, 100 * 1024).await;
     });
     keys_footprint(if quick { 10_000 } else { 100_000 });
+    merge_cost(quick);
 }
 
 async fn node(name: &str, token: &ClusterToken, seed: Option<String>, dir: &Path) -> Node {
@@ -220,4 +228,79 @@ fn keys_footprint(keys: usize) {
         ms(write),
         ms(load)
     );
+}
+
+/// Two in-memory key-value stores kept in sync by hand (the replicator's
+/// exchange without the network): A writes a history of `h` changes
+/// (200 keys and 20 counters, as a busy node's scripts would), B follows;
+/// then the cost, on B, of receiving A's next write, and on A of
+/// generating it — per write, at each history length.
+fn merge_cost(quick: bool) {
+    use covey::docsync::SyncTarget;
+    use covey::kvdoc::{KvDoc, KvLimits};
+    use std::sync::Arc;
+    let open = |name: &str| {
+        let router = Arc::new(covey::router::Router::new(name, 1 << 20));
+        KvDoc::open(None, KvLimits::default(), router).unwrap()
+    };
+    let (a, b) = (open("a"), open("b"));
+    let (mut sa, mut sb) = (automerge::sync::State::new(), automerge::sync::State::new());
+    // Run the exchange until both sides are quiet; time each side's work.
+    let mut exchange = |a: &KvDoc, b: &KvDoc| -> (Duration, Duration) {
+        let (mut send, mut recv) = (Duration::ZERO, Duration::ZERO);
+        loop {
+            let t = Instant::now();
+            let to_b = a.generate(&mut sa);
+            let to_a = b.generate(&mut sb);
+            send += t.elapsed();
+            if to_b.is_none() && to_a.is_none() {
+                return (send, recv);
+            }
+            let t = Instant::now();
+            if let Some(m) = to_b {
+                b.receive(&mut sb, &m).unwrap();
+            }
+            if let Some(m) = to_a {
+                a.receive(&mut sa, &m).unwrap();
+            }
+            recv += t.elapsed();
+        }
+    };
+    let write = |kv: &KvDoc, i: usize| {
+        if i % 5 == 4 {
+            kv.incr(&format!("count/{}", i % 20), 1).unwrap();
+        } else {
+            kv.set(&format!("key/{}", i % 200), format!("value {i}").as_bytes())
+                .unwrap();
+        }
+    };
+    let steps: &[usize] = if quick {
+        &[1_000, 5_000]
+    } else {
+        &[1_000, 10_000, 50_000]
+    };
+    let mut written = 0;
+    for &h in steps {
+        while written < h {
+            write(&a, written);
+            written += 1;
+        }
+        exchange(&a, &b);
+        assert_eq!(a.heads(), b.heads());
+        let rounds = 200;
+        let (mut send, mut recv) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..rounds {
+            write(&a, written);
+            written += 1;
+            let (s, r) = exchange(&a, &b);
+            send += s;
+            recv += r;
+        }
+        println!(
+            "merge one write into a history of {h:>6} changes: {:.0} us receiving, \
+             {:.0} us generating (per write, {rounds} writes)",
+            us(recv / rounds),
+            us(send / rounds)
+        );
+    }
 }

@@ -200,7 +200,7 @@ impl SyncTarget for DeviceRegistry {
     }
 
     fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
-        self.store.sync_receive(state, msg, |_, _, _| ())?;
+        self.store.sync_receive(state, msg, |_, _| ())?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, AutoCommit, ChangeHash};
+use automerge::{ActorId, AutoCommit, ChangeHash, Patch};
 use tokio::sync::{Notify, watch};
 
 pub mod file;
@@ -191,24 +191,40 @@ impl DocStore {
     }
 
     /// Apply a peer's sync message. If the document changed, `changed`
-    /// runs (under the lock) with the heads before and after, and its
-    /// result is returned.
+    /// runs (under the lock) with the merge's patches, and its result is
+    /// returned.
+    ///
+    /// The patches come from Automerge's patch log, recorded while the
+    /// message's changes are applied: their cost is the size of the merge.
+    /// (`diff` between the heads before and after walks every op of the
+    /// document — the soak measured it growing with the history until it
+    /// was most of a node's CPU.)
     pub fn sync_receive<T>(
         &self,
         state: &mut sync::State,
         msg: &[u8],
-        changed: impl FnOnce(&mut AutoCommit, &[ChangeHash], &[ChangeHash]) -> T,
+        changed: impl FnOnce(&AutoCommit, &[Patch]) -> T,
     ) -> Result<Option<T>> {
         let msg = sync::Message::decode(msg)?;
         let mut inner = self.inner.lock().unwrap();
-        let before = inner.doc.get_heads();
-        inner.doc.sync().receive_sync_message(state, msg)?;
-        let after = inner.doc.get_heads();
-        if before == after {
+        let doc = &mut inner.doc;
+        let before = doc.get_heads();
+        // Log patches from here (an empty document has nothing to log
+        // against: its first merge is diffed from nothing, which is the
+        // size of that merge too).
+        doc.update_diff_cursor();
+        let received = doc.sync().receive_sync_message(state, msg);
+        let patches = match &received {
+            Ok(()) if doc.get_heads() != before => Some(doc.diff_incremental()),
+            _ => None,
+        };
+        doc.reset_diff_cursor();
+        received?;
+        let Some(patches) = patches else {
             return Ok(None);
-        }
+        };
         inner.unsaved = true;
-        let r = changed(&mut inner.doc, &before, &after);
+        let r = changed(&inner.doc, &patches);
         drop(inner);
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);

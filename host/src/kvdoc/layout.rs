@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use automerge::transaction::Transactable;
 use automerge::{
-    ActorId, AutoCommit, AutomergeError, ChangeHash, ObjId, PatchAction, Prop, ROOT, ReadDoc,
+    ActorId, AutoCommit, AutomergeError, ObjId, Patch, PatchAction, Prop, ROOT, ReadDoc,
     ScalarValue, ScalarValueRef, Value, ValueRef,
 };
 
@@ -113,18 +113,14 @@ pub fn delete_slots(doc: &mut AutoCommit, key: &str) -> Result<bool, AutomergeEr
     Ok(!slots.is_empty())
 }
 
-/// The visible keys that differ between two versions of the document.
-pub fn changed_keys(
-    doc: &mut AutoCommit,
-    before: &[ChangeHash],
-    after: &[ChangeHash],
-) -> BTreeSet<String> {
+/// The visible keys a merge's patches touched.
+pub fn changed_keys(patches: &[Patch]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
-    for patch in doc.diff(before, after) {
+    for patch in patches {
         if patch.obj != ROOT {
             continue;
         }
-        let key = match patch.action {
+        let key = match &patch.action {
             PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => key,
             PatchAction::Increment {
                 prop: Prop::Map(key),
@@ -137,10 +133,10 @@ pub fn changed_keys(
         };
         match key.strip_prefix('\0') {
             None => {
-                keys.insert(key);
+                keys.insert(key.clone());
             }
             Some(_) => {
-                if let Some(name) = counter_name(&key) {
+                if let Some(name) = counter_name(key) {
                     keys.insert(name.to_string());
                 }
             }

@@ -306,8 +306,8 @@ impl SyncTarget for KvDoc {
     fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
         let (changed, conflicts) = self
             .store
-            .sync_receive(state, msg, |doc, before, after| {
-                let changed = layout::changed_keys(doc, before, after);
+            .sync_receive(state, msg, |doc, patches| {
+                let changed = layout::changed_keys(patches);
                 let conflicts: Vec<_> = (changed.iter())
                     .filter_map(|k| Some((k.clone(), layout::conflict(doc, k)?)))
                     .collect();
@@ -346,3 +346,6 @@ impl SyncTarget for KvDoc {
 fn storage(e: automerge::AutomergeError) -> KvError {
     KvError::Storage(e.to_string())
 }
+
+#[cfg(test)]
+mod tests;

@@ -561,7 +561,7 @@ impl SyncTarget for ScriptsSync {
     }
 
     fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
-        if self.store.sync_receive(state, msg, |_, _, _| ())?.is_some() {
+        if self.store.sync_receive(state, msg, |_, _| ())?.is_some() {
             self.reconcile_needed.notify_one();
         }
         Ok(())
