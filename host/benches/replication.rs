@@ -9,8 +9,8 @@
 //! - the cost of merging one peer's write as the document's history grows
 //!   (what a long-running node pays per replicated write).
 //!
-//! `COVEY_BENCH_QUICK=1` for a smoke run; `COVEY_BENCH_ONLY=merge` for the
-//! merge figure alone.
+//! `COVEY_BENCH_QUICK=1` for a smoke run; `COVEY_BENCH_ONLY=merge` (or `keys`)
+//! for that figure alone.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,9 +26,10 @@ use support::{ms, pct, sample, us};
 
 fn main() {
     let quick = support::start("replication");
-    if std::env::var("COVEY_BENCH_ONLY").as_deref() == Ok("merge") {
-        merge_cost(quick);
-        return;
+    match std::env::var("COVEY_BENCH_ONLY").as_deref() {
+        Ok("merge") => return merge_cost(quick),
+        Ok("keys") => return keys_footprint(if quick { 10_000 } else { 100_000 }),
+        _ => {}
     }
     let rt = support::runtime();
     rt.block_on(async {
@@ -194,6 +195,10 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// 100,000 keys written one by one, each its own Automerge change (as a
+/// script writing one key at a time, each acknowledged before the next,
+/// would make them), appended to the file every 1,000 writes as the
+/// flusher would; then the same store reopened, as after a restart.
 fn keys_footprint(keys: usize) {
     use covey::kvdoc::{KvDoc, KvLimits};
     let dir = tempfile::tempdir().unwrap();
@@ -208,22 +213,29 @@ fn keys_footprint(keys: usize) {
             format!("{{\"t\":{i}}}").as_bytes(),
         )
         .unwrap();
+        // Reading the heads closes the change: one change per write.
+        kv.heads();
+        if i % 1000 == 999 {
+            kv.flush().unwrap();
+        }
     }
-    let write = t.elapsed();
     kv.flush().unwrap();
+    let write = t.elapsed();
     let grown = rss_kib().saturating_sub(before);
     let disk = std::fs::metadata(&path).unwrap().len();
-    // Compacted, as a restart or the flusher's next compaction leaves it.
     drop(kv);
     let t = Instant::now();
     let router = std::sync::Arc::new(covey::router::Router::new("bench", 1 << 20));
     let kv = KvDoc::open(Some(path.clone()), KvLimits::default(), router).unwrap();
     let load = t.elapsed();
+    let reopened = rss_kib().saturating_sub(before);
     assert_eq!(kv.len(), keys);
     println!(
-        "{keys} keys (~25-byte keys, ~10-byte values): {:.1} MiB more RSS, {:.1} MiB on disk, \
-         {:.0} ms to write them one by one, {:.0} ms to load",
+        "{keys} keys (~25-byte keys, ~10-byte values, one change each): {:.1} MiB more RSS \
+         after writing them, {:.1} MiB after reopening, {:.1} MiB on disk; {:.0} ms to write \
+         them one by one, {:.0} ms to load",
         grown as f64 / 1024.0,
+        reopened as f64 / 1024.0,
         disk as f64 / (1 << 20) as f64,
         ms(write),
         ms(load)

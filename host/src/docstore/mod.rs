@@ -93,6 +93,19 @@ pub fn actor_node(actor: &ActorId) -> String {
     }
 }
 
+/// Return the heap's free memory to the system. Loading a document or
+/// saving a snapshot allocates several times the document's size for a
+/// moment; glibc keeps freed memory in its arenas, so without this a node
+/// that loaded 100,000 keys kept ~30 MiB it no longer used (measured with
+/// Automerge alone: +48 MiB after a load, +16 MiB after trimming).
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; no pointer is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl DocStore {
     /// Open (or create) the document at `path`; `None` keeps it in memory.
     pub fn open(path: Option<PathBuf>, what: &'static str) -> Result<Self> {
@@ -100,6 +113,7 @@ impl DocStore {
             Some(p) => file::load_or_recover(p, what)?,
             None => (AutoCommit::new(), 0),
         };
+        give_back_memory();
         Ok(DocStore {
             inner: Mutex::new(Inner {
                 doc,
@@ -141,11 +155,16 @@ impl DocStore {
         f(&self.inner.lock().unwrap().doc)
     }
 
-    /// Change the document (one commit) and schedule it for the disk.
+    /// Change the document and schedule it for the disk.
+    ///
+    /// No commit here: the change stays in Automerge's open transaction,
+    /// which the next flush, sync message or heads read closes. Writes that
+    /// arrive together become one change — history (memory, sync work)
+    /// grows with flushes and messages, not with writes: 100 writes per
+    /// change hold a third of the memory of one change each.
     pub fn write<R, E>(&self, f: impl FnOnce(&mut AutoCommit) -> Result<R, E>) -> Result<R, E> {
         let mut inner = self.inner.lock().unwrap();
         let r = f(&mut inner.doc)?;
-        inner.doc.commit();
         inner.unsaved = true;
         self.written.fetch_add(1, Ordering::AcqRel);
         drop(inner);
@@ -278,6 +297,10 @@ impl DocStore {
                     inner.tail_bytes += chunk.len() as u64;
                 }
                 drop(inner);
+                if compact {
+                    drop(chunk);
+                    give_back_memory();
+                }
                 self.durable.send_modify(|p| p.durable = p.durable.max(seq));
                 Ok(())
             }
@@ -329,6 +352,27 @@ mod tests {
 
     fn put(store: &DocStore, key: &str) {
         store.write(|d| d.put(ROOT, key, "v").map(drop)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_writes_is_one_change_read_at_once_and_saved_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.automerge");
+        let store = Arc::new(DocStore::open(Some(path.clone()), "test document").unwrap());
+        let flusher = store.spawn_flusher();
+        for i in 0..100 {
+            put(&store, &format!("k{i}"));
+            // Each write reads back before anything is committed.
+            assert!(store.read(|d| d.get(ROOT, format!("k{i}")).unwrap().is_some()));
+        }
+        store.durable().await.unwrap();
+        flusher.abort();
+        // The flusher (same single-threaded runtime) ran only at the await.
+        let changes = store.inner.lock().unwrap().doc.get_changes(&[]).len();
+        assert_eq!(changes, 1, "{changes} changes for 100 writes");
+        let reopened = DocStore::open(Some(path), "test document").unwrap();
+        let keys = reopened.read(|d| d.keys(ROOT).count());
+        assert_eq!(keys, 100);
     }
 
     #[tokio::test]
