@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, AutoCommit, ChangeHash, Patch};
+use automerge::{ActorId, AutoCommit, ChangeHash, Patch, PatchLog};
 use tokio::sync::{Notify, watch};
 
 pub mod file;
@@ -228,20 +228,16 @@ impl DocStore {
         let mut inner = self.inner.lock().unwrap();
         let doc = &mut inner.doc;
         let before = doc.get_heads();
-        // Log patches from here (an empty document has nothing to log
-        // against: its first merge is diffed from nothing, which is the
-        // size of that merge too).
-        doc.update_diff_cursor();
-        let received = doc.sync().receive_sync_message(state, msg);
-        let patches = match &received {
-            Ok(()) if doc.get_heads() != before => Some(doc.diff_incremental()),
-            _ => None,
-        };
-        doc.reset_diff_cursor();
-        received?;
-        let Some(patches) = patches else {
+        // A log of our own, not the document's diff cursor: `diff` would
+        // also keep a copy of the patches in the document until the next
+        // one (a whole first sync's worth).
+        let mut log = PatchLog::active();
+        doc.sync()
+            .receive_sync_message_log_patches(state, msg, &mut log)?;
+        if doc.get_heads() == before {
             return Ok(None);
-        };
+        }
+        let patches = doc.make_patches(&mut log);
         inner.unsaved = true;
         let r = changed(&inner.doc, &patches);
         drop(inner);
