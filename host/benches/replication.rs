@@ -295,6 +295,8 @@ fn merge_cost(quick: bool) {
     for &h in steps {
         while written < h {
             write(&a, written);
+            // One change per write (writes share a change otherwise).
+            a.heads();
             written += 1;
         }
         exchange(&a, &b);
