@@ -121,13 +121,28 @@ fn merges_report_exactly_the_changed_keys() {
     assert_eq!(conflicts, 1);
 }
 
+type States = BTreeMap<(usize, usize), (sync::State, sync::State)>;
+
+/// [`sync_into`] from replica `i` to replica `j` (`i != j`), with the
+/// pair's sync states kept in `states`.
+fn sync_pair(rs: &mut [Replica], states: &mut States, i: usize, j: usize) {
+    let st = states.entry((i, j)).or_default();
+    let (lo, hi) = rs.split_at_mut(i.max(j));
+    let (from, to) = if i < j {
+        (&mut lo[i], &mut hi[0])
+    } else {
+        (&mut hi[0], &mut lo[j])
+    };
+    sync_into(from, to, st);
+}
+
 /// Three replicas, random writes (unique values, deletes, increments) and
 /// random pairwise exchanges: no merge misses a changed key, and all end
 /// with the same contents.
 #[test]
 fn random_writes_and_merges_never_miss_a_change() {
     let mut rs = [replica("a"), replica("b"), replica("c")];
-    let mut states: BTreeMap<(usize, usize), (sync::State, sync::State)> = BTreeMap::new();
+    let mut states = States::new();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = |n: u64| {
         x ^= x << 13;
@@ -149,26 +164,12 @@ fn random_writes_and_merges_never_miss_a_change() {
         if next(3) == 0 {
             let (i, j) = (next(3) as usize, next(3) as usize);
             if i != j {
-                let st = states.entry((i, j)).or_default();
-                let (lo, hi) = rs.split_at_mut(i.max(j));
-                let (from, to) = if i < j {
-                    (&mut lo[i], &mut hi[0])
-                } else {
-                    (&mut hi[0], &mut lo[j])
-                };
-                sync_into(from, to, st);
+                sync_pair(&mut rs, &mut states, i, j);
             }
         }
     }
     for (i, j) in [(0, 1), (1, 2), (2, 0), (0, 1), (1, 2)] {
-        let st = states.entry((i, j)).or_default();
-        let (lo, hi) = rs.split_at_mut(i.max(j));
-        let (from, to) = if i < j {
-            (&mut lo[i], &mut hi[0])
-        } else {
-            (&mut hi[0], &mut lo[j])
-        };
-        sync_into(from, to, st);
+        sync_pair(&mut rs, &mut states, i, j);
     }
     let first = contents(&rs[0].kv);
     assert!(first.len() > 5, "{first:?}");
