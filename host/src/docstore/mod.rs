@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, AutoCommit, ChangeHash, Patch, PatchLog};
+use automerge::{ActorId, AutoCommit, ChangeHash, PatchLog};
 use tokio::sync::{Notify, watch};
 
 pub mod file;
@@ -210,11 +210,12 @@ impl DocStore {
     }
 
     /// Apply a peer's sync message. If the document changed, `changed`
-    /// runs (under the lock) with the merge's patches, and its result is
-    /// returned.
+    /// runs (under the lock) with the merge's patch log, and its result is
+    /// returned; an owner that needs the patches makes them from the log
+    /// (`AutoCommit::make_patches`), the others pay nothing for them.
     ///
-    /// The patches come from Automerge's patch log, recorded while the
-    /// message's changes are applied: their cost is the size of the merge.
+    /// The log is recorded while the message's changes are applied: its
+    /// cost, and the patches', is the size of the merge.
     /// (`diff` between the heads before and after walks every op of the
     /// document — the soak measured it growing with the history until it
     /// was most of a node's CPU.)
@@ -222,7 +223,7 @@ impl DocStore {
         &self,
         state: &mut sync::State,
         msg: &[u8],
-        changed: impl FnOnce(&AutoCommit, &[Patch]) -> T,
+        changed: impl FnOnce(&AutoCommit, &mut PatchLog) -> T,
     ) -> Result<Option<T>> {
         let msg = sync::Message::decode(msg)?;
         let mut inner = self.inner.lock().unwrap();
@@ -237,9 +238,8 @@ impl DocStore {
         if doc.get_heads() == before {
             return Ok(None);
         }
-        let patches = doc.make_patches(&mut log);
         inner.unsaved = true;
-        let r = changed(&inner.doc, &patches);
+        let r = changed(&inner.doc, &mut log);
         drop(inner);
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);

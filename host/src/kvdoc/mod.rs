@@ -306,8 +306,8 @@ impl SyncTarget for KvDoc {
     fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
         let (changed, conflicts) = self
             .store
-            .sync_receive(state, msg, |doc, patches| {
-                let changed = layout::changed_keys(patches);
+            .sync_receive(state, msg, |doc, log| {
+                let changed = layout::changed_keys(&doc.make_patches(log));
                 let conflicts: Vec<_> = (changed.iter())
                     .filter_map(|k| Some((k.clone(), layout::conflict(doc, k)?)))
                     .collect();
