@@ -82,6 +82,18 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Bytes of hex text (either case); none if it is not an even number of
+/// hex digits.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ED25519,
@@ -71,13 +71,8 @@ impl ClusterToken {
         let hex = text.strip_prefix(TOKEN_PREFIX).with_context(|| {
             "not a Covey cluster token (it starts with `covey1-`; make one with `covey cluster init`)"
         })?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!("malformed cluster token: expected `covey1-` followed by 64 hex digits");
-        }
-        let mut secret = [0u8; 32];
-        for (i, byte) in secret.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
-        }
+        let secret = (files::unhex(hex).and_then(|b| <[u8; 32]>::try_from(b).ok()))
+            .context("malformed cluster token: expected `covey1-` followed by 64 hex digits")?;
         Ok(ClusterToken { secret })
     }
 

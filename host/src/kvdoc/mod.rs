@@ -29,6 +29,7 @@ use crate::docsync::SyncTarget;
 use crate::lifecycle;
 use crate::router::Router;
 
+pub mod epoch;
 mod layout;
 pub mod quota;
 

@@ -1,0 +1,193 @@
+use automerge::transaction::Transactable;
+
+use super::*;
+
+fn replica(name: &str) -> AutoCommit {
+    let mut id = name.as_bytes().to_vec();
+    id.push(0);
+    AutoCommit::new().with_actor(ActorId::from(id))
+}
+
+fn put(doc: &mut AutoCommit, key: &str, value: &str) {
+    doc.put(ROOT, key, ScalarValue::Bytes(value.into()))
+        .unwrap();
+    doc.commit();
+}
+
+fn get(doc: &AutoCommit, key: &str) -> Option<String> {
+    match doc.get(ROOT, key).unwrap()? {
+        (Value::Scalar(s), _) => match s.as_ref() {
+            ScalarValue::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            ScalarValue::Int(i) => Some(i.to_string()),
+            other => Some(format!("{other:?}")),
+        },
+        _ => None,
+    }
+}
+
+/// The visible state, epoch records left out.
+fn state(doc: &AutoCommit) -> Vec<(String, String)> {
+    (doc.keys(ROOT))
+        .filter(|k| !k.starts_with(META_PREFIX))
+        .map(|k| {
+            let v = get(doc, &k).unwrap();
+            (k, v)
+        })
+        .collect()
+}
+
+fn merge(a: &mut AutoCommit, b: &mut AutoCommit) {
+    a.merge(b).unwrap();
+    b.merge(a).unwrap();
+    assert_eq!(a.get_heads(), b.get_heads());
+}
+
+fn epoch_info(doc: &mut AutoCommit) -> EpochInfo {
+    let changes = doc.get_changes(&[]);
+    EpochInfo::with_base(doc, &changes)
+}
+
+fn changes(doc: &mut AutoCommit) -> usize {
+    doc.get_changes(&[]).len()
+}
+
+#[test]
+fn replicas_compacting_at_the_same_heads_make_the_same_document() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    for i in 0..50 {
+        put(&mut a, &format!("k{}", i % 7), &format!("a{i}"));
+        put(&mut b, &format!("k{}", i % 5), &format!("b{i}"));
+    }
+    merge(&mut a, &mut b);
+    let before = state(&a);
+    let h = a.get_heads();
+    let mut ca = compact(&mut a, &h).unwrap();
+    let mut cb = compact(&mut b, &h).unwrap();
+    assert_eq!(ca.get_heads(), cb.get_heads());
+    assert_eq!(state(&ca), before);
+    assert_eq!(changes(&mut ca), 1);
+    let info = epoch_info(&mut ca);
+    assert_eq!(info.epoch, 1);
+    assert_eq!(info.base, Some(ca.get_heads()[0]));
+    // And again: epoch 2 remembers epoch 1's base.
+    let h = ca.get_heads();
+    let mut c2 = compact(&mut ca, &h).unwrap();
+    let info2 = epoch_info(&mut c2);
+    assert_eq!(
+        (info2.epoch, info2.lineage.get(&1)),
+        (2, info.base.as_ref())
+    );
+    assert_eq!(state(&c2), before);
+    assert_eq!(changes(&mut c2), 1);
+}
+
+#[test]
+fn changes_after_the_compaction_point_are_recreated_the_same_everywhere() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    put(&mut a, "x", "1");
+    put(&mut b, "y", "1");
+    merge(&mut a, &mut b);
+    let h = a.get_heads();
+    // Past `h`: concurrent writes on both sides, one key on both.
+    put(&mut a, "x", "2");
+    put(&mut a, "shared", "from a");
+    put(&mut b, "shared", "from b");
+    put(&mut b, "y", "2");
+    // `a` compacts before hearing from `b`; `b` after merging `a`'s.
+    let mut ca = compact(&mut a, &h).unwrap();
+    b.merge(&mut a).unwrap();
+    let mut cb = compact(&mut b, &h).unwrap();
+    assert_eq!(changes(&mut ca), 1 + 2);
+    assert_eq!(changes(&mut cb), 1 + 4);
+    // Same epoch, same base: they merge, and `a`'s two re-created changes
+    // are the same changes on both sides (no duplicates).
+    merge(&mut ca, &mut cb);
+    assert_eq!(changes(&mut ca), 1 + 4);
+    assert_eq!(get(&ca, "x").as_deref(), Some("2"));
+    assert_eq!(get(&ca, "y").as_deref(), Some("2"));
+    assert!(get(&ca, "shared").is_some());
+    assert_eq!(state(&ca), state(&cb));
+}
+
+#[test]
+fn a_node_away_across_two_compactions_rebases_and_keeps_its_writes() {
+    let (mut a, mut b, mut c) = (replica("a"), replica("b"), replica("c"));
+    put(&mut a, "x", "a0");
+    put(&mut c, "slot\0c", "1");
+    merge(&mut a, &mut b);
+    merge(&mut a, &mut c);
+    merge(&mut a, &mut b);
+    // `c` goes away after sending one write `a` has but `b` does not.
+    put(&mut c, "c-before", "sent");
+    a.merge(&mut c).unwrap();
+    put(&mut c, "slot\0c", "2");
+    put(&mut c, "x", "c-away");
+    put(&mut c, "c-only", "kept");
+    // `a` and `b` compact twice meanwhile, writing between.
+    b.merge(&mut a).unwrap();
+    put(&mut a, "x", "a1");
+    merge(&mut a, &mut b);
+    let h = a.get_heads();
+    let (mut a1, mut b1) = (compact(&mut a, &h).unwrap(), compact(&mut b, &h).unwrap());
+    put(&mut b1, "b-key", "b1");
+    merge(&mut a1, &mut b1);
+    let h = a1.get_heads();
+    let mut a2 = compact(&mut a1, &h).unwrap();
+    put(&mut a2, "after", "a2");
+    // `c` comes back on epoch 0 and moves onto `a`'s epoch 2.
+    let (mut c2, in_lineage) = rebase(&mut c, a2.clone()).unwrap();
+    assert!(in_lineage);
+    assert_eq!(get(&c2, "c-only").as_deref(), Some("kept"));
+    assert_eq!(get(&c2, "c-before").as_deref(), Some("sent"));
+    assert_eq!(get(&c2, "slot\0c").as_deref(), Some("2"));
+    assert_eq!(get(&c2, "b-key").as_deref(), Some("b1"));
+    assert_eq!(get(&c2, "after").as_deref(), Some("a2"));
+    // Its write made while away comes after everything in the base.
+    assert_eq!(get(&c2, "x").as_deref(), Some("c-away"));
+    // `c-before` was covered by a base: not re-created.
+    let recreated = (c2.get_changes(&[]).iter())
+        .filter(|ch| ch.message().is_some_and(|m| m.starts_with(ORIGIN_MESSAGE)))
+        .count();
+    assert_eq!(recreated, 3, "c's three writes made while away");
+    merge(&mut a2, &mut c2);
+    assert_eq!(state(&a2), state(&c2));
+}
+
+#[test]
+fn two_nodes_rebasing_the_same_changes_make_the_same_changes() {
+    let (mut a, mut c, mut d) = (replica("a"), replica("c"), replica("d"));
+    put(&mut a, "x", "0");
+    merge(&mut a, &mut c);
+    merge(&mut a, &mut d);
+    // `c` and `d` are away together and exchange their writes.
+    put(&mut c, "x", "c");
+    put(&mut d, "y", "d");
+    merge(&mut c, &mut d);
+    let h = a.get_heads();
+    let mut a1 = compact(&mut a, &h).unwrap();
+    let (mut c1, _) = rebase(&mut c, a1.clone()).unwrap();
+    let (mut d1, _) = rebase(&mut d, a1.clone()).unwrap();
+    assert_eq!(c1.get_heads(), d1.get_heads());
+    merge(&mut a1, &mut c1);
+    merge(&mut a1, &mut d1);
+    assert_eq!(changes(&mut a1), 1 + 2);
+    assert_eq!(get(&a1, "x").as_deref(), Some("c"));
+}
+
+#[test]
+fn a_document_saved_after_compaction_loads_with_its_epoch() {
+    let mut a = replica("a");
+    put(&mut a, "x", "1");
+    let h = a.get_heads();
+    let mut c = compact(&mut a, &h).unwrap();
+    put(
+        &mut c.clone().with_actor(ActorId::from(b"z".as_slice())),
+        "ignored",
+        "",
+    );
+    let mut loaded = AutoCommit::load(&c.save()).unwrap();
+    let info = epoch_info(&mut loaded);
+    assert_eq!(info.epoch, 1);
+    assert_eq!(info.base, c.get_heads().first().copied());
+    assert_eq!(state(&loaded), vec![("x".to_string(), "1".to_string())]);
+}
