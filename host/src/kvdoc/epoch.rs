@@ -168,7 +168,8 @@ fn scalar_u64(v: &ScalarValue) -> Option<u64> {
 
 /// The next epoch of `doc`: its state at `at` as one base change, then the
 /// changes not in `at`'s history re-created on top. Every node that
-/// compacts the same history at the same heads makes the same document.
+/// compacts the same history at the same heads makes the same document;
+/// it goes on writing as `doc`'s actor.
 pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<AutoCommit> {
     let changes = doc.get_changes(&[]);
     let info = EpochInfo::with_base(doc, &changes);
@@ -195,6 +196,7 @@ pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<AutoCommit> {
     let (mut next, base) = make_base(epoch, state, &clock, &mut lineage)?;
     let rest = changes.into_iter().filter(|c| !below.contains(&c.hash()));
     Rebuild::new(&mut next, base, info.epoch).run(rest, |_| None)?;
+    next.set_actor(doc.get_actor().clone());
     Ok(next)
 }
 
@@ -232,6 +234,7 @@ pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(AutoComm
         }
         held.get(&o).copied()
     })?;
+    theirs.set_actor(ours.get_actor().clone());
     Ok((theirs, in_lineage))
 }
 

@@ -191,3 +191,141 @@ fn a_document_saved_after_compaction_loads_with_its_epoch() {
     assert_eq!(info.base, c.get_heads().first().copied());
     assert_eq!(state(&loaded), vec![("x".to_string(), "1".to_string())]);
 }
+
+/// Four replicas writing (own keys, shared keys, deletes, their counter
+/// slot), merging in random pairs, compacting (all but one away) and
+/// catching up as the protocol does: a replica one epoch behind that holds
+/// the compaction point compacts itself, any other rebases onto the
+/// peer's document. At the end every replica holds the same contents, each
+/// own key its owner's last value and each slot its owner's last total.
+#[test]
+fn random_writes_merges_and_compactions_converge_and_lose_nothing() {
+    const N: usize = 4;
+    let mut rs: Vec<AutoCommit> = (0..N).map(|i| replica(&format!("r{i}"))).collect();
+    // Per epoch (by base), the heads it was compacted at.
+    let mut points: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for step in 0..1500 {
+        let r = next(N as u64) as usize;
+        match next(12) {
+            0..=3 => {
+                let key = format!("own{r}.{}", next(4));
+                put(&mut rs[r], &key, &format!("{step}"));
+                last.insert(key, format!("{step}"));
+            }
+            4 | 5 => put(
+                &mut rs[r],
+                &format!("shared{}", next(3)),
+                &format!("{step}"),
+            ),
+            6 => {
+                let key = format!("own{r}.{}", next(4));
+                if rs[r].get(ROOT, key.as_str()).unwrap().is_some() {
+                    rs[r].delete(ROOT, key.as_str()).unwrap();
+                    rs[r].commit();
+                }
+                last.remove(&key);
+            }
+            7 | 8 => {
+                let key = format!("slot{r}");
+                let n = get(&rs[r], &key).map_or(0, |v| v.parse::<i64>().unwrap()) + 1;
+                rs[r].put(ROOT, key.as_str(), ScalarValue::Int(n)).unwrap();
+                rs[r].commit();
+                last.insert(key, n.to_string());
+            }
+            9 | 10 => {
+                let j = next(N as u64) as usize;
+                if j != r {
+                    meet(&mut rs, r, j, &points);
+                }
+            }
+            _ => {
+                // Every replica but one away (or none) shares its heads,
+                // and they compact at them. (Two groups never compact apart:
+                // the protocol wants every member in sync.)
+                let away = next(N as u64 + 1) as usize;
+                let group: Vec<usize> = (0..N).filter(|&i| i != away).collect();
+                for &i in &group[1..] {
+                    meet(&mut rs, group[0], i, &points);
+                }
+                for &i in &group[1..] {
+                    meet(&mut rs, group[0], i, &points);
+                }
+                let h = rs[group[0]].get_heads();
+                if group.iter().all(|&i| rs[i].get_heads() == h) {
+                    for &i in &group {
+                        rs[i] = compact(&mut rs[i], &h).unwrap();
+                    }
+                    points.insert(epoch_info(&mut rs[group[0]]).base.unwrap(), h);
+                }
+            }
+        }
+    }
+    for _ in 0..2 {
+        for i in 0..N {
+            for j in 0..N {
+                if i != j {
+                    meet(&mut rs, i, j, &points);
+                }
+            }
+        }
+    }
+    let first = state(&rs[0]);
+    for r in &rs[1..] {
+        assert_eq!(state(r), first);
+    }
+    let expected: Vec<(String, String)> = last.into_iter().collect();
+    let mine: Vec<(String, String)> = (first.into_iter())
+        .filter(|(k, _)| !k.starts_with("shared"))
+        .collect();
+    assert_eq!(mine, expected);
+    assert!(
+        epoch_info(&mut rs[0]).epoch > 3,
+        "too few compactions to mean anything"
+    );
+}
+
+/// Replicas `i` and `j` meet: the one on the older epoch (or the smaller
+/// base, for two lineages) catches up, then they merge.
+fn meet(rs: &mut [AutoCommit], i: usize, j: usize, points: &HashMap<ChangeHash, Vec<ChangeHash>>) {
+    let (ei, ej) = (epoch_info(&mut rs[i]), epoch_info(&mut rs[j]));
+    if (ei.epoch, ei.base) != (ej.epoch, ej.base) {
+        let (behind, ahead, info) = if (ei.epoch, ei.base) < (ej.epoch, ej.base) {
+            (i, j, ej)
+        } else {
+            (j, i, ei)
+        };
+        let point = &points[&info.base.unwrap()];
+        let holds_point = point
+            .iter()
+            .all(|h| rs[behind].get_change_by_hash(h).is_some());
+        let own = epoch_info(&mut rs[behind]).epoch;
+        let mut caught_up = None;
+        if own + 1 == info.epoch && holds_point {
+            let c = compact(&mut rs[behind], point).unwrap();
+            let mut c2 = c.clone();
+            if epoch_info(&mut c2).base == info.base {
+                caught_up = Some(c);
+            }
+        }
+        let peer = rs[ahead].clone();
+        rs[behind] = match caught_up {
+            Some(c) => c,
+            None => {
+                let (doc, in_lineage) = rebase(&mut rs[behind], peer).unwrap();
+                assert!(in_lineage);
+                doc
+            }
+        };
+    }
+    let (lo, hi) = rs.split_at_mut(i.max(j));
+    let (a, b) = (&mut lo[i.min(j)], &mut hi[0]);
+    merge(a, b);
+}
