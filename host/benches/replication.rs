@@ -240,6 +240,31 @@ fn keys_footprint(keys: usize) {
         ms(write),
         ms(load)
     );
+    // The same history compacted (a single node: no one else to ask).
+    let t = Instant::now();
+    let heads = kv.compaction_due().expect("compaction due");
+    kv.compact_at(&heads, &[]).unwrap();
+    kv.flush().unwrap();
+    let compact = t.elapsed();
+    let compacted = rss_kib().saturating_sub(before);
+    let disk = std::fs::metadata(&path).unwrap().len();
+    drop(kv);
+    let router = std::sync::Arc::new(covey::router::Router::new("bench", 1 << 20));
+    let t = Instant::now();
+    let kv = KvDoc::open(Some(path.clone()), KvLimits::default(), router).unwrap();
+    let load = t.elapsed();
+    let reopened = rss_kib().saturating_sub(before);
+    assert_eq!(kv.len(), keys);
+    println!(
+        "the same {keys} keys compacted ({} change(s)): {:.1} MiB more RSS after compacting, \
+         {:.1} MiB after reopening, {:.1} MiB on disk; {:.0} ms to compact, {:.0} ms to load",
+        kv.history_len(),
+        compacted as f64 / 1024.0,
+        reopened as f64 / 1024.0,
+        disk as f64 / (1 << 20) as f64,
+        ms(compact),
+        ms(load)
+    );
 }
 
 /// Two in-memory key-value stores kept in sync by hand (the replicator's
@@ -317,4 +342,26 @@ fn merge_cost(quick: bool) {
             us(send / rounds)
         );
     }
+    // The same history compacted: `a` compacts (`b` holds its heads), and
+    // `b` follows on `a`'s next message.
+    let heads = a.heads();
+    a.compact_at(&heads, &["b".into()]).unwrap();
+    exchange(&a, &b);
+    assert_eq!((a.heads(), a.epoch()), (b.heads(), b.epoch()));
+    let rounds = 200;
+    let (mut send, mut recv) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        write(&a, written);
+        written += 1;
+        let (s, r) = exchange(&a, &b);
+        send += s;
+        recv += r;
+    }
+    println!(
+        "merge one write after compacting that history ({} changes): {:.0} us receiving, \
+         {:.0} us generating (per write, {rounds} writes)",
+        b.history_len(),
+        us(recv / rounds),
+        us(send / rounds)
+    );
 }

@@ -119,6 +119,11 @@ impl Node {
                 let manifest_sync = DocReplicator::new(DocId::Scripts, sync.clone());
                 let device_sync = DocReplicator::new(DocId::Devices, devices.registry.clone());
                 tasks.push(kv_sync.spawn());
+                let acks = kv_sync.clone();
+                tasks.push(services.kv.spawn_compactor(move |heads| {
+                    let acks = acks.clone();
+                    async move { acks.holding(&heads).await }
+                }));
                 tasks.push(manifest_sync.spawn());
                 tasks.push(device_sync.spawn());
                 sync_counters = vec![
@@ -138,6 +143,7 @@ impl Node {
                 Some(cluster)
             }
             _ => {
+                tasks.push(services.kv.spawn_compactor(|_| async { Vec::new() }));
                 tracing::info!(
                     "no cluster token: running as a single node \
                      (`covey cluster init` / `covey cluster join` to form a cluster)"

@@ -23,7 +23,9 @@ use crate::bindings::{CallError, Message};
 
 /// Wire protocol version, sent in the hello.
 /// 2: messages carry the device they came from (`via`).
-pub const PROTOCOL: u32 = 2;
+/// 3: key-value sync messages carry their history's epoch; whole-document
+///    requests.
+pub const PROTOCOL: u32 = 3;
 
 /// Bytes of framing allowed on top of the payload limit (names, ids).
 pub const FRAME_OVERHEAD: usize = 64 * 1024;
@@ -189,6 +191,23 @@ pub enum DocId {
     Scripts,
     /// The device registry (names and keys of microcontrollers).
     Devices,
+}
+
+impl DocId {
+    /// One byte naming the document in a request.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            DocId::Kv => 0,
+            DocId::Scripts => 1,
+            DocId::Devices => 2,
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Option<DocId> {
+        [DocId::Kv, DocId::Scripts, DocId::Devices]
+            .into_iter()
+            .find(|d| d.to_byte() == b)
+    }
 }
 
 /// Bytes written as one blob (not a sequence of numbers), read back owned

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::frame::{Frame, FrameError, FrameReader, Hello, WireMessage};
+use super::frame::{DocId, Frame, FrameError, FrameReader, Hello, MAX_SYNC_FRAME, WireMessage};
 use crate::bindings::{CallError, Message};
 
 /// QUIC application close codes (the reason text goes with them).
@@ -70,11 +70,20 @@ pub trait Inbound: Send + Sync + 'static {
     fn link_closed(&self, link: &Arc<PeerLink>, why: String);
     /// A blob (script file contents) by hash, for a peer that asks.
     fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>>;
+    /// A replicated document whole, for a peer that has to start over.
+    fn snapshot(&self, doc: DocId) -> Option<Vec<u8>>;
+    /// Whether this node's copy of a document holds every change `heads`
+    /// name (and their history).
+    fn holds(&self, doc: DocId, heads: &[[u8; 32]]) -> bool;
 }
 
 /// Requests on their own bidirectional stream, by first byte.
 const REQ_PROBE: u8 = 1;
 const REQ_BLOB: u8 = 2;
+const REQ_SNAPSHOT: u8 = 3;
+const REQ_HOLDS: u8 = 4;
+/// Most heads a holds request may name.
+pub const MAX_HOLDS: usize = 64;
 /// Largest blob a peer may send: a script file (the scripts sync limit).
 pub const MAX_BLOB: usize = 32 << 20;
 
@@ -296,6 +305,48 @@ impl PeerLink {
                             None => send.write_all(&[0]).await,
                         };
                     }
+                    REQ_HOLDS => {
+                        let mut head = [0u8; 2];
+                        if recv.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let (Some(doc), n) = (DocId::from_byte(head[0]), head[1] as usize) else {
+                            return;
+                        };
+                        if n > MAX_HOLDS {
+                            return;
+                        }
+                        let mut heads = vec![[0u8; 32]; n];
+                        for h in &mut heads {
+                            if recv.read_exact(h).await.is_err() {
+                                return;
+                            }
+                        }
+                        let yes = tokio::task::spawn_blocking(move || inbound.holds(doc, &heads))
+                            .await
+                            .unwrap_or(false);
+                        let _ = send.write_all(&[yes as u8]).await;
+                    }
+                    REQ_SNAPSHOT => {
+                        let mut doc = [0u8; 1];
+                        if recv.read_exact(&mut doc).await.is_err() {
+                            return;
+                        }
+                        let Some(doc) = DocId::from_byte(doc[0]) else {
+                            return;
+                        };
+                        let snapshot = tokio::task::spawn_blocking(move || inbound.snapshot(doc))
+                            .await
+                            .ok()
+                            .flatten();
+                        let _ = match snapshot {
+                            Some(b) => {
+                                send.write_all_chunks(&mut [Bytes::from_static(&[1]), b.into()])
+                                    .await
+                            }
+                            None => send.write_all(&[0]).await,
+                        };
+                    }
                     _ => return,
                 }
                 let _ = send.finish();
@@ -319,6 +370,33 @@ pub async fn fetch_blob(conn: &Connection, hash: &[u8; 32]) -> anyhow::Result<Op
         Some((0, _)) => Ok(None),
         _ => anyhow::bail!("malformed blob reply"),
     }
+}
+
+/// Fetch a replicated document whole from the peer at the other end of
+/// `conn`: none if it does not replicate it. At most a sync frame's size.
+pub async fn fetch_snapshot(conn: &Connection, doc: DocId) -> anyhow::Result<Option<Vec<u8>>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&[REQ_SNAPSHOT, doc.to_byte()]).await?;
+    send.finish()?;
+    let reply = recv.read_to_end(MAX_SYNC_FRAME + 1).await?;
+    match reply.split_first() {
+        Some((1, body)) => Ok(Some(body.to_vec())),
+        Some((0, _)) => Ok(None),
+        _ => anyhow::bail!("malformed snapshot reply"),
+    }
+}
+
+/// Does the peer at the other end of `conn` hold every change `heads` name?
+pub async fn ask_holds(conn: &Connection, doc: DocId, heads: &[[u8; 32]]) -> anyhow::Result<bool> {
+    anyhow::ensure!(heads.len() <= MAX_HOLDS, "too many heads");
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut req = vec![REQ_HOLDS, doc.to_byte(), heads.len() as u8];
+    heads.iter().for_each(|h| req.extend_from_slice(h));
+    send.write_all(&req).await?;
+    send.finish()?;
+    let mut answer = [0u8; 1];
+    recv.read_exact(&mut answer).await?;
+    Ok(answer[0] == 1)
 }
 
 /// Is the process behind `conn` alive? Used when a node with a known name

@@ -89,6 +89,15 @@ pub trait Replica: Send + Sync + 'static {
     fn peer_up(&self, link: &Arc<PeerLink>);
     fn peer_down(&self, link: &Arc<PeerLink>);
     fn receive(&self, link: &Arc<PeerLink>, msg: &[u8]);
+    /// The document whole, for a peer that has to start over.
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Whether the document holds every change `heads` name.
+    fn holds(&self, heads: &[[u8; 32]]) -> bool {
+        let _ = heads;
+        false
+    }
 }
 
 /// Where a node finds the blobs (script file contents) peers ask for.
@@ -524,6 +533,14 @@ impl Inbound for Shared {
 
     fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
         self.blobs.as_ref()?.blob(hash)
+    }
+
+    fn snapshot(&self, doc: DocId) -> Option<Vec<u8>> {
+        self.replicas.iter().find(|r| r.doc() == doc)?.snapshot()
+    }
+
+    fn holds(&self, doc: DocId, heads: &[[u8; 32]]) -> bool {
+        (self.replicas.iter().find(|r| r.doc() == doc)).is_some_and(|r| r.holds(heads))
     }
 
     fn link_closed(&self, link: &Arc<PeerLink>, why: String) {

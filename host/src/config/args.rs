@@ -162,7 +162,8 @@ pub struct RunArgs {
     pub data: Option<PathBuf>,
     /// YAML config file (keys: node, port, discovery, scripts, iface, extras,
     /// data, memory_mb, cpu_ms, max_scripts, max_payload, mailbox, log,
-    /// log_rate, kv_quota_keys, kv_quota_bytes, cluster_token, listen, peers,
+    /// log_rate, kv_quota_keys, kv_quota_bytes, kv_compact_after, cluster_token,
+    /// listen, peers,
     /// peer_timeout_ms, flap_window_ms, trust_precompiled, bridge_udp, bridge_serial,
     /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http)
     #[arg(long, env = "COVEY_CONFIG")]

@@ -51,6 +51,8 @@ pub struct FileConfig {
     pub kv_quota_keys: Option<u64>,
     /// Bytes (keys + values) one script may hold in the key-value store.
     pub kv_quota_bytes: Option<u64>,
+    /// Changes in the key-value store's history past which it is compacted.
+    pub kv_compact_after: Option<usize>,
     pub log: Option<String>,
     /// Cluster token (prefer `covey cluster join`, which keeps it in the
     /// data directory with owner-only permissions).
@@ -197,6 +199,7 @@ impl NodeConfig {
         cfg.max_payload = file.max_payload.unwrap_or(cfg.max_payload);
         cfg.kv.quota_keys = file.kv_quota_keys.unwrap_or(cfg.kv.quota_keys);
         cfg.kv.quota_bytes = file.kv_quota_bytes.unwrap_or(cfg.kv.quota_bytes);
+        cfg.kv.compact_after = file.kv_compact_after.unwrap_or(cfg.kv.compact_after);
         cfg.extras = file.extras;
         cfg.log = args.log.clone().or(file.log).unwrap_or(cfg.log);
         cfg.cluster = resolve_cluster(args, file_cluster, &cfg.data_dir)?;

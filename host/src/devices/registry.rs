@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::docstore::DocStore;
-use crate::docsync::SyncTarget;
+use crate::docsync::{Received, SyncTarget};
 use crate::router::now_ms;
 
 /// A device attached to some node, as that node last reported it.
@@ -199,9 +199,9 @@ impl SyncTarget for DeviceRegistry {
         self.store.sync_generate(state)
     }
 
-    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
+    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<Received> {
         self.store.sync_receive(state, msg, |_, _| ())?;
-        Ok(())
+        Ok(Received::Applied)
     }
 
     fn version(&self) -> watch::Receiver<u64> {

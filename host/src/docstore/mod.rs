@@ -58,9 +58,14 @@ pub struct DocStore {
     /// a write is acknowledged once `durable >= its seq`, and refused if a
     /// flush fails while it waits.
     written: AtomicU64,
+    /// Of those, the node's own bookkeeping ([`DocStore::record`]).
+    recorded: AtomicU64,
     durable: watch::Sender<Progress>,
     /// Bumped on every change, local or merged: replication listens.
     version: watch::Sender<u64>,
+    /// Bumped when the document is replaced ([`DocStore::replace`]): sync
+    /// states from before describe another history.
+    generation: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -127,8 +132,10 @@ impl DocStore {
             io: Mutex::new(()),
             dirty: Notify::new(),
             written: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
             durable: watch::Sender::new(Progress::default()),
             version: watch::Sender::new(0),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -146,13 +153,18 @@ impl DocStore {
     pub fn stats(&self) -> StoreStats {
         let inner = self.inner.lock().unwrap();
         StoreStats {
-            writes: self.written.load(Ordering::Relaxed),
+            writes: self.written.load(Ordering::Relaxed) - self.recorded.load(Ordering::Relaxed),
             file_bytes: (self.path.as_ref()).map(|_| inner.snapshot_bytes + inner.tail_bytes),
         }
     }
 
     pub fn read<R>(&self, f: impl FnOnce(&AutoCommit) -> R) -> R {
         f(&self.inner.lock().unwrap().doc)
+    }
+
+    /// A read that needs the open transaction closed (history, changes).
+    pub fn inspect<R>(&self, f: impl FnOnce(&mut AutoCommit) -> R) -> R {
+        f(&mut self.inner.lock().unwrap().doc)
     }
 
     /// Change the document and schedule it for the disk.
@@ -170,6 +182,14 @@ impl DocStore {
         drop(inner);
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);
+        Ok(r)
+    }
+
+    /// A write of the node's own bookkeeping (not counted in the writes
+    /// metric).
+    pub fn record<R, E>(&self, f: impl FnOnce(&mut AutoCommit) -> Result<R, E>) -> Result<R, E> {
+        let r = self.write(f)?;
+        self.recorded.fetch_add(1, Ordering::Relaxed);
         Ok(r)
     }
 
@@ -244,6 +264,38 @@ impl DocStore {
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);
         Ok(Some(r))
+    }
+
+    /// Replace the document with what `f` makes of it (a compaction, a
+    /// move onto a peer's history), atomically with respect to writes and
+    /// merges; the new document goes to disk as a whole snapshot. `f`
+    /// returning an error leaves everything as it was.
+    pub fn replace<T>(
+        &self,
+        f: impl FnOnce(&mut AutoCommit) -> Result<(AutoCommit, T)>,
+    ) -> Result<T> {
+        let mut inner = self.inner.lock().unwrap();
+        let (doc, r) = f(&mut inner.doc)?;
+        let old = std::mem::replace(&mut inner.doc, doc);
+        inner.unsaved = true;
+        inner.snapshot_due = true;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(inner);
+        drop(old);
+        give_back_memory();
+        self.dirty.notify_one();
+        self.version.send_modify(|v| *v += 1);
+        Ok(r)
+    }
+
+    /// How many times the document was replaced since the node started.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The whole document, as a peer that has to start over takes it.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.inner.lock().unwrap().doc.save()
     }
 
     pub fn heads(&self) -> Vec<ChangeHash> {

@@ -51,6 +51,10 @@ const EPOCH_KEY: &str = "\0e\0epoch";
 /// `\0e\0o\0<epoch>\0<actor hex>` = the highest sequence number of that
 /// actor's changes from that epoch the history covers.
 const ORIGIN_PREFIX: &str = "\0e\0o\0";
+/// The heads the epoch's base was made at (in the previous epoch's
+/// history), concatenated: a node still on that epoch that holds them can
+/// make the same base itself.
+const POINT_KEY: &str = "\0e\0at";
 /// `\0e\0b\0<epoch>` = that epoch's base hash: the lineage.
 const LINEAGE_PREFIX: &str = "\0e\0b\0";
 /// The base of every epoch is this actor's only change.
@@ -94,7 +98,7 @@ impl Origin {
     }
 
     fn message(&self) -> String {
-        let actor = crate::files::hex(&self.actor.to_bytes());
+        let actor = crate::files::hex(self.actor.to_bytes());
         format!("{ORIGIN_MESSAGE}{} {actor} {}", self.epoch, self.seq)
     }
 }
@@ -112,6 +116,8 @@ pub struct EpochInfo {
     pub base: Option<ChangeHash>,
     /// Bases of the earlier epochs this one descends from (as far as kept).
     pub lineage: BTreeMap<u64, ChangeHash>,
+    /// The heads of the previous epoch this one's base was made at.
+    pub point: Vec<ChangeHash>,
     clock: OriginClock,
 }
 
@@ -126,6 +132,11 @@ impl EpochInfo {
             let key = item.key.as_ref();
             if key == EPOCH_KEY {
                 info.epoch = scalar_u64(v).unwrap_or(0);
+            } else if key == POINT_KEY
+                && let ScalarValue::Bytes(b) = v
+            {
+                let hashes = b.chunks_exact(32).map(ChangeHash::try_from);
+                info.point = hashes.filter_map(Result::ok).collect();
             } else if let Some(rest) = key.strip_prefix(ORIGIN_PREFIX) {
                 let (epoch, actor) = rest.split_once('\0').unwrap_or(("", ""));
                 if let (Ok(e), Some(a), Some(seq)) =
@@ -141,6 +152,23 @@ impl EpochInfo {
             }
         }
         info
+    }
+
+    /// [`EpochInfo::of`] with the base found, and the number of changes
+    /// in the history.
+    pub fn read(doc: &mut AutoCommit) -> (EpochInfo, usize) {
+        let actor = base_actor();
+        let meta = doc.get_changes_meta(&[]);
+        let base = (meta.iter().find(|c| *c.actor == actor)).map(|c| c.hash);
+        let len = meta.len();
+        drop(meta);
+        (
+            EpochInfo {
+                base,
+                ..EpochInfo::of(doc)
+            },
+            len,
+        )
     }
 
     /// [`EpochInfo::of`] with the base found among `changes` (the
@@ -192,7 +220,11 @@ pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<AutoCommit> {
     if let Some(b) = info.base {
         lineage.insert(info.epoch, b);
     }
-    let state = state_at(doc, at);
+    let mut state = state_at(doc, at);
+    let mut point = at.to_vec();
+    point.sort();
+    let point_bytes = point.iter().flat_map(|h| h.0).collect();
+    state.insert(POINT_KEY.into(), ScalarValue::Bytes(point_bytes));
     let (mut next, base) = make_base(epoch, state, &clock, &mut lineage)?;
     let rest = changes.into_iter().filter(|c| !below.contains(&c.hash()));
     Rebuild::new(&mut next, base, info.epoch).run(rest, |_| None)?;
@@ -288,7 +320,7 @@ fn make_base(
     for ((e, actor), seq) in clock {
         let key = format!(
             "{ORIGIN_PREFIX}{e}\0{}",
-            crate::files::hex(&actor.to_bytes())
+            crate::files::hex(actor.to_bytes())
         );
         state.insert(key, ScalarValue::Uint(*seq));
     }

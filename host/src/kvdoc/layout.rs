@@ -145,6 +145,51 @@ pub fn changed_keys(patches: &[Patch]) -> BTreeSet<String> {
     keys
 }
 
+/// The visible keys whose values differ between two documents (after a
+/// history was replaced): one pass over both root maps in key order.
+pub fn differences(a: &AutoCommit, b: &AutoCommit) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut note = |key: &str| match key.strip_prefix('\0') {
+        None => {
+            out.insert(key.to_string());
+        }
+        Some(_) => {
+            if let Some(name) = counter_name(key) {
+                out.insert(name.to_string());
+            }
+        }
+    };
+    let (mut xs, mut ys) = (
+        a.map_range(ROOT, ..).peekable(),
+        b.map_range(ROOT, ..).peekable(),
+    );
+    loop {
+        match (xs.peek(), ys.peek()) {
+            (None, None) => break,
+            (Some(x), Some(y)) if x.key == y.key => {
+                if x.value != y.value {
+                    note(&x.key);
+                }
+                xs.next();
+                ys.next();
+            }
+            (Some(x), Some(y)) if x.key < y.key => {
+                note(&x.key);
+                xs.next();
+            }
+            (Some(_), Some(y)) | (None, Some(y)) => {
+                note(&y.key);
+                ys.next();
+            }
+            (Some(x), None) => {
+                note(&x.key);
+                xs.next();
+            }
+        }
+    }
+    out
+}
+
 /// If plain key `key` holds concurrent values (written on two sides of a
 /// partition), the actor whose value reads (the winner) and the others'.
 pub fn conflict(doc: &AutoCommit, key: &str) -> Option<(ActorId, Vec<ActorId>)> {

@@ -19,19 +19,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use automerge::sync;
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ROOT, ReadDoc, ScalarValue, Value};
-use tokio::sync::watch;
 
-use crate::docstore::{DocStore, actor_node};
-use crate::docsync::SyncTarget;
-use crate::lifecycle;
+use crate::docstore::DocStore;
 use crate::router::Router;
 
 pub mod epoch;
 mod layout;
 pub mod quota;
+mod replication;
 
 use layout::slot_key;
 use quota::Ledger;
@@ -46,6 +43,9 @@ pub struct KvLimits {
     pub quota_keys: u64,
     /// Bytes (keys + values) one script may hold.
     pub quota_bytes: u64,
+    /// Changes in the history past which it is compacted (once every
+    /// member holds them; see [`epoch`]).
+    pub compact_after: usize,
 }
 
 impl Default for KvLimits {
@@ -55,6 +55,7 @@ impl Default for KvLimits {
             max_value_bytes: 1 << 20,
             quota_keys: 10_000,
             quota_bytes: 16 << 20,
+            compact_after: 5_000,
         }
     }
 }
@@ -82,6 +83,8 @@ pub struct KvDoc {
     router: Arc<Router>,
     /// What each script holds; locked across a write's check and charge.
     ledger: Mutex<Ledger>,
+    /// The epoch of the history (see [`epoch`]), kept beside the document.
+    epoch: Mutex<epoch::EpochInfo>,
 }
 
 impl KvDoc {
@@ -89,13 +92,17 @@ impl KvDoc {
     pub fn open(path: Option<PathBuf>, limits: KvLimits, router: Arc<Router>) -> Result<Self> {
         let store = Arc::new(DocStore::open(path, "key-value store")?);
         store.name_actor(router.node_name());
-        Ok(KvDoc {
+        let (info, _) = store.inspect(epoch::EpochInfo::read);
+        let kv = KvDoc {
             store,
             node: router.node_name().to_string(),
             limits,
             router,
             ledger: Mutex::new(Ledger::default()),
-        })
+            epoch: Mutex::new(info),
+        };
+        kv.join_members();
+        Ok(kv)
     }
 
     pub fn limits(&self) -> KvLimits {
@@ -293,54 +300,6 @@ impl KvDoc {
 
     pub fn spawn_flusher(&self) -> tokio::task::JoinHandle<()> {
         self.store.spawn_flusher()
-    }
-}
-
-impl SyncTarget for KvDoc {
-    fn generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
-        self.store.sync_generate(state)
-    }
-
-    /// Merge a peer's changes; scripts watching a changed key are told,
-    /// exactly once per key per merge, as for a local write. A key the
-    /// merge left with concurrent values is a `covey.kv.conflict`.
-    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
-        let (changed, conflicts) = self
-            .store
-            .sync_receive(state, msg, |doc, log| {
-                let changed = layout::changed_keys(&doc.make_patches(log));
-                let conflicts: Vec<_> = (changed.iter())
-                    .filter_map(|k| Some((k.clone(), layout::conflict(doc, k)?)))
-                    .collect();
-                (changed, conflicts)
-            })?
-            .unwrap_or_default();
-        for (key, (winner, losers)) in conflicts {
-            let event = lifecycle::ConflictEvent {
-                key,
-                winner: actor_node(&winner),
-                losers: losers.iter().map(actor_node).collect(),
-                copy: None,
-            };
-            tracing::info!(
-                key = crate::router::for_log(&event.key),
-                winner = event.winner,
-                "key-value conflict: concurrent writes merged, one kept"
-            );
-            (self.router).emit_system(lifecycle::KV_CONFLICT, lifecycle::payload(&event));
-        }
-        for key in &changed {
-            let value = self.get(key);
-            if value.is_none() {
-                self.ledger.lock().unwrap().release(key);
-            }
-            self.router.kv_changed(key, value.as_deref());
-        }
-        Ok(())
-    }
-
-    fn version(&self) -> watch::Receiver<u64> {
-        self.store.watch_version()
     }
 }
 

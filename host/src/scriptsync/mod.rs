@@ -33,7 +33,7 @@ use self::blobs::{BlobStore, Hash, Transfers};
 use self::manifest::Entry;
 use crate::cluster::{BlobSource, Cluster};
 use crate::docstore::DocStore;
-use crate::docsync::SyncTarget;
+use crate::docsync::{Received, SyncTarget};
 use crate::files::hex;
 use crate::lifecycle;
 use crate::router::{Router, for_log};
@@ -560,11 +560,11 @@ impl SyncTarget for ScriptsSync {
         self.store.sync_generate(state)
     }
 
-    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<()> {
+    fn receive(&self, state: &mut sync::State, msg: &[u8]) -> Result<Received> {
         if self.store.sync_receive(state, msg, |_, _| ())?.is_some() {
             self.reconcile_needed.notify_one();
         }
-        Ok(())
+        Ok(Received::Applied)
     }
 
     fn version(&self) -> watch::Receiver<u64> {

@@ -345,3 +345,82 @@ async fn a_local_edit_not_yet_recorded_is_never_overwritten_by_a_peer() {
     sync.rescan().await.unwrap();
     assert_eq!(sync.heads(), heads, "nothing new to record");
 }
+
+/// Write `n` keys on `t`, each its own change (each waits for the disk,
+/// which closes the change).
+async fn changes(t: &TestNode, prefix: &str, n: usize) {
+    let kv = t.node().kv().clone();
+    for i in 0..n {
+        kv.set(&format!("{prefix}{i}"), format!("v{i}").as_bytes())
+            .unwrap();
+        kv.durable().await.unwrap();
+    }
+}
+
+async fn same_history(nodes: &[&TestNode]) {
+    eventually(20, "same epoch and heads everywhere", || async {
+        let first = (nodes[0].node().kv().epoch(), nodes[0].node().kv().heads());
+        nodes[1..]
+            .iter()
+            .all(|t| (t.node().kv().epoch(), t.node().kv().heads()) == first)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_compacted_everywhere_once_every_member_holds_it() {
+    let (_token, [a, b, c]) = three(|c| c.kv.compact_after = 40).await;
+    b.node().kv().incr("hits", 2).unwrap();
+    changes(&a, "k", 100).await;
+    for t in [&a, &b, &c] {
+        eventually(20, &format!("{} compacted", t.name), || async {
+            t.node().kv().epoch().epoch >= 1
+        })
+        .await;
+    }
+    converged(&[&a, &b, &c], "k99", Some("v99")).await;
+    same_history(&[&a, &b, &c]).await;
+    for t in [&a, &b, &c] {
+        let len = t.node().kv().history_len();
+        assert!(len < 40, "{}: {len} changes after compaction", t.name);
+        assert_eq!(t.node().kv().keys("k").len(), 100);
+        assert_eq!(t.kv_string("hits").as_deref(), Some("2"));
+    }
+    // Writes go on in the new epoch, from any node.
+    assert_eq!(probe(&c, "probe.set", "after|compaction").await, "Ok(())");
+    c.node().kv().incr("hits", 1).unwrap();
+    converged(&[&a, &b, &c], "after", Some("compaction")).await;
+    converged(&[&a, &b, &c], "hits", Some("3")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_its_own_history_joins_a_compacted_cluster_and_keeps_it() {
+    let token = ClusterToken::generate();
+    let tweak = |c: &mut covey::config::NodeConfig| c.kv.compact_after = 40;
+    let a = join("a", &token, &[], &["probe"], tweak).await;
+    let b = join("b", &token, &[addr(&a)], &["probe"], tweak).await;
+    wait_up(&[&a, &b]).await;
+    changes(&a, "k", 100).await;
+    same_history(&[&a, &b]).await;
+    eventually(20, "compacted", || async {
+        a.node().kv().epoch().epoch >= 1
+    })
+    .await;
+    // `d` starts alone (same cluster, no peers), writes, then meets `a`.
+    let mut d = join("d", &token, &[], &["probe"], |_| {}).await;
+    d.node().kv().set("d/own", b"mine").unwrap();
+    d.node().kv().set("k7", b"d's k7").unwrap();
+    d.node().kv().incr("hits", 4).unwrap();
+    d.node().kv().durable().await.unwrap();
+    d.stop().await;
+    let mut cfg = d.config();
+    cfg.cluster = Some(crate::cluster::cluster_config(&token, &[addr(&a)]));
+    d.restart(cfg).await;
+    converged(&[&a, &b, &d], "d/own", Some("mine")).await;
+    converged(&[&a, &b, &d], "k99", Some("v99")).await;
+    converged(&[&a, &b, &d], "hits", Some("4")).await;
+    // Written on `d` after everything in the base: it wins.
+    converged(&[&a, &b, &d], "k7", Some("d's k7")).await;
+    same_history(&[&a, &b, &d]).await;
+    assert!(d.node().kv().epoch().epoch >= 1);
+}
