@@ -103,7 +103,7 @@ pub fn actor_node(actor: &ActorId) -> String {
 /// moment; glibc keeps freed memory in its arenas, so without this a node
 /// that loaded 100,000 keys kept ~30 MiB it no longer used (measured with
 /// Automerge alone: +48 MiB after a load, +16 MiB after trimming).
-fn give_back_memory() {
+pub fn give_back_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory; no pointer is touched.
     unsafe {
@@ -275,13 +275,26 @@ impl DocStore {
         f: impl FnOnce(&mut AutoCommit) -> Result<(AutoCommit, T)>,
     ) -> Result<T> {
         let mut inner = self.inner.lock().unwrap();
-        let (doc, r) = f(&mut inner.doc)?;
-        let old = std::mem::replace(&mut inner.doc, doc);
+        let (mut doc, r) = f(&mut inner.doc)?;
+        // The new document was built among the old one's allocations: once
+        // the old one is gone, load it again from its bytes so it sits in
+        // memory as compactly as after a restart (measured with 100,000
+        // keys: 29 MiB kept otherwise, against 8 MiB after a reload).
+        let actor = doc.get_actor().clone();
+        let bytes = doc.save();
+        drop(std::mem::replace(&mut inner.doc, AutoCommit::new()));
+        give_back_memory();
+        inner.doc = match AutoCommit::load(&bytes) {
+            Ok(reloaded) => reloaded.with_actor(actor),
+            Err(e) => {
+                tracing::warn!("{}: reloading the replaced document: {e}", self.what);
+                doc
+            }
+        };
         inner.unsaved = true;
         inner.snapshot_due = true;
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(inner);
-        drop(old);
         give_back_memory();
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);

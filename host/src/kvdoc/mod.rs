@@ -93,6 +93,8 @@ impl KvDoc {
         let store = Arc::new(DocStore::open(path, "key-value store")?);
         store.name_actor(router.node_name());
         let (info, _) = store.inspect(epoch::EpochInfo::read);
+        // Reading the history's metadata allocated it all once.
+        crate::docstore::give_back_memory();
         let kv = KvDoc {
             store,
             node: router.node_name().to_string(),
