@@ -243,7 +243,12 @@ async fn five_nodes_survive_a_minute_of_faults_and_converge() {
     eprintln!("chaos seed {seed} (replay: COVEY_CHAOS_SEED={seed}), {secs} s of faults");
     let token = ClusterToken::generate();
     let config = lan.data(0).with_file_name("chaos.yaml");
-    std::fs::write(&config, "log_rate: 0\nkv_quota_keys: 10000000\n").unwrap();
+    // A short history before compaction: the faults then hit compactions too.
+    std::fs::write(
+        &config,
+        "log_rate: 0\nkv_quota_keys: 10000000\nkv_compact_after: 300\n",
+    )
+    .unwrap();
     lan.args = vec!["--config".into(), config.display().to_string()];
     for i in 1..=NODES {
         std::fs::create_dir_all(lan.scripts(i)).unwrap();
@@ -293,6 +298,8 @@ async fn five_nodes_survive_a_minute_of_faults_and_converge() {
     }
     for what in [
         "restarting the exchange",
+        "history compacted",
+        "moved onto a peer's history",
         "peer down",
         "peer up",
         "not applied",
