@@ -92,6 +92,8 @@ const STALLED: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(100);
 /// Longest wait for a peer's answer to whether it holds given heads.
 const HOLDS_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed catch-up, the wait before the next.
+const CATCH_UP_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest wait for a peer's whole document.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -259,31 +261,23 @@ impl<T: SyncTarget> DocReplicator<T> {
                 crate::cluster::link::fetch_snapshot(&link.conn, me.doc),
             )
             .await;
-            match fetched {
+            let adopted = match fetched {
                 Ok(Ok(Some(bytes))) => {
                     let target = me.target.clone();
-                    let adopted = tokio::task::spawn_blocking(move || target.adopt(&bytes)).await;
-                    match adopted {
-                        Ok(Ok(())) => {
-                            tracing::debug!(peer = %link.node, doc = ?me.doc, "adopted the peer's document")
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer = %link.node, doc = ?me.doc, "cannot adopt the peer's document: {e:#}")
-                        }
-                        Err(e) => {
-                            tracing::warn!(doc = ?me.doc, "adopting a peer's document failed: {e}")
-                        }
+                    match tokio::task::spawn_blocking(move || target.adopt(&bytes)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(format!("cannot adopt the peer's document: {e:#}")),
+                        Err(e) => Err(format!("adopting the peer's document failed: {e}")),
                     }
                 }
-                Ok(Ok(None)) => {
-                    tracing::warn!(peer = %link.node, doc = ?me.doc, "peer has no document to give")
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(peer = %link.node, doc = ?me.doc, "fetching the peer's document: {e:#}")
-                }
-                Err(_) => {
-                    tracing::warn!(peer = %link.node, doc = ?me.doc, "fetching the peer's document timed out")
-                }
+                Ok(Ok(None)) => Err("the peer has no document to give".to_string()),
+                Ok(Err(e)) => Err(format!("fetching the peer's document: {e:#}")),
+                Err(_) => Err("fetching the peer's document timed out".to_string()),
+            };
+            if let Err(why) = adopted {
+                tracing::warn!(peer = %link.node, doc = ?me.doc, "{why}; trying again later");
+                // Not at once: every message from a peer ahead asks again.
+                tokio::time::sleep(CATCH_UP_BACKOFF).await;
             }
             me.catching_up.store(false, Ordering::Release);
             me.wake.notify_one();

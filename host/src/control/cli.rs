@@ -64,6 +64,11 @@ pub enum OperatorCommand {
     Kv(KvCommand),
     /// The cluster's members as this node sees them.
     Nodes {
+        /// Stop counting NODE as a member of the key-value store (a node
+        /// removed for good: compaction waits for every member). It must
+        /// be down; it becomes a member again if it ever comes back.
+        #[arg(long, value_name = "NODE")]
+        forget: Option<String>,
         #[command(flatten)]
         out: Out,
     },
@@ -220,7 +225,11 @@ async fn run_async(cmd: OperatorCommand) -> Result<i32> {
             once(&out, req, &payload, Print::Bytes("reply")).await
         }
         C::Kv(kv) => run_kv(kv).await,
-        C::Nodes { out } => once(&out, Request::Nodes, &[], Print::Nodes).await,
+        C::Nodes {
+            forget: Some(node),
+            out,
+        } => once(&out, Request::ForgetNode { node }, &[], Print::Quiet).await,
+        C::Nodes { forget: None, out } => once(&out, Request::Nodes, &[], Print::Nodes).await,
         C::Scripts { nodes, out } => {
             let req = Request::Scripts {
                 nodes: nodes.nodes(),

@@ -26,7 +26,7 @@ use super::proto::{
 use crate::kvdoc::KvError;
 use crate::logring::{LOGS, LogLine, LogQuery};
 use crate::pattern::Pattern;
-use crate::router::{Delivery, Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SubKind};
+use crate::router::{Delivery, PeerStatus, Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SubKind};
 use futures_util::{Stream, StreamExt};
 
 /// Longest call timeout an operator may ask for.
@@ -150,6 +150,7 @@ pub(crate) fn simple(source: &StatusSource, req: Request) -> Outcome {
             Ok((json!({ "keys": keys }), vec![]))
         }
         Request::Nodes => Ok((serde_json::to_value(nodes(source)).unwrap(), vec![])),
+        Request::ForgetNode { node } => forget(source, &node),
         _ => Err(Failure::new(
             FailureKind::BadRequest,
             "not a simple request",
@@ -250,6 +251,25 @@ pub(crate) struct NodeRow {
     addr: Option<String>,
     rtt_us: Option<u64>,
     version: String,
+}
+
+/// Stop counting `node` as a member of the key-value store.
+fn forget(source: &StatusSource, node: &str) -> Outcome {
+    let bad = |m: String| Err(Failure::new(FailureKind::BadRequest, m));
+    if node == source.router.node_name() {
+        return bad("this node cannot forget itself".into());
+    }
+    if (source.cluster.as_ref()).is_some_and(|c| c.status(node) == PeerStatus::Up) {
+        return bad(format!("node `{node}` is up: stop it first"));
+    }
+    match source.kv.forget_member(node) {
+        Ok(true) => Ok((json!({ "node": node, "forgotten": true }), vec![])),
+        Ok(false) => Err(Failure::new(
+            FailureKind::NotFound,
+            format!("`{node}` is not a member of the key-value store"),
+        )),
+        Err(e) => Err(kv_failure(e)),
+    }
 }
 
 pub(crate) fn nodes(source: &StatusSource) -> Vec<NodeRow> {

@@ -72,6 +72,10 @@ pub enum Request {
     },
     /// The cluster's members as this node sees them.
     Nodes,
+    /// No longer count a node that is gone as a member of the store.
+    ForgetNode {
+        node: String,
+    },
     /// Scripts ([`crate::script::supervisor::ScriptInfo`]): this node's
     /// as `{"node", "scripts"}`; of other nodes, a list of those (or of
     /// `{"node", "error"}`).

@@ -376,6 +376,9 @@ struct Rebuild<'a> {
     images: HashMap<ChangeHash, Image>,
     /// The source changes seen so far, by actor and sequence number.
     by_seq: HashMap<(ActorId, u64), ChangeHash>,
+    /// Last op number of changes in the new history (the base is one
+    /// large change: read it once, not per change built on it).
+    max_ops: HashMap<ChangeHash, u64>,
 }
 
 impl<'a> Rebuild<'a> {
@@ -386,6 +389,7 @@ impl<'a> Rebuild<'a> {
             epoch,
             images: HashMap::new(),
             by_seq: HashMap::new(),
+            max_ops: HashMap::new(),
         }
     }
 
@@ -433,8 +437,15 @@ impl<'a> Rebuild<'a> {
         let seq = 1 + prev.and_then(|h| self.images.get(h)).map_or(0, |i| i.seq);
         let mut max_op = 0;
         for d in &deps {
-            let change = self.doc.get_change_by_hash(d).context("image missing")?;
-            max_op = max_op.max(change.max_op());
+            let m = match self.max_ops.get(d) {
+                Some(m) => *m,
+                None => {
+                    let change = self.doc.get_change_by_hash(d).context("image missing")?;
+                    self.max_ops.insert(*d, change.max_op());
+                    change.max_op()
+                }
+            };
+            max_op = max_op.max(m);
         }
         let start_op = NonZeroU64::new(max_op + 1).unwrap();
         let operations = self.ops(c, &deps, start_op.get())?;
@@ -451,6 +462,7 @@ impl<'a> Rebuild<'a> {
             author: None,
         });
         let hash = change.hash();
+        self.max_ops.insert(hash, change.max_op());
         self.doc.apply_changes([change])?;
         Ok(Image { hash, seq })
     }

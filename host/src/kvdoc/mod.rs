@@ -30,6 +30,8 @@ mod layout;
 pub mod quota;
 mod replication;
 
+pub use replication::{Compaction, epoch_zero_message};
+
 use layout::slot_key;
 use quota::Ledger;
 

@@ -37,8 +37,9 @@ const COMPACT_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most heads a compaction point may have (one per concurrent writer).
 const MAX_POINT: usize = 64;
 
-/// `\0e\0m\0<node>`: a node that is a member (written once per node).
-const MEMBER_PREFIX: &str = "\0e\0m\0";
+/// `\0m\0<node>`: a node that is a member (written once per node). Not
+/// under the epoch's own prefix: compaction carries it into the base.
+const MEMBER_PREFIX: &str = "\0m\0";
 
 /// Which history a message belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +118,18 @@ pub enum Compaction {
     Waiting,
 }
 
+/// `msg` (an Automerge sync message) as a peer on epoch 0 sends it (for
+/// the fuzz targets).
+#[doc(hidden)]
+pub fn epoch_zero_message(msg: &[u8]) -> Vec<u8> {
+    let env = Envelope {
+        epoch: 0,
+        base: None,
+        point: Vec::new(),
+    };
+    env.wrap(msg)
+}
+
 fn member_key(node: &str) -> String {
     format!("{MEMBER_PREFIX}{node}")
 }
@@ -134,6 +147,18 @@ impl KvDoc {
         let _ = self
             .store
             .record(|d| d.put(ROOT, key.as_str(), ScalarValue::Uint(1)));
+    }
+
+    /// Stop counting `node` as a member (one gone for good); false if it
+    /// was not one. It becomes one again if it ever starts.
+    pub fn forget_member(&self, node: &str) -> Result<bool, super::KvError> {
+        let key = member_key(node);
+        self.store
+            .record(|d| match d.get(ROOT, key.as_str())? {
+                Some(_) => d.delete(ROOT, key.as_str()).map(|()| true),
+                None => Ok(false),
+            })
+            .map_err(|e| super::KvError::Storage(e.to_string()))
     }
 
     /// Nodes that ever joined the store's replication, sorted.
@@ -390,11 +415,9 @@ impl SyncTarget for KvDoc {
                 self.merge(state, msg)?;
                 Ok(Received::Applied)
             }
-            // The peer catches up from our messages: start them afresh.
-            std::cmp::Ordering::Less => {
-                *state = sync::State::new();
-                Ok(Received::Applied)
-            }
+            // The peer catches up from our messages (sent afresh whenever
+            // our history changed, and when an answer is overdue).
+            std::cmp::Ordering::Less => Ok(Received::Applied),
             std::cmp::Ordering::Greater => {
                 if !self.follow(&mut mine, &env)? {
                     return Ok(Received::Behind);

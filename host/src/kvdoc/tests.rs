@@ -177,3 +177,46 @@ fn random_writes_and_merges_never_miss_a_change() {
         assert_eq!(contents(&r.kv), first);
     }
 }
+
+/// Compaction waits for every member; a member gone for good can be
+/// forgotten, and then it does not. The follower makes the same epoch from
+/// the leader's next message, and reports the keys whose value it changed.
+#[test]
+fn compaction_waits_for_members_and_followers_make_the_same_epoch() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut states = Default::default();
+    a.kv.set("x", b"1").unwrap();
+    b.kv.set("y", b"1").unwrap();
+    sync_into(&mut a, &mut b, &mut states);
+    assert_eq!(a.kv.members(), ["a", "b"]);
+    let heads = a.kv.heads();
+    // `b` is a member and did not say it holds `heads`.
+    assert_eq!(
+        a.kv.compact_at(&heads, &[]).unwrap(),
+        super::Compaction::Waiting
+    );
+    assert_eq!(a.kv.epoch().epoch, 0);
+    assert_eq!(
+        a.kv.compact_at(&heads, &["b".into()]).unwrap(),
+        super::Compaction::Done
+    );
+    assert_eq!(a.kv.epoch().epoch, 1);
+    // A write after the point, then `b` hears from `a`: it holds the
+    // point, so it compacts itself, and ends with `a`'s heads (each merge
+    // or move checked by `sync_into`: every changed key reported once).
+    a.kv.set("x", b"2").unwrap();
+    sync_into(&mut a, &mut b, &mut Default::default());
+    assert_eq!((b.kv.epoch(), b.kv.heads()), (a.kv.epoch(), a.kv.heads()));
+    assert_eq!(b.kv.get("x").as_deref(), Some(&b"2"[..]));
+    assert!(a.kv.history_len() <= 3, "{}", a.kv.history_len());
+    // `b` leaves for good: forgotten, it no longer holds compaction back.
+    assert!(a.kv.forget_member("b").unwrap());
+    assert!(!a.kv.forget_member("b").unwrap());
+    assert_eq!(a.kv.members(), ["a"]);
+    let heads = a.kv.heads();
+    assert_eq!(
+        a.kv.compact_at(&heads, &[]).unwrap(),
+        super::Compaction::Done
+    );
+    assert_eq!(a.kv.epoch().epoch, 2);
+}
