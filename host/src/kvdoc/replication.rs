@@ -34,6 +34,9 @@ use crate::lifecycle;
 const ENVELOPE: u8 = 0xC1;
 /// How often the compactor looks at the history.
 const COMPACT_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the heads to compact at get to reach the other members
+/// before they are asked whether they hold them.
+const HOLD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most heads a compaction point may have (one per concurrent writer).
 const MAX_POINT: usize = 64;
 
@@ -237,6 +240,10 @@ impl KvDoc {
                 else {
                     continue;
                 };
+                // `heads` includes what this node wrote a moment ago: give
+                // it time to reach the others (under steady writes nobody
+                // ever holds the very latest heads).
+                tokio::time::sleep(HOLD_WAIT).await;
                 let holders = holding(heads.clone()).await;
                 let k = kv.clone();
                 let done =
