@@ -297,13 +297,7 @@ impl PeerLink {
                             .await
                             .ok()
                             .flatten();
-                        let _ = match blob {
-                            Some(b) => {
-                                send.write_all_chunks(&mut [Bytes::from_static(&[1]), b.into()])
-                                    .await
-                            }
-                            None => send.write_all(&[0]).await,
-                        };
+                        let _ = reply_optional(&mut send, blob).await;
                     }
                     REQ_HOLDS => {
                         let mut head = [0u8; 2];
@@ -339,13 +333,7 @@ impl PeerLink {
                             .await
                             .ok()
                             .flatten();
-                        let _ = match snapshot {
-                            Some(b) => {
-                                send.write_all_chunks(&mut [Bytes::from_static(&[1]), b.into()])
-                                    .await
-                            }
-                            None => send.write_all(&[0]).await,
-                        };
+                        let _ = reply_optional(&mut send, snapshot).await;
                     }
                     _ => return,
                 }
@@ -364,12 +352,7 @@ pub async fn fetch_blob(conn: &Connection, hash: &[u8; 32]) -> anyhow::Result<Op
     req.extend_from_slice(hash);
     send.write_all(&req).await?;
     send.finish()?;
-    let reply = recv.read_to_end(MAX_BLOB + 1).await?;
-    match reply.split_first() {
-        Some((1, body)) => Ok(Some(body.to_vec())),
-        Some((0, _)) => Ok(None),
-        _ => anyhow::bail!("malformed blob reply"),
-    }
+    read_optional(&mut recv, MAX_BLOB, "blob").await
 }
 
 /// Fetch a replicated document whole from the peer at the other end of
@@ -378,12 +361,7 @@ pub async fn fetch_snapshot(conn: &Connection, doc: DocId) -> anyhow::Result<Opt
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&[REQ_SNAPSHOT, doc.to_byte()]).await?;
     send.finish()?;
-    let reply = recv.read_to_end(MAX_SYNC_FRAME + 1).await?;
-    match reply.split_first() {
-        Some((1, body)) => Ok(Some(body.to_vec())),
-        Some((0, _)) => Ok(None),
-        _ => anyhow::bail!("malformed snapshot reply"),
-    }
+    read_optional(&mut recv, MAX_SYNC_FRAME, "snapshot").await
 }
 
 /// Does the peer at the other end of `conn` hold every change `heads` name?
@@ -397,6 +375,34 @@ pub async fn ask_holds(conn: &Connection, doc: DocId, heads: &[[u8; 32]]) -> any
     let mut answer = [0u8; 1];
     recv.read_exact(&mut answer).await?;
     Ok(answer[0] == 1)
+}
+
+/// Answer a request whose answer may be absent: `1` and the bytes, or `0`.
+async fn reply_optional(
+    send: &mut SendStream,
+    answer: Option<Vec<u8>>,
+) -> Result<(), quinn::WriteError> {
+    match answer {
+        Some(b) => {
+            let mut chunks = [Bytes::from_static(&[1]), b.into()];
+            send.write_all_chunks(&mut chunks).await
+        }
+        None => send.write_all(&[0]).await,
+    }
+}
+
+/// Read what [`reply_optional`] wrote, at most `max` bytes of answer.
+async fn read_optional(
+    recv: &mut RecvStream,
+    max: usize,
+    what: &str,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let reply = recv.read_to_end(max + 1).await?;
+    match reply.split_first() {
+        Some((1, body)) => Ok(Some(body.to_vec())),
+        Some((0, _)) => Ok(None),
+        _ => anyhow::bail!("malformed {what} reply"),
+    }
 }
 
 /// Is the process behind `conn` alive? Used when a node with a known name

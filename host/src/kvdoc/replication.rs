@@ -306,14 +306,20 @@ impl KvDoc {
             Ok((next, (changed, info)))
         })?;
         *mine = info;
-        for key in &changed {
+        self.report_changed(&changed);
+        Ok(())
+    }
+
+    /// Tell scripts watching `keys` their new values (a merge or a move
+    /// changed them); a key now gone no longer counts against its writer.
+    fn report_changed(&self, keys: &std::collections::BTreeSet<String>) {
+        for key in keys {
             let value = self.get(key);
             if value.is_none() {
                 self.ledger.lock().unwrap().release(key);
             }
             self.router.kv_changed(key, value.as_deref());
         }
-        Ok(())
     }
 
     /// Merge a peer's changes of our epoch; scripts watching a changed key
@@ -344,13 +350,7 @@ impl KvDoc {
             );
             (self.router).emit_system(lifecycle::KV_CONFLICT, lifecycle::payload(&event));
         }
-        for key in &changed {
-            let value = self.get(key);
-            if value.is_none() {
-                self.ledger.lock().unwrap().release(key);
-            }
-            self.router.kv_changed(key, value.as_deref());
-        }
+        self.report_changed(&changed);
         Ok(())
     }
 
