@@ -66,6 +66,15 @@ pub trait Script: Sized + 'static {
     /// An event matching one of the subscriptions.
     fn on_event(&mut self, _msg: Message) {}
 
+    /// Several events at once, oldest first (the host batches a backlog).
+    /// The default hands each to [`Script::on_event`]; override it only to
+    /// handle a batch as a whole (e.g. one KV write for many readings).
+    fn on_events(&mut self, msgs: Vec<Message>) {
+        for msg in msgs {
+            self.on_event(msg);
+        }
+    }
+
     /// A command or call matching one of the handlers. The returned bytes
     /// are the reply to a `call`; `None` means "no reply".
     fn on_command(&mut self, _msg: Message) -> Option<Vec<u8>> {
@@ -110,6 +119,9 @@ macro_rules! export_script {
                 }
                 fn on_event(msg: $crate::Message) {
                     with(|s| s.on_event(msg), ())
+                }
+                fn on_events(msgs: ::std::vec::Vec<$crate::Message>) {
+                    with(|s| s.on_events(msgs), ())
                 }
                 fn on_command(msg: $crate::Message) -> Option<Vec<u8>> {
                     with(|s| s.on_command(msg), None)

@@ -1,6 +1,8 @@
 //! The Lua-facing API: esc's globals, the `covey` table, `json`, `require`,
 //! and the sandbox refusals.
 
+use std::rc::Rc;
+
 use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use crate::Message;
@@ -150,13 +152,13 @@ fn subscribe(
     f: Function,
     command: bool,
 ) -> mlua::Result<()> {
-    let entry = (Pattern::new(&from), Pattern::new(&name), f);
+    let (from_pattern, name_pattern) = (Pattern::new(&from), Pattern::new(&name));
     if command {
         events::handle(&from, &name).map_err(limit_error)?;
-        h.borrow_mut().commands.push(entry);
+        (h.borrow_mut().commands).push((from_pattern, name_pattern, f));
     } else {
         events::subscribe(&from, &name).map_err(limit_error)?;
-        h.borrow_mut().events.push(entry);
+        (h.borrow_mut().events).push((from_pattern, name_pattern, Rc::new(f)));
     }
     Ok(())
 }

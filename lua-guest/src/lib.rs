@@ -33,7 +33,7 @@ const LUA_MEMORY_LIMIT: usize = 40 << 20;
 /// Handlers registered by the script.
 #[derive(Default)]
 pub(crate) struct Handlers {
-    events: Vec<(Pattern, Pattern, Function)>,
+    events: Vec<(Pattern, Pattern, Rc<Function>)>,
     commands: Vec<(Pattern, Pattern, Function)>,
     /// Timer callbacks; `true` marks esc's `tick`, which repeats only while
     /// the callback returns true (covey's `every` repeats until it returns
@@ -58,6 +58,27 @@ thread_local! {
 
 fn runtime() -> Option<Rc<Runtime>> {
     RUNTIME.with(|r| r.borrow().clone())
+}
+
+/// Run every event handler of `rt` that selects `msg`, in the order they
+/// were registered: those registered before the event, not those its
+/// handlers add (handlers are only ever appended). No handler list is
+/// built per event, and a handler is a reference count away, not a
+/// registry copy: this runs once per event.
+fn dispatch_event(rt: &Runtime, msg: &Message) {
+    let count = rt.handlers.borrow().events.len();
+    for i in 0..count {
+        let f = {
+            let handlers = rt.handlers.borrow();
+            let (from, name, f) = &handlers.events[i];
+            if !(from.matches(&msg.from) && name.selects(&msg.name)) {
+                continue;
+            }
+            f.clone()
+        };
+        let r = api::invoke(&rt.lua, &rt.invoker, &f, msg);
+        report(rt, "event handler", r);
+    }
 }
 
 struct LuaGuest;
@@ -101,17 +122,13 @@ impl Guest for LuaGuest {
 
     fn on_event(msg: Message) {
         let Some(rt) = runtime() else { return };
-        let matching: Vec<Function> = rt
-            .handlers
-            .borrow()
-            .events
-            .iter()
-            .filter(|(from, name, _)| from.matches(&msg.from) && name.selects(&msg.name))
-            .map(|(_, _, f)| f.clone())
-            .collect();
-        for f in matching {
-            let r = api::invoke(&rt.lua, &rt.invoker, &f, &msg);
-            report(&rt, "event handler", r);
+        dispatch_event(&rt, &msg);
+    }
+
+    fn on_events(msgs: Vec<Message>) {
+        let Some(rt) = runtime() else { return };
+        for msg in &msgs {
+            dispatch_event(&rt, msg);
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use wasmtime::{Result, Store, StoreContextMut, Trap, UpdateDeadline};
 
+use crate::bindings::covey::script::types::Message;
 use crate::bindings::{CallError, Script, ScriptPre};
 use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::LuaScript;
@@ -26,6 +27,8 @@ use crate::engine::EPOCH_TICK;
 use crate::lifecycle::{self, ScriptEvent, StartKind};
 use crate::router::{Delivery, ScriptId};
 use crate::services::Services;
+
+use super::batch::{self, BatchSize};
 
 /// Compiled and linked code of one version of a script.
 pub struct LoadedScript {
@@ -101,6 +104,7 @@ pub struct BudgetExceeded(Duration);
 pub struct Live {
     store: Store<ScriptState>,
     bindings: Script,
+    on_events: wasmtime::component::Func,
     generation: u64,
     since: Instant,
 }
@@ -110,6 +114,10 @@ pub struct ScriptInstance {
     services: Arc<Services>,
     mailbox_tx: mpsc::Sender<Delivery>,
     mailbox: mpsc::Receiver<Delivery>,
+    /// A delivery taken from the mailbox to end a batch of events, handled
+    /// before the mailbox's next.
+    held: Option<Delivery>,
+    batch_size: BatchSize,
     control: mpsc::UnboundedReceiver<Control>,
     code: Arc<LoadedScript>,
     live: Option<Live>,
@@ -122,7 +130,7 @@ pub struct ScriptInstance {
 }
 
 /// Deliveries handled per wake-up before control requests are looked at.
-const BATCH: usize = 256;
+const PER_WAKEUP: usize = 256;
 /// A generation that ran this long without failing resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
@@ -136,11 +144,14 @@ impl ScriptInstance {
         status: (Arc<Mutex<ScriptStatus>>, Arc<ScriptCounters>),
         log_rate: Arc<LogRate>,
     ) -> Self {
+        let batch_size = BatchSize::new(services.limits.cpu_budget);
         ScriptInstance {
             script,
             services,
             mailbox_tx: mailbox.0,
             mailbox: mailbox.1,
+            held: None,
+            batch_size,
             control,
             code,
             live: None,
@@ -183,21 +194,9 @@ impl ScriptInstance {
                         self.schedule_restart("init", &e);
                     }
                 }
-                d = self.mailbox.recv(), if self.live.is_some() => {
+                d = held_or_next(&mut self.held, &mut self.mailbox), if self.live.is_some() => {
                     let Some(d) = d else { break };
-                    self.deliver(d).await;
-                    for _ in 1..BATCH {
-                        // A stop or reload waits for no backlog: each
-                        // delivery may wait on an fsync (a KV write) or a
-                        // peer, and the watcher waits on the stop.
-                        if self.live.is_none() || !self.control.is_empty() {
-                            break;
-                        }
-                        match self.mailbox.try_recv() {
-                            Ok(d) => self.deliver(d).await,
-                            Err(_) => break,
-                        }
-                    }
+                    self.drain(d).await;
                 }
             }
         }
@@ -290,43 +289,141 @@ impl ScriptInstance {
         }
     }
 
+    /// Deliver `first` and whatever follows it in the mailbox, up to
+    /// [`PER_WAKEUP`] deliveries; runs of events go in batches.
+    async fn drain(&mut self, first: Delivery) {
+        let mut taken = 0;
+        let mut next = Some(first);
+        while let Some(d) = next.take() {
+            match d {
+                Delivery::Event { msg, generation } => {
+                    let room = PER_WAKEUP.saturating_sub(taken).max(1);
+                    let (batch, skipped) = self.collect_events(msg, generation, room);
+                    taken += batch.len() + skipped;
+                    self.deliver_events(batch, skipped).await;
+                }
+                other => {
+                    taken += 1;
+                    self.deliver(other).await;
+                }
+            }
+            // A stop or reload waits for no backlog: each delivery may wait
+            // on an fsync (a KV write) or a peer, and the watcher waits on
+            // the stop.
+            if self.live.is_none() || !self.control.is_empty() || taken >= PER_WAKEUP {
+                return;
+            }
+            next = self.held.take().or_else(|| self.mailbox.try_recv().ok());
+        }
+    }
+
+    /// `first` and the events right behind it in the mailbox, as many as
+    /// the batch size and `room` allow, without those for an older
+    /// generation's subscription the live one no longer has (counted as
+    /// skipped). A delivery that is not an event ends the run and is held.
+    fn collect_events(
+        &mut self,
+        first: Arc<Message>,
+        generation: u64,
+        room: usize,
+    ) -> (Vec<Arc<Message>>, usize) {
+        let Some(live) = self.live.as_ref() else {
+            return (Vec::new(), 1);
+        };
+        let wanted = |msg: &Message, generation: u64| {
+            generation == live.generation || live.store.data().events.wants_event(msg)
+        };
+        let limit = self.batch_size.limit().min(room);
+        let mut batch = Vec::new();
+        let mut skipped = 0;
+        let mut next = Some((first, generation));
+        while let Some((msg, generation)) = next.take() {
+            if wanted(&msg, generation) {
+                batch.push(msg);
+            } else {
+                skipped += 1;
+            }
+            if batch.len() + skipped >= limit {
+                break;
+            }
+            match self.mailbox.try_recv() {
+                Ok(Delivery::Event { msg, generation }) => next = Some((msg, generation)),
+                Ok(other) => self.held = Some(other),
+                Err(_) => {}
+            }
+        }
+        (batch, skipped)
+    }
+
+    /// Hand `batch` to the script: `on-event` for one, `on-events` for more.
+    async fn deliver_events(&mut self, mut batch: Vec<Arc<Message>>, skipped: usize) {
+        let started = std::time::Instant::now();
+        let budget = self.services.limits.cpu_budget;
+        let n = batch.len();
+        if let Some(live) = self.live.as_mut()
+            && n > 0
+        {
+            let store = &mut live.store;
+            let result = if n == 1 {
+                arm(store, budget);
+                let msg = batch.pop().expect("one event");
+                (
+                    "on-event",
+                    live.bindings.call_on_event(&mut *store, &msg).await,
+                )
+            } else {
+                arm(store, budget * 2);
+                let r = batch::call_on_events(store, live.on_events, &batch).await;
+                ("on-events", r)
+            };
+            self.settle(result);
+            self.batch_size.record(n, started.elapsed());
+        }
+        self.account(n + skipped, started.elapsed());
+    }
+
+    /// Hand one delivery (not an event) to the script.
     async fn deliver(&mut self, d: Delivery) {
         let started = std::time::Instant::now();
-        self.deliver_one(d).await;
-        let took = started.elapsed();
+        if let Some(result) = self.invoke(d).await {
+            self.settle(result);
+        }
+        self.account(1, started.elapsed());
+    }
+
+    /// The counters after `n` deliveries that took `took` together.
+    fn account(&self, n: usize, took: Duration) {
         let c = &self.counters;
-        c.handled.fetch_add(1, Ordering::Relaxed);
+        c.handled.fetch_add(n as u64, Ordering::Relaxed);
         c.busy_ns
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
+        let each = took.as_secs_f64() / n.max(1) as f64;
         let bucket = (DURATION_BUCKETS.iter())
-            .position(|&b| secs <= b)
+            .position(|&b| each <= b)
             .unwrap_or(DURATION_BUCKETS.len());
-        c.durations[bucket].fetch_add(1, Ordering::Relaxed);
+        c.durations[bucket].fetch_add(n as u64, Ordering::Relaxed);
         if let Some(live) = &self.live {
             let memory = live.store.data().limits.memory_bytes as u64;
             c.memory_bytes.store(memory, Ordering::Relaxed);
         }
         let stats = &self.services.router.stats;
-        stats.handled.fetch_add(1, Ordering::Relaxed);
+        stats.handled.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    async fn deliver_one(&mut self, d: Delivery) {
+    /// Run the callback for `d`, unless it is stale (for a generation,
+    /// watch or timer that is gone): which callback, and how it went.
+    async fn invoke(&mut self, d: Delivery) -> Option<(&'static str, Result<()>)> {
         let budget = self.services.limits.cpu_budget;
-        let Some(live) = self.live.as_mut() else {
-            return;
-        };
+        let live = self.live.as_mut()?;
         let store = &mut live.store;
-        let (callback, result) = match d {
+        Some(match d {
             Delivery::Event { msg, generation } => {
                 if generation != live.generation && !store.data().events.wants_event(&msg) {
-                    return;
+                    return None;
                 }
                 arm(store, budget);
-                (
-                    "on-event",
-                    live.bindings.call_on_event(&mut *store, &msg).await,
-                )
+                let r = live.bindings.call_on_event(&mut *store, &msg).await;
+                ("on-event", r)
             }
             Delivery::Command {
                 msg,
@@ -340,7 +437,7 @@ impl ScriptInstance {
                             self.script, msg.name
                         ))));
                     }
-                    return;
+                    return None;
                 }
                 arm(store, budget);
                 let r = live.bindings.call_on_command(&mut *store, &msg).await;
@@ -360,18 +457,18 @@ impl ScriptInstance {
             }
             Delivery::KvChange { watch, key, value } => {
                 if !store.data().kv.is_watching(watch) {
-                    return;
+                    return None;
                 }
                 arm(store, budget);
-                let r = live
-                    .bindings
-                    .call_on_kv_change(&mut *store, &key, value.map(|v| v.to_vec()).as_ref())
+                let value = value.map(|v| v.to_vec());
+                let r = (live.bindings)
+                    .call_on_kv_change(&mut *store, &key, value.as_ref())
                     .await;
                 ("on-kv-change", r)
             }
             Delivery::Timer { generation, id } => {
                 if generation != live.generation || !store.data().timers.is_live(id) {
-                    return;
+                    return None;
                 }
                 arm(store, budget);
                 let r = live.bindings.call_on_timer(&mut *store, id).await;
@@ -380,18 +477,22 @@ impl ScriptInstance {
                 }
                 ("on-timer", r.map(drop))
             }
-        };
-        if let Err(err) = result {
-            let msg = describe_failure(&err);
-            self.counters.count_failure(&err);
-            tracing::debug!(script = &*self.script, "failure detail: {err:?}");
-            if let Some(live) = self.live.take()
-                && live.since.elapsed() > HEALTHY_AFTER
-            {
-                self.consecutive_failures = 0;
-            }
-            self.schedule_restart(callback, &msg);
+        })
+    }
+
+    /// After a callback: a failure drops the generation and schedules its
+    /// restart.
+    fn settle(&mut self, (callback, result): (&'static str, Result<()>)) {
+        let Err(err) = result else { return };
+        let msg = describe_failure(&err);
+        self.counters.count_failure(&err);
+        tracing::debug!(script = &*self.script, "failure detail: {err:?}");
+        if let Some(live) = self.live.take()
+            && live.since.elapsed() > HEALTHY_AFTER
+        {
+            self.consecutive_failures = 0;
         }
+        self.schedule_restart(callback, &msg);
     }
 
     /// Log the failure and arm the restart timer with exponential backoff:
@@ -421,6 +522,17 @@ impl ScriptInstance {
     }
 }
 
+/// The next delivery: the one held back from a batch, else the mailbox's.
+async fn held_or_next(
+    held: &mut Option<Delivery>,
+    mailbox: &mut mpsc::Receiver<Delivery>,
+) -> Option<Delivery> {
+    match held.take() {
+        Some(d) => Some(d),
+        None => mailbox.recv().await,
+    }
+}
+
 /// Build a store for `env`, instantiate `code` in it and run `init`.
 pub async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
     // Instantiating and `init` build the script's whole state (for a Lua
@@ -433,7 +545,13 @@ pub async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
     store.limiter(|s| &mut s.limits);
     store.epoch_deadline_callback(budget_tick);
     arm(&mut store, budget);
-    let bindings = code.pre.instantiate_async(&mut store).await?;
+    let instance = code
+        .pre
+        .instance_pre()
+        .instantiate_async(&mut store)
+        .await?;
+    let bindings = Script::new(&mut store, &instance)?;
+    let on_events = batch::on_events_export(&mut store, &instance)?;
     arm(&mut store, budget);
     bindings
         .call_init(&mut store)
@@ -442,6 +560,7 @@ pub async fn instantiate(env: ScriptEnv, code: &LoadedScript) -> Result<Live> {
     Ok(Live {
         store,
         bindings,
+        on_events,
         generation,
         since: Instant::now(),
     })

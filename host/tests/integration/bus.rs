@@ -187,3 +187,32 @@ async fn config_extras_reach_scripts() {
     );
     assert_eq!(t.call("probe.config", "missing").await.unwrap(), "<none>");
 }
+
+/// Events waiting in a script's mailbox reach it in batches (`on-events`),
+/// in the order they were sent, and a command sent between two of them is
+/// handled between them.
+#[tokio::test]
+async fn a_backlog_arrives_in_batches_in_order_around_a_command() {
+    let t = start(&["testing/sink:sink.wasm"]).await;
+    let router = t.node().router();
+    // One thread: the script runs only when this test awaits, so all of
+    // these wait in its mailbox together (4,096 places by default).
+    for i in 0..3000u32 {
+        router.emit("numbered", i.to_string().into_bytes()).unwrap();
+        if i == 1999 {
+            router.send_command("n1", "mark", vec![]).unwrap();
+        }
+    }
+    assert_eq!(t.call("count", "").await.unwrap(), "3000");
+    assert_eq!(
+        t.call("order", "").await.unwrap(),
+        "true Some(2999) Some(2000)"
+    );
+    let batches = t.call("batches", "").await.unwrap();
+    let (calls, largest) = batches.split_once(' ').unwrap();
+    let (calls, largest): (u32, u32) = (calls.parse().unwrap(), largest.parse().unwrap());
+    assert!(calls > 0 && largest > 1, "no batch: {batches}");
+    assert!(largest <= 256, "a batch over the limit: {batches}");
+    let stats = &router.stats;
+    assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

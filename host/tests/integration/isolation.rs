@@ -111,13 +111,13 @@ async fn garbage_and_foreign_components_are_rejected_clearly() {
         (
             "foreign.wasm",
             std::fs::read(guest("testing/not-covey")).unwrap(),
-            "does not fit the covey:script@0.3.0",
+            "does not fit the covey:script@0.4.0",
         ),
         (
             // The pong example as built before the 0.2.0 contract.
             "old.wasm",
             std::fs::read(old).unwrap(),
-            "was built against covey:script@0.1.0; this host implements covey:script@0.3.0",
+            "was built against covey:script@0.1.0; this host implements covey:script@0.4.0",
         ),
     ];
     for (name, bytes, expected) in cases {

@@ -359,3 +359,47 @@ end)
          | 1e9999 | true"
     );
 }
+
+/// A runaway handler of an event delivered in a batch is stopped (the
+/// batch runs under twice the budget), the script comes back, and the
+/// events behind the batch reach the new instance.
+#[tokio::test]
+async fn a_runaway_event_inside_a_batch_is_stopped_and_the_script_comes_back() {
+    let t = start_with(&[], |c| c.limits.cpu_budget = Duration::from_millis(200)).await;
+    let script = r#"
+seen = 0
+covey.on("*", "tick", function(m)
+  seen = seen + 1
+  if m.payload == "spin" then while true do end end
+end)
+covey.handle("*", "seen", function() return tostring(seen) end)
+"#;
+    load(&t, "batched.lua", script).await;
+    let router = t.node().router();
+    // One thread: these all wait in the mailbox; by the 1,500th event the
+    // script's events have shown they are quick and go in batches.
+    for i in 0..3000 {
+        let payload = if i == 1500 { "spin" } else { "x" };
+        router.emit("tick", payload.into()).unwrap();
+    }
+    eventually(30, "the script failed and came back", || async {
+        let list = t.node().supervisor().list().await;
+        let s = list.iter().find(|s| &*s.script == "batched.lua").unwrap();
+        s.restarts >= 1 && s.state == "running"
+    })
+    .await;
+    let list = t.node().supervisor().list().await;
+    let s = list.iter().find(|s| &*s.script == "batched.lua").unwrap();
+    let err = s.last_error.as_deref().unwrap();
+    assert!(
+        err.contains("on-events") && err.contains("CPU budget of 400ms"),
+        "{err}"
+    );
+    // The new instance starts from zero and gets what was behind the batch
+    // (up to 256 events went down with the failing one).
+    eventually(30, "the events behind the batch arrived", || async {
+        let seen: u32 = t.call("seen", "").await.unwrap().parse().unwrap();
+        (3000 - 1500 - 256..3000 - 1500).contains(&seen)
+    })
+    .await;
+}
