@@ -216,11 +216,24 @@ async fn bus_run(node: Node, into: &str, n: u64) -> f64 {
         .unwrap();
     let seen: u64 = String::from_utf8(reply).unwrap().parse().unwrap();
     assert_eq!(seen, n + n / 10, "the guest saw every event");
+    // The Rust sink counts the `on-events` calls (batches) it got.
+    let batches = router
+        .call(None, "bench", "batches", vec![], Duration::from_secs(5))
+        .await
+        .map(|r| String::from_utf8_lossy(&r).into_owned())
+        .unwrap_or_default();
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     let rate = n as f64 / elapsed.as_secs_f64();
     println!(
-        "bus: {n} events (64-byte payload) into {into} on one core: {rate:.0} events/s ({:.2} us/event)",
-        elapsed.as_secs_f64() * 1e6 / n as f64
+        "bus: {n} events (64-byte payload) into {into} on one core: {rate:.0} events/s ({:.2} us/event){}",
+        elapsed.as_secs_f64() * 1e6 / n as f64,
+        match batches.split_once(' ') {
+            Some((calls, largest)) => format!(
+                "; {calls} on-events calls, largest {largest}, {:.0} events a call on average",
+                (n + n / 10) as f64 / calls.parse::<f64>().unwrap_or(f64::NAN)
+            ),
+            None => String::new(),
+        }
     );
     node.shutdown().await.unwrap();
     rate
