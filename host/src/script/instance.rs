@@ -330,15 +330,12 @@ impl ScriptInstance {
         let Some(live) = self.live.as_ref() else {
             return (Vec::new(), 1);
         };
-        let wanted = |msg: &Message, generation: u64| {
-            generation == live.generation || live.store.data().events.wants_event(msg)
-        };
         let limit = self.batch_size.limit().min(room);
         let mut batch = Vec::new();
         let mut skipped = 0;
         let mut next = Some((first, generation));
         while let Some((msg, generation)) = next.take() {
-            if wanted(&msg, generation) {
+            if live.wants_event(&msg, generation) {
                 batch.push(msg);
             } else {
                 skipped += 1;
@@ -358,28 +355,26 @@ impl ScriptInstance {
     /// Hand `batch` to the script: `on-event` for one, `on-events` for more.
     async fn deliver_events(&mut self, mut batch: Vec<Arc<Message>>, skipped: usize) {
         let started = std::time::Instant::now();
-        let budget = self.services.limits.cpu_budget;
         let n = batch.len();
-        if let Some(live) = self.live.as_mut()
-            && n > 0
-        {
-            let store = &mut live.store;
-            let result = if n == 1 {
-                arm(store, budget);
+        let result = match (n, self.live.as_mut()) {
+            (0, _) | (_, None) => None,
+            (1, Some(live)) => {
+                let generation = live.generation;
                 let msg = batch.pop().expect("one event");
-                (
-                    "on-event",
-                    live.bindings.call_on_event(&mut *store, &msg).await,
-                )
-            } else {
-                arm(store, budget * 2);
-                let r = batch::call_on_events(store, live.on_events, &batch).await;
-                ("on-events", r)
-            };
+                self.invoke(Delivery::Event { msg, generation }).await
+            }
+            (_, Some(live)) => {
+                arm(&mut live.store, self.services.limits.cpu_budget * 2);
+                let r = batch::call_on_events(&mut live.store, live.on_events, &batch).await;
+                Some(("on-events", r))
+            }
+        };
+        let took = started.elapsed();
+        if let Some(result) = result {
             self.settle(result);
-            self.batch_size.record(n, started.elapsed());
+            self.batch_size.record(n, took);
         }
-        self.account(n + skipped, started.elapsed());
+        self.account(n + skipped, took);
     }
 
     /// Hand one delivery (not an event) to the script.
@@ -415,12 +410,12 @@ impl ScriptInstance {
     async fn invoke(&mut self, d: Delivery) -> Option<(&'static str, Result<()>)> {
         let budget = self.services.limits.cpu_budget;
         let live = self.live.as_mut()?;
-        let store = &mut live.store;
         Some(match d {
             Delivery::Event { msg, generation } => {
-                if generation != live.generation && !store.data().events.wants_event(&msg) {
+                if !live.wants_event(&msg, generation) {
                     return None;
                 }
+                let store = &mut live.store;
                 arm(store, budget);
                 let r = live.bindings.call_on_event(&mut *store, &msg).await;
                 ("on-event", r)
@@ -430,6 +425,7 @@ impl ScriptInstance {
                 generation,
                 reply,
             } => {
+                let store = &mut live.store;
                 if generation != live.generation && !store.data().events.wants_command(&msg) {
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(CallError::NoHandler(format!(
@@ -456,6 +452,7 @@ impl ScriptInstance {
                 ("on-command", r.map(drop))
             }
             Delivery::KvChange { watch, key, value } => {
+                let store = &mut live.store;
                 if !store.data().kv.is_watching(watch) {
                     return None;
                 }
@@ -467,6 +464,7 @@ impl ScriptInstance {
                 ("on-kv-change", r)
             }
             Delivery::Timer { generation, id } => {
+                let store = &mut live.store;
                 if generation != live.generation || !store.data().timers.is_live(id) {
                     return None;
                 }
@@ -519,6 +517,14 @@ impl ScriptInstance {
         }
         self.restart_at = Some(Instant::now() + delay);
         self.announce_failure(&self.code, callback, msg, Some(delay));
+    }
+}
+
+impl Live {
+    /// Whether an event a subscription of `generation` matched is still
+    /// for this generation (its own, or one it subscribes to as well).
+    fn wants_event(&self, msg: &Message, generation: u64) -> bool {
+        generation == self.generation || self.store.data().events.wants_event(msg)
     }
 }
 
