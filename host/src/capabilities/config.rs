@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::covey::script::config as wit;
 use crate::services::Services;
 
@@ -12,16 +12,19 @@ pub struct ConfigCtx {
     services: Arc<Services>,
 }
 
-impl ConfigCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
+impl Capability for ConfigCtx {
+    fn new(env: &ScriptEnv) -> Self {
         ConfigCtx {
             services: env.services.clone(),
         }
     }
-}
 
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    wit::add_to_linker::<ScriptState, HasSelf<ConfigCtx>>(linker, |s| &mut s.config)
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
+    }
 }
 
 impl wit::Host for ConfigCtx {

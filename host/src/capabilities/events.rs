@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::covey::script::events as wit;
 use crate::bindings::covey::script::types;
 use crate::bindings::{CallError, LimitExceeded, Message, SendError};
@@ -37,17 +37,6 @@ pub struct EventsCtx {
 }
 
 impl EventsCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
-        EventsCtx {
-            script: env.script.clone(),
-            generation: env.generation,
-            services: env.services.clone(),
-            subs: HashMap::new(),
-            ids: HashMap::new(),
-            nodes_replayed: false,
-        }
-    }
-
     /// Does this generation subscribe to `msg` as an event?
     pub fn wants_event(&self, msg: &Message) -> bool {
         self.subs.values().any(|k| k.matches_event(msg))
@@ -82,9 +71,25 @@ impl EventsCtx {
     }
 }
 
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    types::add_to_linker::<ScriptState, HasSelf<EventsCtx>>(linker, |s| &mut s.events)?;
-    wit::add_to_linker::<ScriptState, HasSelf<EventsCtx>>(linker, |s| &mut s.events)
+impl Capability for EventsCtx {
+    fn new(env: &ScriptEnv) -> Self {
+        EventsCtx {
+            script: env.script.clone(),
+            generation: env.generation,
+            services: env.services.clone(),
+            subs: HashMap::new(),
+            ids: HashMap::new(),
+            nodes_replayed: false,
+        }
+    }
+
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        types::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)?;
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
+    }
 }
 
 impl types::Host for EventsCtx {}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::LimitExceeded;
 use crate::bindings::covey::script::kv::{self as wit, KvError as WitError};
 use crate::kvdoc::KvError;
@@ -25,15 +25,6 @@ pub struct KvCtx {
 }
 
 impl KvCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
-        KvCtx {
-            script: env.script.clone(),
-            generation: env.generation,
-            services: env.services.clone(),
-            watches: HashMap::new(),
-        }
-    }
-
     /// Is `watch` one of this generation's watches?
     pub fn is_watching(&self, watch: u64) -> bool {
         self.watches.contains_key(&watch)
@@ -52,8 +43,22 @@ impl From<KvError> for WitError {
     }
 }
 
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    wit::add_to_linker::<ScriptState, HasSelf<KvCtx>>(linker, |s| &mut s.kv)
+impl Capability for KvCtx {
+    fn new(env: &ScriptEnv) -> Self {
+        KvCtx {
+            script: env.script.clone(),
+            generation: env.generation,
+            services: env.services.clone(),
+            watches: HashMap::new(),
+        }
+    }
+
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
+    }
 }
 
 impl wit::Host for KvCtx {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::covey::script::log::{self as wit, Level};
 use crate::router::ScriptId;
 
@@ -86,18 +86,21 @@ pub struct LogCtx {
     console: bool,
 }
 
-impl LogCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
+impl Capability for LogCtx {
+    fn new(env: &ScriptEnv) -> Self {
         LogCtx {
             script: env.script.clone(),
             rate: env.log_rate.clone(),
             console: env.services.console.is_some(),
         }
     }
-}
 
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    wit::add_to_linker::<ScriptState, HasSelf<LogCtx>>(linker, |s| &mut s.log)
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
+    }
 }
 
 impl wit::Host for LogCtx {

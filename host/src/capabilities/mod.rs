@@ -1,8 +1,9 @@
 //! Host capabilities: one module per WIT interface, in the spirit of Spin's
 //! "factors". Each module owns its per-instance state (a `*Ctx` struct held
-//! in [`ScriptState`]) and links its interface with `add_to_linker`.
-//! Adding a capability means one new module, one field below and one line in
-//! [`link`].
+//! in [`ScriptState`]) and implements [`Capability`]: how to build it, how
+//! to link its interface, and whether the operator must grant it. Adding a
+//! capability means one new module and one line in the `capabilities!`
+//! list (the checklist, guest side included, is in docs/architecture.md).
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::services::Services;
 
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod kv;
 pub mod log;
 pub mod lua;
@@ -50,49 +52,92 @@ pub struct CpuBudget {
     pub budget: std::time::Duration,
 }
 
-/// Everything one store (one instance of one script) owns.
-pub struct ScriptState {
-    pub env: ScriptEnv,
-    pub limits: MeteredLimits,
-    pub budget: CpuBudget,
-    pub table: ResourceTable,
-    pub wasi: WasiCtx,
-    pub log: log::LogCtx,
-    pub node: node::NodeCtx,
-    pub events: events::EventsCtx,
-    pub kv: kv::KvCtx,
-    pub timers: timers::TimersCtx,
-    pub config: config::ConfigCtx,
-    pub lua: lua::LuaCtx,
+/// One host capability: a WIT interface (or several), the per-instance
+/// state that implements it, and, for what the operator grants rather than
+/// every script having it, the name of its grant. Registered by one line in
+/// the [`capabilities!`] list below.
+pub trait Capability: Sized + Send + 'static {
+    /// The key under a `grants:` rule that gives a script this capability
+    /// (see [`crate::grants`]); `None` for the base API every script has.
+    const GRANT: Option<&'static str> = None;
+
+    /// Validate one grant's parameters when the config is read, so a typo
+    /// stops the node at start rather than failing a script's first call.
+    fn check_grant(_params: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// This capability's state in a new instance.
+    fn new(env: &ScriptEnv) -> Self;
+
+    /// Link the capability's interfaces; `get` finds its state in a store.
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()>;
 }
 
-impl ScriptState {
-    pub fn new(env: ScriptEnv) -> Self {
-        let limits = &env.services.limits;
-        let store_limits = StoreLimitsBuilder::new()
-            .memory_size(limits.memory_bytes as usize)
-            .instances(32)
-            .memories(4)
-            .tables(32)
-            .build();
-        ScriptState {
-            limits: MeteredLimits {
-                limits: store_limits,
-                memory_bytes: 0,
-            },
-            budget: CpuBudget::default(),
-            table: ResourceTable::new(),
-            wasi: wasi::sandboxed_ctx(&env),
-            log: log::LogCtx::new(&env),
-            node: node::NodeCtx::new(&env),
-            events: events::EventsCtx::new(&env),
-            kv: kv::KvCtx::new(&env),
-            timers: timers::TimersCtx::new(&env),
-            config: config::ConfigCtx::new(&env),
-            lua: lua::LuaCtx::new(&env),
-            env,
+/// The registry: each line names a capability's field in [`ScriptState`]
+/// and its type. Generates the store state, its constructor, [`link`] and
+/// [`check_grant`].
+macro_rules! capabilities {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// Everything one store (one instance of one script) owns.
+        pub struct ScriptState {
+            pub env: ScriptEnv,
+            pub limits: MeteredLimits,
+            pub budget: CpuBudget,
+            pub table: ResourceTable,
+            pub wasi: WasiCtx,
+            $(pub $field: $ty,)*
         }
-    }
+
+        impl ScriptState {
+            pub fn new(env: ScriptEnv) -> Self {
+                ScriptState {
+                    limits: MeteredLimits::new(&env.services.limits),
+                    budget: CpuBudget::default(),
+                    table: ResourceTable::new(),
+                    wasi: wasi::sandboxed_ctx(&env),
+                    $($field: <$ty as Capability>::new(&env),)*
+                    env,
+                }
+            }
+        }
+
+        /// Link WASI (sandboxed) and every capability.
+        pub fn link(linker: &mut Linker<ScriptState>) -> Result<()> {
+            wasi::add_to_linker(linker)?;
+            $(<$ty as Capability>::link(linker, |s| &mut s.$field)?;)*
+            Ok(())
+        }
+
+        /// Validate the parameters of a grant of capability `name`.
+        pub fn check_grant(name: &str, params: &serde_json::Value) -> Result<(), String> {
+            $(if <$ty as Capability>::GRANT == Some(name) {
+                return <$ty as Capability>::check_grant(params);
+            })*
+            let grantable: Vec<&str> = [$(<$ty as Capability>::GRANT),*]
+                .into_iter()
+                .flatten()
+                .collect();
+            Err(format!(
+                "unknown capability `{name}` (capabilities that can be granted: {})",
+                grantable.join(", ")
+            ))
+        }
+    };
+}
+
+capabilities! {
+    log: log::LogCtx,
+    node: node::NodeCtx,
+    events: events::EventsCtx,
+    kv: kv::KvCtx,
+    timers: timers::TimersCtx,
+    config: config::ConfigCtx,
+    lua: lua::LuaCtx,
+    http: http::HttpCtx,
 }
 
 /// The store's limits, and the linear memory it holds (for `covey
@@ -100,6 +145,20 @@ impl ScriptState {
 pub struct MeteredLimits {
     limits: StoreLimits,
     pub memory_bytes: usize,
+}
+
+impl MeteredLimits {
+    fn new(limits: &crate::services::ScriptLimits) -> Self {
+        MeteredLimits {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes as usize)
+                .instances(32)
+                .memories(4)
+                .tables(32)
+                .build(),
+            memory_bytes: 0,
+        }
+    }
 }
 
 impl wasmtime::ResourceLimiter for MeteredLimits {
@@ -153,17 +212,4 @@ impl WasiView for ScriptState {
             table: &mut self.table,
         }
     }
-}
-
-/// Link WASI (sandboxed) and every Covey interface.
-pub fn link(linker: &mut Linker<ScriptState>) -> Result<()> {
-    wasi::add_to_linker(linker)?;
-    log::add_to_linker(linker)?;
-    node::add_to_linker(linker)?;
-    events::add_to_linker(linker)?;
-    kv::add_to_linker(linker)?;
-    timers::add_to_linker(linker)?;
-    config::add_to_linker(linker)?;
-    lua::add_to_linker(linker)?;
-    Ok(())
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::covey::script::node::{self as wit, NodeInfo};
 use crate::router::now_ms;
 use crate::services::Services;
@@ -13,16 +13,19 @@ pub struct NodeCtx {
     services: Arc<Services>,
 }
 
-impl NodeCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
+impl Capability for NodeCtx {
+    fn new(env: &ScriptEnv) -> Self {
         NodeCtx {
             services: env.services.clone(),
         }
     }
-}
 
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    wit::add_to_linker::<ScriptState, HasSelf<NodeCtx>>(linker, |s| &mut s.node)
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
+    }
 }
 
 impl wit::Host for NodeCtx {

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::LimitExceeded;
 use crate::bindings::covey::script::timers as wit;
 use crate::router::Delivery;
@@ -35,15 +35,6 @@ struct Timer {
 }
 
 impl TimersCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
-        TimersCtx {
-            generation: env.generation,
-            mailbox: env.mailbox.clone(),
-            next_id: 1,
-            timers: HashMap::new(),
-        }
-    }
-
     /// Is `id` live? Called before delivering a firing.
     pub fn is_live(&self, id: u64) -> bool {
         self.timers.contains_key(&id)
@@ -115,8 +106,22 @@ impl Drop for TimersCtx {
     }
 }
 
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    wit::add_to_linker::<ScriptState, HasSelf<TimersCtx>>(linker, |s| &mut s.timers)
+impl Capability for TimersCtx {
+    fn new(env: &ScriptEnv) -> Self {
+        TimersCtx {
+            generation: env.generation,
+            mailbox: env.mailbox.clone(),
+            next_id: 1,
+            timers: HashMap::new(),
+        }
+    }
+
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
+    }
 }
 
 impl wit::Host for TimersCtx {
