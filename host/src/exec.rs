@@ -28,6 +28,8 @@ pub struct ExecOptions {
     /// Where compiled code is cached (the node's data dir), if anywhere.
     pub cache_dir: Option<std::path::PathBuf>,
     pub args: Vec<String>,
+    /// What the script is granted (`--http HOST`).
+    pub grants: crate::grants::Grants,
 }
 
 pub async fn exec(file: &Path, opts: ExecOptions) -> Result<()> {
@@ -54,6 +56,7 @@ pub async fn exec(file: &Path, opts: ExecOptions) -> Result<()> {
         router: router.clone(),
         kv,
         extras: Default::default(),
+        grants: opts.grants,
         limits: opts.limits,
         started_ms: now_ms(),
         console: Some(Console { args: opts.args }),

@@ -13,8 +13,10 @@
 //!   the on-disk cache of compiled components and precompiled artifacts.
 //! - [`bindings`] — host bindings generated from `wit/covey.wit`.
 //! - [`capabilities`] — one module per WIT interface (log, node, events, kv,
-//!   timers, config) plus the sandboxed WASI; each owns its per-instance
-//!   state and links itself.
+//!   timers, config, http, lua-source) plus the sandboxed WASI; each owns
+//!   its per-instance state, links itself and is registered by one line.
+//! - [`grants`] — which capabilities beyond the base API the operator
+//!   gives which scripts (config `grants:`).
 //! - [`script`] — `ScriptSupervisor` (which scripts run, hot reload) and
 //!   `ScriptInstance` (one store, one mailbox, CPU budget, crash restart).
 //! - [`scriptdir`] — the rule for names in the scripts directory and file
@@ -64,6 +66,7 @@ pub mod exec;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod grants;
 pub mod http;
 pub mod kvdoc;
 pub mod logring;

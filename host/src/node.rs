@@ -80,6 +80,7 @@ impl Node {
             router,
             kv,
             extras: cfg.extras.clone(),
+            grants: cfg.grants.clone(),
             limits: cfg.limits.clone(),
             started_ms: now_ms(),
             console: None,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::grants::Grants;
 use crate::kvdoc::KvDoc;
 use crate::router::Router;
 
@@ -46,6 +47,8 @@ pub struct Services {
     pub kv: Arc<KvDoc>,
     /// The `extras` map of the node config, for `covey:script/config`.
     pub extras: serde_json::Map<String, serde_json::Value>,
+    /// Capabilities the operator granted to scripts, by path pattern.
+    pub grants: Grants,
     pub limits: ScriptLimits,
     /// When this node started (ms since the Unix epoch).
     pub started_ms: u64,

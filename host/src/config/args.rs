@@ -121,6 +121,10 @@ pub struct ExecArgs {
     /// Data directory, for the compiled-code cache [default: the platform data directory]
     #[arg(long, env = "COVEY_DATA")]
     pub data: Option<PathBuf>,
+    /// Grant the script outgoing HTTP to HOST (or HOST:PORT, `*.domain`);
+    /// repeatable. Nothing is granted otherwise
+    #[arg(long = "http", value_name = "HOST")]
+    pub http: Vec<String>,
 }
 
 impl ExecArgs {
@@ -144,7 +148,20 @@ impl ExecArgs {
             limits,
             cache_dir: Some(data.join("cache")),
             args: self.args.clone(),
+            grants: self.grants()?,
         })
+    }
+
+    /// `--http HOST...` as the grant of a node config (`"*": { http: [...] }`).
+    fn grants(&self) -> Result<crate::grants::Grants> {
+        if self.http.is_empty() {
+            return Ok(Default::default());
+        }
+        let rules = serde_json::json!({ "*": { "http": self.http } });
+        Ok(crate::grants::Grants::parse(
+            &rules,
+            crate::capabilities::check_grant,
+        )?)
     }
 }
 
@@ -165,7 +182,8 @@ pub struct RunArgs {
     /// log_rate, kv_quota_keys, kv_quota_bytes, kv_compact_after, cluster_token,
     /// listen, peers,
     /// peer_timeout_ms, flap_window_ms, trust_precompiled, bridge_udp, bridge_serial,
-    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http)
+    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http,
+    /// grants: script path patterns to granted capabilities)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Memory cap per script in MiB [default: 64]

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::cluster::ClusterConfig;
 use crate::cluster::credentials::ClusterToken;
 use crate::engine::{Precompiled, Target};
+use crate::grants::Grants;
 use crate::kvdoc::KvLimits;
 use crate::services::ScriptLimits;
 
@@ -78,6 +79,9 @@ pub struct FileConfig {
     pub mqtt_prefix: Option<String>,
     /// The HTTP API's address (off when absent).
     pub http: Option<std::net::SocketAddr>,
+    /// Capabilities granted to scripts by path pattern (see `grants`).
+    #[serde(default)]
+    pub grants: serde_json::Value,
 }
 
 /// Everything a node needs to start, resolved.
@@ -106,6 +110,8 @@ pub struct NodeConfig {
     pub bridge: crate::devices::BridgeSettings,
     /// The HTTP API's address (off by default).
     pub http: Option<std::net::SocketAddr>,
+    /// Capabilities granted to scripts (none by default).
+    pub grants: Grants,
 }
 
 impl NodeConfig {
@@ -127,6 +133,7 @@ impl NodeConfig {
             engine_target: Target::Host,
             bridge: Default::default(),
             http: None,
+            grants: Grants::default(),
         }
     }
 
@@ -208,6 +215,7 @@ impl NodeConfig {
         }
         cfg.bridge = crate::devices::BridgeSettings::resolve(args, file_bridge)?;
         cfg.http = args.http.or(file.http);
+        cfg.grants = Grants::parse(&file.grants, crate::capabilities::check_grant)?;
         Ok(cfg)
     }
 }
@@ -438,6 +446,31 @@ mod tests {
         {
             assert!(help.contains(key), "--config help misses `{key}`: {help}");
         }
+    }
+
+    #[test]
+    fn grants_are_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |text: &str| {
+            let args = RunArgs {
+                config: Some(write(dir.path(), text)),
+                ..Default::default()
+            };
+            NodeConfig::resolve(&args).map_err(|e| format!("{e:#}"))
+        };
+        let c = resolve("grants:\n  sensors/*.lua: { http: [\"api.example.com\"] }\n").unwrap();
+        assert_eq!(
+            c.grants.describe("sensors/t.lua"),
+            ["http [\"api.example.com\"]"]
+        );
+        assert!(c.grants.describe("t.lua").is_empty());
+        let err = resolve("grants:\n  \"*\": { shell: true }\n").unwrap_err();
+        assert!(
+            err.contains("*: shell: unknown capability `shell`") && err.contains("http"),
+            "{err}"
+        );
+        let err = resolve("grants:\n  a.lua: { http: [\"https://x\"] }\n").unwrap_err();
+        assert!(err.contains("a.lua: http: host"), "{err}");
     }
 
     #[test]

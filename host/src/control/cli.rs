@@ -398,6 +398,9 @@ fn print_script(out: &mut impl Write, node: &str, s: &ScriptInfo, now: u64) -> R
         s.handled,
         s.dropped
     )?;
+    for g in &s.grants {
+        writeln!(out, "  granted: {g}")?;
+    }
     if let Some(e) = &s.last_error {
         writeln!(out, "  last error: {e}")?;
     }
