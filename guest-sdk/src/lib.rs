@@ -280,3 +280,38 @@ pub mod timers {
 pub mod config {
     pub use crate::bindings::covey::script::config::get;
 }
+
+/// Outgoing HTTP(S), to the hosts the node's operator granted this script
+/// (config `grants:`); anything else fails with `HttpError::NotGranted`.
+/// A request waits for the whole response (its timeout, not the CPU
+/// budget, bounds the wait).
+pub mod http {
+    pub use crate::bindings::covey::script::http::{HttpError, Request, Response, fetch};
+
+    /// `GET url`.
+    pub fn get(url: &str) -> Result<Response, HttpError> {
+        fetch(&request("GET", url, Vec::new(), Vec::new()))
+    }
+
+    /// `POST url` with a body of the given content type.
+    pub fn post(url: &str, content_type: &str, body: &[u8]) -> Result<Response, HttpError> {
+        let headers = vec![("content-type".to_string(), content_type.to_string())];
+        fetch(&request("POST", url, headers, body.to_vec()))
+    }
+
+    /// A request with the grant's timeout.
+    pub fn request(
+        method: &str,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Request {
+        Request {
+            method: method.to_string(),
+            url: url.to_string(),
+            headers,
+            body,
+            timeout_ms: 0,
+        }
+    }
+}

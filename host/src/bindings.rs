@@ -13,7 +13,7 @@ wasmtime::component::bindgen!({
 });
 
 /// The version of `wit/covey.wit` this host implements.
-pub const WIT_VERSION: &str = "0.4.0";
+pub const WIT_VERSION: &str = "0.4.1";
 
 /// The `covey:script` version a component was built against, read from
 /// its imports (none if it imports nothing of Covey's).
@@ -71,6 +71,7 @@ pub mod lua {
             "covey:script/kv": super::covey::script::kv,
             "covey:script/timers": super::covey::script::timers,
             "covey:script/config": super::covey::script::config,
+            "covey:script/http": super::covey::script::http,
         },
     });
 }
