@@ -1,9 +1,10 @@
-//! The Lua-facing API: esc's globals, the `covey` table, `json`, `require`,
-//! and the sandbox refusals.
+//! The Lua-facing API: the `covey` table and `json`, with esc's globals
+//! (`esc.rs`), esc's `http` module (`http.rs`) and the standard library
+//! completed and fenced (`stdlib.rs`) installed beside them.
 
 use std::rc::Rc;
 
-use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
+use mlua::{Function, IntoLuaMulti, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use crate::Message;
 use crate::SharedHandlers;
@@ -11,10 +12,8 @@ use crate::covey::script::events::{self, CallError};
 use crate::covey::script::kv;
 use crate::covey::script::log::{Level, log};
 use crate::covey::script::types::LimitExceeded;
-use crate::covey::script::{config, lua_source, node, timers};
+use crate::covey::script::{node, timers};
 use crate::pattern::Pattern;
-
-const SANDBOX: &str = "not available in the Covey sandbox";
 
 /// Calls `f(msg)` with the message as a Lua table carrying esc's
 /// capitalised fields and lower-case aliases. The table is built by a Lua
@@ -94,15 +93,23 @@ fn json_decode(lua: &Lua, text: mlua::LuaString) -> mlua::Result<Value> {
     lua.to_value(&value)
 }
 
-fn send_error(e: events::SendError) -> mlua::Error {
-    mlua::Error::runtime(match e {
+/// `true`, or `nil, why` (the `covey.*` forms).
+fn sent_or_error(lua: &Lua, sent: Result<(), events::SendError>) -> mlua::Result<MultiValue> {
+    match sent {
+        Ok(()) => true.into_lua_multi(lua),
+        Err(e) => (Value::Nil, send_error_text(e)).into_lua_multi(lua),
+    }
+}
+
+pub(crate) fn send_error_text(e: events::SendError) -> String {
+    match e {
         events::SendError::UnknownNode(n) => format!("unknown node `{n}`"),
         events::SendError::PayloadTooLarge(n) => format!("payload over the {n}-byte limit"),
         events::SendError::NodeDown(n) => format!("node `{n}` is down"),
         events::SendError::ReservedName(n) => {
             format!("`{n}` is a system event name (`covey.*`): only the node emits those")
         }
-    })
+    }
 }
 
 fn call_error_text(e: CallError) -> String {
@@ -118,7 +125,7 @@ fn call_error_text(e: CallError) -> String {
     }
 }
 
-fn kv_error(e: kv::KvError) -> mlua::Error {
+pub(crate) fn kv_error(e: kv::KvError) -> mlua::Error {
     mlua::Error::runtime(match e {
         kv::KvError::InvalidKey(s) => format!("invalid key: {s}"),
         kv::KvError::ValueTooLarge(n) => format!("value over the {n}-byte limit"),
@@ -141,11 +148,11 @@ fn level_fn(lua: &Lua, level: Level) -> mlua::Result<Function> {
 }
 
 /// A host limit as a Lua error ("limit reached: 10000 timers").
-fn limit_error(e: LimitExceeded) -> mlua::Error {
+pub(crate) fn limit_error(e: LimitExceeded) -> mlua::Error {
     mlua::Error::runtime(format!("limit reached: {} {}", e.limit, e.what))
 }
 
-fn subscribe(
+pub(crate) fn subscribe(
     h: &SharedHandlers,
     from: String,
     name: String,
@@ -163,7 +170,7 @@ fn subscribe(
     Ok(())
 }
 
-fn start_timer(
+pub(crate) fn start_timer(
     h: &SharedHandlers,
     ms: u32,
     f: Function,
@@ -185,60 +192,7 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
     let g = lua.globals();
     let h = handlers.clone();
 
-    // --- esc compatibility ---
-    g.set("log", level_fn(lua, Level::Info)?)?;
-    g.set("print", level_fn(lua, Level::Info)?)?;
-    g.set("self", lua.create_function(|_, ()| Ok(node::name()))?)?;
-    for (global, command) in [("onEvent", false), ("on", false), ("onCommand", true)] {
-        let h = h.clone();
-        g.set(
-            global,
-            lua.create_function(move |_, (from, name, f): (String, String, Function)| {
-                subscribe(&h, from, name, f, command)
-            })?,
-        )?;
-    }
-    g.set(
-        "sendEvent",
-        lua.create_function(|lua, (name, payload): (String, Value)| {
-            events::emit(&name, &payload_bytes(lua, payload)?).map_err(send_error)
-        })?,
-    )?;
-    for global in ["sendCommand", "send"] {
-        g.set(
-            global,
-            lua.create_function(|lua, (to, name, payload): (String, String, Value)| {
-                events::send_command(&to, &name, &payload_bytes(lua, payload)?).map_err(send_error)
-            })?,
-        )?;
-    }
-    g.set(
-        "Get",
-        lua.create_function(|lua, key: String| match kv::get(&key) {
-            Some(v) => Ok(Value::String(lua.create_string(&v)?)),
-            None => Ok(Value::Nil),
-        })?,
-    )?;
-    g.set(
-        "Set",
-        lua.create_function(|lua, (key, value): (String, Value)| {
-            kv::set(&key, &payload_bytes(lua, value)?).map_err(kv_error)
-        })?,
-    )?;
-    {
-        let h = h.clone();
-        g.set(
-            "tick",
-            lua.create_function(move |_, (seconds, f): (f64, Function)| {
-                let ms = (seconds * 1000.0).clamp(1.0, u32::MAX as f64) as u32;
-                start_timer(&h, ms, f, true, true)
-            })?,
-        )?;
-    }
-    g.set(
-        "config",
-        lua.create_function(|_, key: String| Ok(config::get(&key)))?,
-    )?;
+    crate::esc::install(lua, handlers)?;
 
     // --- the covey table ---
     let covey = lua.create_table()?;
@@ -252,8 +206,20 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
                 .collect::<Vec<_>>())
         })?,
     )?;
-    covey.set("emit", g.get::<Function>("sendEvent")?)?;
-    covey.set("command", g.get::<Function>("sendCommand")?)?;
+    covey.set(
+        "emit",
+        lua.create_function(|lua, (name, payload): (String, Value)| {
+            let sent = events::emit(&name, &payload_bytes(lua, payload)?);
+            sent_or_error(lua, sent)
+        })?,
+    )?;
+    covey.set(
+        "command",
+        lua.create_function(|lua, (to, name, payload): (String, String, Value)| {
+            let sent = events::send_command(&to, &name, &payload_bytes(lua, payload)?);
+            sent_or_error(lua, sent)
+        })?,
+    )?;
     covey.set("on", g.get::<Function>("on")?)?;
     covey.set("handle", g.get::<Function>("onCommand")?)?;
     covey.set(
@@ -304,7 +270,7 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
     covey.set("kv", kv_table(lua, handlers)?)?;
     g.set("covey", covey)?;
 
-    // --- json, require, sandbox ---
+    // --- json; then the standard library completed and fenced ---
     let json = lua.create_table()?;
     json.set(
         "encode",
@@ -313,13 +279,18 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
     json.set("decode", lua.create_function(json_decode)?)?;
     g.set("json", json)?;
     lua.load(SYSTEM_SUGAR).set_name("=covey").exec()?;
-    g.set("require", require_fn(lua)?)?;
-    sandbox(lua)
+    crate::stdlib::install(lua)
 }
 
 fn kv_table(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    t.set("get", lua.globals().get::<Function>("Get")?)?;
+    t.set(
+        "get",
+        lua.create_function(|lua, key: String| match kv::get(&key) {
+            Some(v) => Ok(Value::String(lua.create_string(&v)?)),
+            None => Ok(Value::Nil),
+        })?,
+    )?;
     t.set("set", lua.globals().get::<Function>("Set")?)?;
     t.set(
         "delete",
@@ -345,82 +316,4 @@ fn kv_table(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<Table> {
         })?,
     )?;
     Ok(t)
-}
-
-/// `require(name)`: modules come from the scripts directory's `lib/`,
-/// through the host; each is loaded once and cached like Lua's own.
-fn require_fn(lua: &Lua) -> mlua::Result<Function> {
-    let loaded = lua.create_table()?;
-    for lib in ["string", "table", "math", "utf8", "coroutine", "os", "json"] {
-        if let Ok(v) = lua.globals().get::<Value>(lib) {
-            loaded.set(lib, v)?;
-        }
-    }
-    lua.create_function(move |lua, name: String| {
-        if let Some(v) = loaded.get::<Option<Value>>(name.as_str())? {
-            return Ok(v);
-        }
-        let Some(text) = lua_source::module(&name) else {
-            return Err(mlua::Error::runtime(format!(
-                "module '{name}' not found (looked for lib/{}.lua in the scripts directory)",
-                name.replace('.', "/")
-            )));
-        };
-        let chunk = lua
-            .load(text)
-            .set_name(format!("@lib/{}.lua", name.replace('.', "/")));
-        let value: Value = chunk.call(name.as_str())?;
-        let value = if value.is_nil() {
-            Value::Boolean(true)
-        } else {
-            value
-        };
-        loaded.set(name.as_str(), value.clone())?;
-        Ok(value)
-    })
-}
-
-/// Everything that would reach outside the sandbox raises a clear error.
-fn sandbox(lua: &Lua) -> mlua::Result<()> {
-    let g = lua.globals();
-    let refuse = |what: String| {
-        lua.create_function(move |_, _: MultiValue| -> mlua::Result<()> {
-            Err(mlua::Error::runtime(format!("{what}: {SANDBOX}")))
-        })
-    };
-    let os: Table = g.get("os")?;
-    // WASI has no process CPU clock (C's clock() is unsupported there):
-    // os.clock() is monotonic time since the instance started, which is
-    // what scripts use it for (timing their own work).
-    let started = std::time::Instant::now();
-    os.set(
-        "clock",
-        lua.create_function(move |_, ()| Ok(started.elapsed().as_secs_f64()))?,
-    )?;
-    for f in [
-        "execute",
-        "exit",
-        "getenv",
-        "remove",
-        "rename",
-        "tmpname",
-        "setlocale",
-    ] {
-        os.set(f, refuse(format!("os.{f}"))?)?;
-    }
-    let io = lua.create_table()?;
-    for f in [
-        "open", "popen", "read", "lines", "input", "output", "tmpfile", "close",
-    ] {
-        io.set(f, refuse(format!("io.{f}"))?)?;
-    }
-    io.set("write", level_fn(lua, Level::Info)?)?;
-    g.set("io", io)?;
-    let package = lua.create_table()?;
-    package.set("loadlib", refuse("package.loadlib".into())?)?;
-    g.set("package", package)?;
-    for f in ["dofile", "loadfile"] {
-        g.set(f, refuse(f.to_string())?)?;
-    }
-    Ok(())
 }

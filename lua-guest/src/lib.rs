@@ -21,6 +21,9 @@ wit_bindgen::generate!({
 mod pattern;
 
 mod api;
+mod esc;
+mod http;
+mod stdlib;
 
 use covey::script::log::{Level, log};
 
@@ -86,13 +89,14 @@ struct LuaGuest;
 impl Guest for LuaGuest {
     fn init() -> Result<(), String> {
         let (name, text) = covey::script::lua_source::script();
-        let libs = StdLib::STRING
-            | StdLib::TABLE
-            | StdLib::MATH
-            | StdLib::UTF8
-            | StdLib::COROUTINE
-            | StdLib::OS;
-        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(|e| e.to_string())?;
+        // Every library but `io` (replaced by `stdlib::sandbox`): the
+        // sandbox boundary is the wasm instance, not Lua, so `debug`,
+        // `package` and binary chunks (which mlua calls unsafe: they can
+        // corrupt the Lua state) can at worst break this one script.
+        let libs = StdLib::ALL ^ StdLib::IO;
+        // SAFETY: see above; nothing outside this instance's memory is
+        // reachable from Lua.
+        let lua = unsafe { Lua::unsafe_new_with(libs, LuaOptions::default()) };
         let handlers = SharedHandlers::default();
         api::install(&lua, &handlers).map_err(|e| format!("setting up the Lua API: {e}"))?;
         lua.set_memory_limit(LUA_MEMORY_LIMIT)
@@ -106,7 +110,7 @@ impl Guest for LuaGuest {
         }
         lua.globals().set("arg", arg).map_err(|e| e.to_string())?;
         // Syntax errors surface here with file and line.
-        let chunk = lua.load(text.as_str()).set_name(format!("@{name}"));
+        let chunk = lua.load(text).set_name(format!("@{name}"));
         let invoker = api::invoker(&lua).map_err(|e| e.to_string())?;
         let rt = Rc::new(Runtime {
             lua,

@@ -1,24 +1,45 @@
-//! `covey:script/lua-source`: hands the built-in Lua guest the text of the
-//! `.lua` script it runs, and the modules it `require`s from `lib/`.
-//! Components other than the Lua guest do not import it.
+//! `covey:script/lua-source`: hands the built-in Lua guest the source of
+//! the `.lua` script it runs, and the files it `require`s, `dofile`s or
+//! `loadfile`s from the directory it may read. Components other than the
+//! Lua guest do not import it.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ScriptEnv, ScriptState};
+use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::lua::covey::script::lua_source as wit;
+use crate::scriptdir::{ScriptDir, ScriptPath};
+
+/// The largest file `read` hands over (a Lua state has 40 MiB in all).
+const MAX_READ: u64 = 16 << 20;
+
+/// `package.path` for a node's scripts: modules from `lib/`.
+pub const SCRIPTS_PATH: &str = "lib/?.lua;lib/?/init.lua";
+/// `package.path` under `covey exec`: beside the file first, as `lua
+/// FILE.lua` run from the file's directory would, then `lib/`.
+pub const EXEC_PATH: &str = "./?.lua;./?/init.lua;lib/?.lua;lib/?/init.lua";
 
 pub struct LuaCtx {
     script: Arc<str>,
     args: Vec<String>,
-    source: Option<Arc<str>>,
-    lib_dir: Option<PathBuf>,
+    lua: Option<LuaScript>,
 }
 
-impl LuaCtx {
-    pub fn new(env: &ScriptEnv) -> Self {
+/// What a `.lua` instance needs besides the shared environment.
+#[derive(Clone)]
+pub struct LuaScript {
+    pub source: Arc<[u8]>,
+    /// The directory `read` serves: the scripts directory, or the file's
+    /// own under `covey exec`.
+    pub root: PathBuf,
+    /// The default `package.path` ([`SCRIPTS_PATH`] or [`EXEC_PATH`]).
+    pub search_path: &'static str,
+}
+
+impl Capability for LuaCtx {
+    fn new(env: &ScriptEnv) -> Self {
         LuaCtx {
             script: env.script.clone(),
             args: env
@@ -27,66 +48,76 @@ impl LuaCtx {
                 .as_ref()
                 .map(|c| c.args.clone())
                 .unwrap_or_default(),
-            source: env.lua.as_ref().map(|l| l.source.clone()),
-            lib_dir: env.lua.as_ref().map(|l| l.lib_dir.clone()),
+            lua: env.lua.clone(),
         }
+    }
+
+    fn link(
+        linker: &mut Linker<ScriptState>,
+        get: fn(&mut ScriptState) -> &mut Self,
+    ) -> wasmtime::Result<()> {
+        wit::add_to_linker::<ScriptState, HasSelf<Self>>(linker, get)
     }
 }
 
-/// What a `.lua` instance needs besides the shared environment.
-#[derive(Clone)]
-pub struct LuaScript {
-    pub source: Arc<str>,
-    /// `lib/` of the scripts directory, where `require` looks.
-    pub lib_dir: PathBuf,
-}
-
-pub fn add_to_linker(linker: &mut Linker<ScriptState>) -> wasmtime::Result<()> {
-    wit::add_to_linker::<ScriptState, HasSelf<LuaCtx>>(linker, |s| &mut s.lua)
-}
-
-/// `lib/<a>/<b>.lua` for module `a.b`; None for names that would leave
-/// `lib/` (`..`, absolute paths, empty parts).
-fn module_path(lib: &Path, name: &str) -> Option<PathBuf> {
-    let rel = PathBuf::from(format!("{}.lua", name.replace('.', "/")));
-    let plain = rel.components().all(|c| matches!(c, Component::Normal(_)));
-    (plain && !name.is_empty()).then(|| lib.join(rel))
+/// `path` as the guest asked for it (`./` prefixes allowed), if it names a
+/// file inside the root by the scripts directory's rule.
+fn confined(path: &str) -> Option<ScriptPath> {
+    let mut p = path;
+    while let Some(rest) = p.strip_prefix("./") {
+        p = rest;
+    }
+    ScriptPath::parse(p).ok()
 }
 
 impl wit::Host for LuaCtx {
-    async fn script(&mut self) -> (String, String) {
-        let text = self.source.as_deref().unwrap_or_default().to_string();
-        (self.script.to_string(), text)
+    async fn script(&mut self) -> (String, Vec<u8>) {
+        let source = self.lua.as_ref().map(|l| l.source.to_vec());
+        (self.script.to_string(), source.unwrap_or_default())
     }
 
     async fn args(&mut self) -> Vec<String> {
         self.args.clone()
     }
 
-    async fn module(&mut self, name: String) -> Option<String> {
-        let path = module_path(self.lib_dir.as_ref()?, &name)?;
-        tokio::fs::read_to_string(path).await.ok()
+    async fn search_path(&mut self) -> String {
+        let path = self.lua.as_ref().map(|l| l.search_path);
+        path.unwrap_or(SCRIPTS_PATH).to_string()
+    }
+
+    async fn read(&mut self, path: String) -> Option<Vec<u8>> {
+        let root = self.lua.as_ref()?.root.clone();
+        let path = confined(&path)?;
+        tokio::task::spawn_blocking(move || {
+            let dir = ScriptDir::new(&root);
+            (dir.stat(&path).ok()?.size <= MAX_READ)
+                .then(|| dir.read(&path))
+                .flatten()
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::module_path;
-    use std::path::Path;
+    use super::confined;
 
     #[test]
-    fn module_names_stay_inside_lib() {
-        let lib = Path::new("/s/lib");
-        assert_eq!(
-            module_path(lib, "util").unwrap(),
-            Path::new("/s/lib/util.lua")
-        );
-        assert_eq!(
-            module_path(lib, "a.b").unwrap(),
-            Path::new("/s/lib/a/b.lua")
-        );
-        assert!(module_path(lib, "../secret").is_none());
-        assert!(module_path(lib, "/etc/passwd").is_none());
-        assert!(module_path(lib, "").is_none());
+    fn reads_stay_inside_the_root() {
+        assert_eq!(confined("lib/util.lua").unwrap().as_str(), "lib/util.lua");
+        assert_eq!(confined("./a/init.lua").unwrap().as_str(), "a/init.lua");
+        assert_eq!(confined("././x.lua").unwrap().as_str(), "x.lua");
+        for bad in [
+            "../secret.lua",
+            "/etc/passwd",
+            "",
+            "lib/../../x",
+            ".hidden.lua",
+            "a//b",
+        ] {
+            assert!(confined(bad).is_none(), "{bad}");
+        }
     }
 }

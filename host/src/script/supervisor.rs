@@ -18,7 +18,7 @@ use wasmtime::component::{Component, Linker};
 use super::instance::{Control, LoadedScript, ScriptCounters, ScriptInstance, ScriptStatus};
 use crate::bindings::{ScriptPre, WIT_VERSION, wit_version_of};
 use crate::capabilities::log::LogRate;
-use crate::capabilities::lua::LuaScript;
+use crate::capabilities::lua::{self, LuaScript};
 use crate::capabilities::{self, ScriptState};
 use crate::engine::ComponentCache;
 use crate::router::ScriptId;
@@ -61,6 +61,10 @@ pub struct ScriptInfo {
     pub callback_durations: Vec<u64>,
     /// Failures by kind (`cpu_budget`, `unreachable`, ...).
     pub failures: BTreeMap<String, u64>,
+    /// What the operator granted it beyond the base API, e.g.
+    /// `http ["api.example.com"]` (one entry per matching rule).
+    #[serde(default)]
+    pub grants: Vec<String>,
 }
 
 /// What a load did.
@@ -241,7 +245,7 @@ impl ScriptSupervisor {
         hash: blake3::Hash,
     ) -> Result<LoadedScript> {
         if id.ends_with(".lua") {
-            self.lua_script(id, bytes, hash).await
+            self.lua_script(bytes, hash).await
         } else {
             self.compile(id, bytes, hash).await
         }
@@ -249,14 +253,7 @@ impl ScriptSupervisor {
 
     /// A `.lua` script: the built-in Lua guest (compiled once per node)
     /// plus the script's text. Syntax errors surface from its `init`.
-    async fn lua_script(
-        &self,
-        id: &str,
-        bytes: Vec<u8>,
-        hash: blake3::Hash,
-    ) -> Result<LoadedScript> {
-        let source =
-            String::from_utf8(bytes).map_err(|e| anyhow!("`{id}` is not UTF-8 text: {e}"))?;
+    async fn lua_script(&self, bytes: Vec<u8>, hash: blake3::Hash) -> Result<LoadedScript> {
         let guest = self
             .lua_guest
             .get_or_try_init(|| async {
@@ -272,8 +269,13 @@ impl ScriptSupervisor {
             pre: guest.pre.clone(),
             hash,
             lua: Some(LuaScript {
-                source: source.into(),
-                lib_dir: self.dir.join("lib"),
+                source: bytes.into(),
+                root: self.dir.clone(),
+                // `covey exec` (a console) reads beside the file first.
+                search_path: match self.services.console {
+                    Some(_) => lua::EXEC_PATH,
+                    None => lua::SCRIPTS_PATH,
+                },
             }),
         })
     }
@@ -388,6 +390,7 @@ impl ScriptSupervisor {
                     failures: (c.failures.lock().unwrap().iter())
                         .map(|(k, n)| (k.to_string(), *n))
                         .collect(),
+                    grants: self.services.grants.describe(id),
                 }
             })
             .collect()

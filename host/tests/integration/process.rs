@@ -126,7 +126,7 @@ fn falls_back_to_on_demand_allocation_when_the_pool_cannot_be_reserved() {
     assert_eq!(kv_inits(dir.path()).as_deref(), Some(&b"1"[..]));
 }
 
-fn covey_exec(file: &Path, args: &[&str]) -> (bool, String, String) {
+pub(crate) fn covey_exec(file: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_covey"))
         .arg("exec")
         .arg("--node")
@@ -158,7 +158,7 @@ fn exec_runs_plain_lua_programs_with_arguments() {
     .unwrap();
     let (ok, out, err) = covey_exec(&file, &["one", "--two"]);
     assert!(ok, "{err}");
-    assert_eq!(out, "args\tone\t--two\nprog.lua\t2\t6765\tex\nno newline\n");
+    assert_eq!(out, "args\tone\t--two\nprog.lua\t2\t6765\tex\nno newline");
 }
 
 #[test]
@@ -195,4 +195,88 @@ fn exec_runs_a_component_init() {
     let (ok, _, err) = covey_exec(&file, &[]);
     assert!(!ok);
     assert!(err.contains("refuses to start"), "{err}");
+}
+
+/// esc's semantics where they differ from Lua's or Covey's: missing keys
+/// read as "" (Go's zero value), esc-form sends never raise (logged and
+/// dropped), `log` stringifies as gopher-lua's `ToString`. Modelled on
+/// esc's README and its demo script, which logs an undefined global first.
+#[test]
+fn esc_scripts_get_esc_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.lua");
+    std::fs::write(
+        &file,
+        r#"log(foo)
+log("CFG "..config("foo"))
+log(1.5, "and", true)
+log("Get ["..Get("missing").."]")
+print(covey.kv.get("missing"))
+sendCommand("nodeb", "blink", "led3")
+send("nodeb", "blink", "led3")
+sendC("nodeb", "blink", "led3", true)
+sendEvent("covey.fake", "x")
+print(covey.command("nodeb", "blink", "led3"))
+print(covey.emit("fine", "x"))
+print(fullName("ex"), shortName(fullName("ex")), shortName("ex._esc._tcp.local."))
+onEvent("*", "test", function(msg) sendCommand(self(), "hello", "world") end)
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = covey_exec(&file, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "\nCFG \n1.5\tand\t\nGet []\nnil\nnil\tunknown node `nodeb`\ntrue\nex\tex\tex\n"
+    );
+    for dropped in [
+        "sendCommand: dropped: unknown node `nodeb`",
+        "send: dropped: unknown node `nodeb`",
+        "sendC: dropped: unknown node `nodeb`",
+        "sendEvent: dropped: `covey.fake` is a system event name",
+    ] {
+        assert!(err.contains(dropped), "{dropped}: {err}");
+    }
+}
+
+/// `covey exec FILE.lua` reads beside the file as `lua FILE.lua` would from
+/// there: `require` (`./?.lua`, `./?/init.lua`, then `lib/`), `dofile`,
+/// `loadfile` with mode and env; nothing outside the file's directory.
+/// Sources are bytes: a string literal may hold any byte.
+#[test]
+fn exec_reads_beside_the_file_like_lua() {
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    put(
+        "helper.lua",
+        b"return { twice = function(x) return 2 * x end }",
+    );
+    put("pkg/init.lua", b"return { name = (...) }");
+    put("lib/util.lua", b"return 'from lib'");
+    put("data.lua", b"return x or 'no x'");
+    std::fs::write(dir.path().parent().unwrap().join("outside.lua"), "return 1").ok();
+    put(
+        "main.lua",
+        b"local h = require('helper')\n\
+          print(h.twice(21), require('pkg').name, (require('util')))\n\
+          print(dofile('data.lua'), loadfile('data.lua', 't', { x = 'env x' })())\n\
+          print(loadfile('../outside.lua'))\n\
+          print(pcall(dofile, 'missing.lua'))\n\
+          local bytes = '\xff\xfe'\n\
+          print(#bytes, bytes:byte(1), package.path)\n",
+    );
+    let (ok, out, err) = covey_exec(&dir.path().join("main.lua"), &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "42\tpkg\tfrom lib\n\
+         no x\tenv x\n\
+         nil\tcannot open ../outside.lua\n\
+         false\tcannot open missing.lua\n\
+         2\t255\t./?.lua;./?/init.lua;lib/?.lua;lib/?/init.lua\n"
+    );
 }
