@@ -7,7 +7,10 @@
 //! - subscribing n names (one script), and routing with n subscriptions;
 //! - compile, cache-load and instantiate times of a component;
 //! - reload latency: file renamed into place → new version answering;
-//! - idle RSS of a `covey run` process with 10 scripts.
+//! - idle RSS of a `covey run` process with 10 scripts;
+//! - the Lua guest's own figures;
+//! - guests in Rust, Lua, Python and JavaScript side by side: component
+//!   size, compile, instantiate and events/s (`COVEY_BENCH_ONLY=languages`).
 //!
 //! `COVEY_BENCH_QUICK=1` runs smaller counts (for a smoke run);
 //! `COVEY_BENCH_ONLY=bus` only the bus figure (for profiling).
@@ -23,7 +26,7 @@ use covey::{Node, NodeConfig};
 
 #[path = "../tests/support/guests.rs"]
 mod guests;
-use guests::guest;
+use guests::{OTHER_LANGUAGES, guest};
 
 mod support;
 use support::{ms, pct, us};
@@ -63,6 +66,10 @@ fn main() {
         lua_cpu_vs_native();
         one_core.block_on(lua_bus_throughput(if quick { 50_000 } else { 500_000 }));
         rt.block_on(lua_reload_latency(if quick { 5 } else { 30 }));
+    }
+    if only.is_none() || only.as_deref() == Some("languages") {
+        println!("-- guests in four languages --");
+        languages(&rt, &one_core, quick);
     }
 }
 
@@ -183,6 +190,12 @@ async fn lua_bus_throughput(n: u64) {
 
 /// Events/s from `router.emit` into the `bench` handler of `node`.
 async fn bus_run(node: Node, into: &str, n: u64) -> f64 {
+    bus_run_into(node, into, n, ("bench", "count")).await
+}
+
+/// Events/s from `router.emit` of `event` into a script of `node` that
+/// counts them and answers `count` with how many it saw.
+async fn bus_run_into(node: Node, into: &str, n: u64, (event, count): (&str, &str)) -> f64 {
     let router = node.router().clone();
     let stats = &router.stats;
     let payload = vec![7u8; 64];
@@ -199,7 +212,7 @@ async fn bus_run(node: Node, into: &str, n: u64) -> f64 {
                     tokio::task::yield_now().await;
                     continue;
                 }
-                router.emit("bench", payload.clone()).unwrap();
+                router.emit(event, payload.clone()).unwrap();
                 sent += 1;
             }
             while router.stats.handled.load(Ordering::Relaxed) - base < count {
@@ -211,7 +224,7 @@ async fn bus_run(node: Node, into: &str, n: u64) -> f64 {
     run(n / 10).await; // warm-up
     let elapsed = run(n).await;
     let reply = router
-        .call(None, "bench", "count", vec![], Duration::from_secs(5))
+        .call(None, "bench", count, vec![], Duration::from_secs(5))
         .await
         .unwrap();
     let seen: u64 = String::from_utf8(reply).unwrap().parse().unwrap();
@@ -465,4 +478,91 @@ async fn lua_instantiate_times(rounds: usize) {
         ms(pct(&mut inst, 99)),
     );
     node.shutdown().await.unwrap();
+}
+
+/// One script that counts events, in each guest language: the Rust and Lua
+/// sinks, and the Python and JavaScript examples (which count `hello`).
+/// Size, cold compile, instantiate + init, and events/s on one core, side
+/// by side in one run. Python and JavaScript carry their interpreter in
+/// the component; the Lua interpreter is the embedded guest, shared.
+fn languages(rt: &tokio::runtime::Runtime, one_core: &tokio::runtime::Runtime, quick: bool) {
+    let [python, js] = OTHER_LANGUAGES.map(guest);
+    let sink = guest("testing/sink");
+    let lua_guest = covey::script::supervisor::LUA_GUEST;
+    // (language, script file, its bytes, the component compiled, event, count command)
+    let cases: [(&str, &str, Vec<u8>, Vec<u8>, &str, &str); 4] = [
+        (
+            "rust",
+            "sink.wasm",
+            std::fs::read(&sink).unwrap(),
+            vec![],
+            "bench",
+            "count",
+        ),
+        (
+            "lua",
+            "sink.lua",
+            LUA_SINK.into(),
+            lua_guest.to_vec(),
+            "bench",
+            "count",
+        ),
+        (
+            "python",
+            "python-hello.wasm",
+            std::fs::read(&python).unwrap(),
+            vec![],
+            "hello",
+            "py.count",
+        ),
+        (
+            "javascript",
+            "js-hello.wasm",
+            std::fs::read(&js).unwrap(),
+            vec![],
+            "hello",
+            "js.count",
+        ),
+    ];
+    let rounds = if quick { 5 } else { 30 };
+    for (lang, file, bytes, component, event, count) in cases {
+        let component = if component.is_empty() {
+            bytes.clone()
+        } else {
+            component
+        };
+        let (compile, mut inst) = rt.block_on(async {
+            let (node, _dir) = node_with(&[]).await;
+            let compile = cold_compile(&node, &component);
+            let hash = blake3::hash(&bytes);
+            let code = node
+                .supervisor()
+                .prepare(file, bytes.clone(), hash)
+                .await
+                .unwrap();
+            let inst = instantiations(&node, file, &Arc::new(code), rounds).await;
+            node.shutdown().await.unwrap();
+            (compile, inst)
+        });
+        // Interpreted guests get fewer events: the figure is a rate.
+        let n = match (lang, quick) {
+            ("rust", false) => 1_000_000,
+            (_, false) => 200_000,
+            ("rust", true) => 100_000,
+            _ => 20_000,
+        };
+        let rate = one_core.block_on(async {
+            let (node, _dir) = node_with_files(vec![(file.into(), bytes.clone())]).await;
+            let router = node.router().clone();
+            until_ready(|| !router.scripts().is_empty()).await;
+            bus_run_into(node, &format!("a {lang} guest"), n, (event, count)).await
+        });
+        println!(
+            "{lang:>10}: {:>6} KB component, cold compile {:>7.0} ms, instantiate + init p50 {:>7.2} ms, \
+             {rate:>9.0} events/s",
+            component.len() / 1024,
+            ms(compile),
+            ms(pct(&mut inst, 50)),
+        );
+    }
 }

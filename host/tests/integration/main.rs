@@ -14,6 +14,7 @@ mod hostile;
 mod http;
 mod isolation;
 mod kv;
+mod languages;
 mod lifecycle;
 mod limits;
 mod lua;
