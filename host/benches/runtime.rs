@@ -489,48 +489,36 @@ fn languages(rt: &tokio::runtime::Runtime, one_core: &tokio::runtime::Runtime, q
     let [python, js] = OTHER_LANGUAGES.map(guest);
     let sink = guest("testing/sink");
     let lua_guest = covey::script::supervisor::LUA_GUEST;
-    // (language, script file, its bytes, the component compiled, event, count command)
-    let cases: [(&str, &str, Vec<u8>, Vec<u8>, &str, &str); 4] = [
-        (
-            "rust",
-            "sink.wasm",
-            std::fs::read(&sink).unwrap(),
-            vec![],
-            "bench",
-            "count",
-        ),
+    // A script in each language: (language, file, its bytes, the
+    // component compiled for it, (event counted, command replying the count)).
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let cases = [
+        ("rust", "sink.wasm", read(sink), None, ("bench", "count")),
         (
             "lua",
             "sink.lua",
             LUA_SINK.into(),
-            lua_guest.to_vec(),
-            "bench",
-            "count",
+            Some(lua_guest.to_vec()),
+            ("bench", "count"),
         ),
         (
             "python",
             "python-hello.wasm",
-            std::fs::read(&python).unwrap(),
-            vec![],
-            "hello",
-            "py.count",
+            read(python),
+            None,
+            ("hello", "py.count"),
         ),
         (
             "javascript",
             "js-hello.wasm",
-            std::fs::read(&js).unwrap(),
-            vec![],
-            "hello",
-            "js.count",
+            read(js),
+            None,
+            ("hello", "js.count"),
         ),
     ];
     let rounds = if quick { 5 } else { 30 };
-    for (lang, file, bytes, component, event, count) in cases {
-        let component = if component.is_empty() {
-            bytes.clone()
-        } else {
-            component
-        };
+    for (lang, file, bytes, component, (event, count)) in cases {
+        let component: Vec<u8> = component.unwrap_or_else(|| bytes.clone());
         let (compile, mut inst) = rt.block_on(async {
             let (node, _dir) = node_with(&[]).await;
             let compile = cold_compile(&node, &component);
@@ -545,8 +533,13 @@ fn languages(rt: &tokio::runtime::Runtime, one_core: &tokio::runtime::Runtime, q
             (compile, inst)
         });
         // Interpreted guests get fewer events: the figure is a rate.
+        // componentize-js guests leak ~400 bytes of linear memory per event
+        // (arguments allocated by the host are never freed; upstream
+        // ComponentizeJS issue 350): 64 MiB lasts ~160,000 events before
+        // the instance traps and restarts, so the JS run stays below that.
         let n = match (lang, quick) {
             ("rust", false) => 1_000_000,
+            ("javascript", false) => 100_000,
             (_, false) => 200_000,
             ("rust", true) => 100_000,
             _ => 20_000,
