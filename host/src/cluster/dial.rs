@@ -2,7 +2,7 @@
 //! target (a `--peer` address, or a node learnt from mDNS or gossip) dials
 //! while the node is down, with backoff, and sleeps while it is up.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,12 @@ pub(super) enum DialTarget {
 impl Shared {
     /// A node heard of (mDNS or gossip): remember it and keep it dialled.
     pub(super) fn learn(self: &Arc<Self>, node: &str, addrs: &[SocketAddr]) {
+        // A link-local address without its interface cannot be dialled
+        // here: gossip carries no scope (it would be the sender's interface
+        // anyway), and dialling `fe80::…` unscoped sends from some interface
+        // while replies arrive scoped, which QUIC then drops as coming from
+        // an unknown peer: the handshake times out.
+        let addrs: Vec<SocketAddr> = addrs.iter().copied().filter(dialable).collect();
         if node == self.me.node || addrs.is_empty() {
             return;
         }
@@ -35,7 +41,7 @@ impl Shared {
             tracing::debug!("ignoring addresses of a peer: {e}");
             return;
         }
-        if self.members.note_addrs(node, addrs).is_err() {
+        if self.members.note_addrs(node, &addrs).is_err() {
             tracing::debug!(
                 "ignoring addresses of a new peer: {} nodes known already",
                 super::members::MAX_NODES
@@ -117,10 +123,13 @@ impl Shared {
     }
 
     async fn dial_spec(self: &Arc<Self>, spec: &str) -> Result<Arc<PeerLink>> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(spec)
-            .await
-            .with_context(|| format!("resolving `{spec}`"))?
-            .collect();
+        let addrs: Vec<SocketAddr> = match scoped_spec(spec)? {
+            Some(addr) => vec![addr],
+            None => (tokio::net::lookup_host(spec).await)
+                .with_context(|| format!("resolving `{spec}`"))?
+                .filter(dialable)
+                .collect(),
+        };
         self.dial_any(&addrs)
             .await
             .with_context(|| format!("`{spec}`"))
@@ -148,5 +157,81 @@ impl Shared {
         self.establish(conn, true)
             .await
             .with_context(|| format!("linking with {addr}"))
+    }
+}
+
+/// Whether `addr` can be dialled from this host: not an IPv6 link-local
+/// address without the interface it is on.
+fn dialable(addr: &SocketAddr) -> bool {
+    match addr {
+        SocketAddr::V6(v6) => !(v6.ip().is_unicast_link_local() && v6.scope_id() == 0),
+        SocketAddr::V4(_) => true,
+    }
+}
+
+/// A `--peer` IPv6 link-local address with its interface, by number or by
+/// name: `[fe80::1%2]:7466`, `[fe80::1%eth0]:7466`. None for other specs
+/// (names, other addresses); an error for a link-local address without an
+/// interface or with an unknown one.
+fn scoped_spec(spec: &str) -> Result<Option<SocketAddr>> {
+    let Some((host, port)) = spec.strip_prefix('[').and_then(|s| s.split_once("]:")) else {
+        return Ok(None);
+    };
+    let (ip, iface) = host.split_once('%').unwrap_or((host, ""));
+    let Ok(ip) = ip.parse::<std::net::Ipv6Addr>() else {
+        return Ok(None);
+    };
+    if !ip.is_unicast_link_local() {
+        return Ok(None);
+    }
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("the port of `{spec}`"))?;
+    anyhow::ensure!(
+        !iface.is_empty(),
+        "`{spec}` is a link-local address: name its interface, e.g. `[{ip}%eth0]:{port}`"
+    );
+    let scope = match iface.parse::<u32>() {
+        Ok(index) => index,
+        Err(_) => interface_index(iface)
+            .with_context(|| format!("`{spec}`: no network interface `{iface}`"))?,
+    };
+    Ok(Some(SocketAddrV6::new(ip, port, 0, scope).into()))
+}
+
+/// The index of the network interface called `name`.
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_local_addresses_need_their_interface() {
+        let unscoped: SocketAddr = "[fe80::1]:7466".parse().unwrap();
+        let scoped: SocketAddr = "[fe80::1%1]:7466".parse().unwrap();
+        assert!(!dialable(&unscoped));
+        assert!(dialable(&scoped));
+        assert!(dialable(&"[fd00::1]:7466".parse().unwrap()));
+        assert!(dialable(&"10.0.0.1:7466".parse().unwrap()));
+        // By number and by name (`lo` is there everywhere).
+        assert_eq!(scoped_spec("[fe80::1%1]:7466").unwrap(), Some(scoped));
+        let lo = scoped_spec("[fe80::1%lo]:7466").unwrap().unwrap();
+        assert!(matches!(lo, SocketAddr::V6(v6) if v6.scope_id() != 0 && v6.port() == 7466));
+        let e = scoped_spec("[fe80::1]:7466").unwrap_err().to_string();
+        assert!(e.contains("name its interface"), "{e}");
+        let e = scoped_spec("[fe80::1%nosuch0]:7466")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no network interface `nosuch0`"), "{e}");
+        // Everything else is left to the resolver.
+        assert_eq!(scoped_spec("[fd00::1]:7466").unwrap(), None);
+        assert_eq!(scoped_spec("pi.local:7466").unwrap(), None);
+        assert_eq!(scoped_spec("10.0.0.1:7466").unwrap(), None);
     }
 }

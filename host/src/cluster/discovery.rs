@@ -5,11 +5,11 @@
 //! protocol version; announcements of other clusters (or other protocol
 //! versions) on the same LAN are ignored before any packet is sent to them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::sync::Weak;
 
 use anyhow::{Context, Result};
-use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use mdns_sd::{IfKind, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::task::JoinHandle;
 
 use super::Shared;
@@ -74,14 +74,10 @@ impl Discovery {
                 let Some(shared) = cluster.upgrade() else {
                     return;
                 };
-                // IPv6 link-local addresses are left out: they need the
-                // right interface scope, and links over them were seen to
-                // stall (handshake and keep-alives fine, stream data not).
                 let mut addrs: Vec<SocketAddr> = svc
                     .addresses
                     .iter()
-                    .map(|ip| SocketAddr::new(ip.to_ip_addr(), svc.port))
-                    .filter(|a| !matches!(a.ip(), IpAddr::V6(v6) if v6.is_unicast_link_local()))
+                    .filter_map(|ip| dial_addr(ip, svc.port))
                     .collect();
                 addrs.sort_by_key(|a| preference(a.ip()));
                 addrs.dedup();
@@ -116,6 +112,21 @@ fn preference(ip: IpAddr) -> u8 {
         IpAddr::V4(v4) if v4.is_loopback() => 3,
         IpAddr::V4(_) => 0,
         IpAddr::V6(v6) if v6.is_loopback() => 3,
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => 2,
         IpAddr::V6(_) => 1,
+    }
+}
+
+/// The address to dial for an announced `ip`. An IPv6 link-local address
+/// means nothing without its interface: it gets the scope of the interface
+/// it was heard on (without one the kernel cannot route it, and the dial
+/// only times out); none if that is unknown.
+fn dial_addr(ip: &ScopedIp, port: u16) -> Option<SocketAddr> {
+    match ip {
+        ScopedIp::V6(v6) if v6.addr().is_unicast_link_local() => {
+            let scope = v6.scope_id().index;
+            (scope != 0).then(|| SocketAddrV6::new(*v6.addr(), port, 0, scope).into())
+        }
+        other => Some(SocketAddr::new(other.to_ip_addr(), port)),
     }
 }

@@ -273,3 +273,65 @@ async fn partition_and_kill_9_while_writing_then_everything_converges() {
         assert!(copy.contains("version"), "{copy}");
     }
 }
+
+/// Nodes whose only addresses are IPv6 link-local ones (a LAN without
+/// DHCP or router advertisements): mDNS hands out each address with the
+/// interface it was heard on, gossip's unscoped ones are not dialled, and
+/// links carry stream data well over one packet both ways, across a cut
+/// and a heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_link_local_only_lan_links_syncs_and_heals() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(mut lan) = Lan::new_link_local(3, "l")
+        .map_err(|e| eprintln!("SKIPPED ipv6_link_local_only_lan_links_syncs_and_heals: {e}"))
+        .ok()
+    else {
+        return;
+    };
+    let token = ClusterToken::generate();
+    for i in 1..=3 {
+        lan.run(i, &token);
+    }
+    all_linked(&lan, "finds its peers over link-local IPv6").await;
+    for i in 1..=3 {
+        let peers = lan.status(i).await.unwrap().cluster.unwrap().peers;
+        assert!(
+            peers.iter().all(|p| matches!(p.addr.map(|a| a.ip()),
+                Some(std::net::IpAddr::V6(v6)) if v6.is_unicast_link_local())),
+            "n{i} linked over something else: {peers:?}"
+        );
+    }
+    // 300 KB through scripts sync: blobs over many packets, each way.
+    let big = |seed: u8| -> Vec<u8> { (0..300_000u32).map(|i| (i % 251) as u8 ^ seed).collect() };
+    let arrives = |from: usize, name: &'static str, seed: u8| {
+        std::fs::write(lan.scripts(from).join(name), big(seed)).unwrap();
+        let lan = &lan;
+        async move {
+            for i in 1..=3 {
+                eventually(60, &format!("{name} from n{from} on n{i}"), || async move {
+                    std::fs::read(lan.scripts(i).join(name)).ok() == Some(big(seed))
+                })
+                .await;
+            }
+        }
+    };
+    arrives(1, "from-n1.bin", 1).await;
+    // No dial failed on the way: an address heard through gossip carries no
+    // interface, and dialling it unscoped only times out.
+    for i in 1..=3 {
+        let log = lan.log(i);
+        assert!(!log.contains("cannot link"), "n{i} failed a dial:\n{log}");
+    }
+    // Cut n3 off and heal: the links come back over the same addresses.
+    ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "down"]).unwrap();
+    {
+        let lan = &lan;
+        eventually(30, "n3 cut off", || async move {
+            lan.up_peers(3).await.is_empty()
+        })
+        .await;
+    }
+    ip(&["-n", &lan.hub, "link", "set", &lan.port(3), "up"]).unwrap();
+    all_linked(&lan, "linked again after healing").await;
+    arrives(3, "from-n3.bin", 3).await;
+}

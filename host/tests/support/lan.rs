@@ -36,6 +36,13 @@ pub struct Lan {
     dir: tempfile::TempDir,
 }
 
+/// Set a kernel parameter (`net/ipv6/...`) inside namespace `ns` (through
+/// /proc: `sysctl` is not on every machine).
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), String> {
+    let set = format!("echo {value} > /proc/sys/{key}");
+    ip(&["netns", "exec", ns, "sh", "-c", &set])
+}
+
 pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
@@ -56,6 +63,17 @@ impl Lan {
     /// A bridge in its own namespace and `n` node namespaces on it, with
     /// addresses 10.<x>.<y>.1..n/24.
     pub fn new(n: usize, tag: &str) -> Result<Lan, String> {
+        Lan::build(n, tag, true)
+    }
+
+    /// `new` without IPv4: the nodes have only the IPv6 link-local
+    /// addresses the kernel gives each interface (usable at once: no
+    /// duplicate address detection on these cables).
+    pub fn new_link_local(n: usize, tag: &str) -> Result<Lan, String> {
+        Lan::build(n, tag, false)
+    }
+
+    fn build(n: usize, tag: &str, ipv4: bool) -> Result<Lan, String> {
         let id = format!("{tag}{:x}", std::process::id() % 0xfff);
         let mut lan = Lan {
             hub: format!("cvh{id}"),
@@ -85,15 +103,12 @@ impl Lan {
             ip(&["-n", &lan.hub, "link", "set", &outside, "master", "br0"])?;
             ip(&["-n", &lan.hub, "link", "set", &outside, "up"])?;
             ip(&["-n", &ns, "link", "set", &inside, "name", "eth0"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.{subnet}.7.{i}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            if ipv4 {
+                let addr = format!("10.{subnet}.7.{i}/24");
+                ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            } else {
+                sysctl(&ns, "net/ipv6/conf/eth0/accept_dad", "0")?;
+            }
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
