@@ -77,7 +77,7 @@ impl Discovery {
                 let mut addrs: Vec<SocketAddr> = svc
                     .addresses
                     .iter()
-                    .filter_map(|ip| dial_addr(ip, svc.port))
+                    .map(|ip| dial_addr(ip, svc.port))
                     .collect();
                 addrs.sort_by_key(|a| preference(a.ip()));
                 addrs.dedup();
@@ -117,16 +117,14 @@ fn preference(ip: IpAddr) -> u8 {
     }
 }
 
-/// The address to dial for an announced `ip`. An IPv6 link-local address
-/// means nothing without its interface: it gets the scope of the interface
-/// it was heard on (without one the kernel cannot route it, and the dial
-/// only times out); none if that is unknown.
-fn dial_addr(ip: &ScopedIp, port: u16) -> Option<SocketAddr> {
+/// The address to dial for an announced `ip`: an IPv6 link-local address
+/// gets the interface it was heard on as its scope (`Shared::learn` drops
+/// one that has none).
+fn dial_addr(ip: &ScopedIp, port: u16) -> SocketAddr {
     match ip {
         ScopedIp::V6(v6) if v6.addr().is_unicast_link_local() => {
-            let scope = v6.scope_id().index;
-            (scope != 0).then(|| SocketAddrV6::new(*v6.addr(), port, 0, scope).into())
+            SocketAddrV6::new(*v6.addr(), port, 0, v6.scope_id().index).into()
         }
-        other => Some(SocketAddr::new(other.to_ip_addr(), port)),
+        other => SocketAddr::new(other.to_ip_addr(), port),
     }
 }

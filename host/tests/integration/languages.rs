@@ -65,7 +65,8 @@ async fn python_and_javascript_guests_see_every_event_of_a_burst() {
     let before = memory().await;
     let router = t.node().router();
     const BURST: u64 = 20_000;
-    // Paced like a producer that respects the mailboxes' bound (1024).
+    // Paced like a producer that respects the mailboxes' bound (4096 by
+    // default): at most 512 deliveries outstanding.
     let handled = || {
         router
             .stats
