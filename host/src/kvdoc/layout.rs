@@ -71,6 +71,28 @@ pub fn counter_sum(doc: &AutoCommit, key: &str) -> Option<i64> {
     sum
 }
 
+/// A counter's slots: each node's running total, with the values that
+/// conflict with it (only its node writes a slot, so a conflict means two
+/// lives of that node wrote it concurrently, e.g. across a `kill -9`).
+pub fn counter_slots(doc: &AutoCommit, key: &str) -> Vec<(String, Vec<i64>)> {
+    let prefix = slot_prefix(key);
+    let keys: Vec<String> = range(doc, prefix.clone()).map(|(k, _)| k).collect();
+    keys.into_iter()
+        .map(|k| {
+            let values = (doc
+                .get_all(ROOT, k.as_str())
+                .unwrap_or_default()
+                .into_iter())
+            .filter_map(|(v, _)| match v {
+                Value::Scalar(s) => scalar_i64(&s),
+                Value::Object(_) => None,
+            })
+            .collect();
+            (k[prefix.len()..].to_string(), values)
+        })
+        .collect()
+}
+
 /// What `get` returns: a plain value's bytes, or a counter as decimal text.
 pub fn read(doc: &AutoCommit, key: &str) -> Option<Vec<u8>> {
     match doc.get(ROOT, key).ok()? {

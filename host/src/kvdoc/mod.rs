@@ -122,6 +122,12 @@ impl KvDoc {
         self.store.read(|doc| layout::keys(doc, prefix))
     }
 
+    /// A counter's slots per node, every value each holds (more than
+    /// one: conflicting writes); for diagnosing a counter that reads wrong.
+    pub fn counter_slots(&self, key: &str) -> Vec<(String, Vec<i64>)> {
+        self.store.read(|doc| layout::counter_slots(doc, key))
+    }
+
     pub fn len(&self) -> usize {
         self.keys("").len()
     }

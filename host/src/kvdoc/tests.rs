@@ -220,3 +220,30 @@ fn compaction_waits_for_members_and_followers_make_the_same_epoch() {
     );
     assert_eq!(a.kv.epoch().epoch, 2);
 }
+
+/// Two lives of one node (a restart after `kill -9` gets a new actor)
+/// writing its slot concurrently: the slot holds both values, one wins,
+/// and `counter_slots` shows both, per node.
+#[test]
+fn counter_slots_show_every_value_a_node_wrote_concurrently() {
+    let (mut a1, mut a2, mut b) = (replica("a"), replica("a"), replica("b"));
+    a1.kv.incr("hits", 5).unwrap();
+    a2.kv.incr("hits", 2).unwrap();
+    b.kv.incr("hits", 1).unwrap();
+    sync_into(&mut a1, &mut b, &mut Default::default());
+    sync_into(&mut a2, &mut b, &mut Default::default());
+    let slots = b.kv.counter_slots("hits");
+    let nodes: Vec<&str> = slots.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["a", "b"]);
+    let mut a_values = slots[0].1.clone();
+    a_values.sort();
+    assert_eq!((a_values, slots[1].1.clone()), (vec![2, 5], vec![1]));
+    let sum: i64 = String::from_utf8(b.kv.get("hits").unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        sum == 6 || sum == 3,
+        "the winner of a's slot plus b's: {sum}"
+    );
+}

@@ -4,21 +4,27 @@
 //! a minute a nemesis applies random faults one after another —
 //! majority/minority partitions, a node bridging two sides that cannot see
 //! each other, an isolated node, random packet loss, a slow congested
-//! link, `kill -9` and restart, `SIGSTOP`/`SIGCONT` — then heals
+//! link, `kill -9` and restart, `SIGSTOP`/`SIGCONT`, a node's wall clock
+//! stepped an hour or a day either way (libfaketime) — then heals
 //! everything and checks, from what the writers logged as acknowledged:
 //! every acknowledged write on every node, identical document heads,
 //! counters within [acknowledged, attempted] increments, identical
 //! scripts directories (one winner per file, conflict copies alike), no
 //! node crashed, memory bounded.
 //!
-//! Run: `cargo test -p covey --test chaos -- --ignored --nocapture` (as
-//! root). Replay: the seed is printed first (`COVEY_CHAOS_SEED=<seed>` repeats
-//! the same fault schedule); `COVEY_CHAOS_SECS` changes the duration.
+//! Run: `cargo test -p covey --test chaos -- --nocapture five_nodes` (as
+//! root; part of `.ci/test`). Replay: the seed is printed first
+//! (`COVEY_CHAOS_SEED=<seed>` repeats the same fault schedule);
+//! `COVEY_CHAOS_SECS` changes the duration.
 //! Faults this kernel cannot make: delay, duplication and reordering need
 //! `sch_netem`, which it lacks (`tc ... netem`: "Specified qdisc kind is
-//! unknown"); the realtime clock is not per namespace, so no clock jumps.
+//! unknown"). The realtime clock is not per namespace: clock steps are
+//! made per process by preloading libfaketime, which shifts what the node
+//! (and its scripts) read from the wall clock, not monotonic time or file
+//! times — what an NTP step does.
 //!
-//! Needs root, `ip` and `nft` (nftables); without root it prints SKIPPED.
+//! Needs root, `ip`, `nft` (nftables) and libfaketime (Debian `faketime`);
+//! without root it prints SKIPPED.
 //!
 //! Also here: `soak` — an hour of steady load on three nodes (see there).
 
@@ -40,7 +46,7 @@ mod lan;
 mod bench_support;
 
 use common::eventually;
-use lan::{Lan, ip, write_file};
+use lan::{Lan, write_file};
 
 mod soak;
 
@@ -105,18 +111,21 @@ enum Fault {
     Kill(usize),
     /// `SIGSTOP`, `SIGCONT` at heal.
     Pause(usize),
+    /// The node's wall clock steps by this offset, and back at heal.
+    Clock(usize, &'static str),
 }
 
 impl Fault {
     fn pick(rng: &mut Rng) -> Fault {
         let order = rng.shuffled();
-        match rng.below(7) {
+        match rng.below(8) {
             0 => Fault::Partition(order[..2].to_vec(), order[2..].to_vec()),
             1 => Fault::Partition(order[..1].to_vec(), order[1..].to_vec()),
             2 => Fault::Bridge(order[1..3].to_vec(), order[3..].to_vec()),
             3 => Fault::Loss(order[0], 20 + rng.below(30)),
             4 => Fault::Slow(order[0]),
             5 => Fault::Kill(order[0]),
+            6 => Fault::Clock(order[0], CLOCK_STEPS[rng.below(4) as usize]),
             _ => Fault::Pause(order[0]),
         }
     }
@@ -147,8 +156,24 @@ impl Fault {
             Fault::Kill(i) if on => lan.stop(*i, true),
             Fault::Kill(i) => lan.run(*i, token),
             Fault::Pause(i) => lan.signal(*i, if on { 19 } else { 18 }),
+            Fault::Clock(i, step) => lan.set_clock(*i, if on { step } else { "+0" }),
         }
     }
+}
+
+/// Wall-clock steps: an hour and a day each way.
+const CLOCK_STEPS: [&str; 4] = ["+1h", "-1h", "+1d", "-1d"];
+
+/// libfaketime's multithreaded build, wherever Debian put it.
+fn faketime() -> Option<std::path::PathBuf> {
+    let lib = std::fs::read_dir("/usr/lib").ok()?.flatten().find_map(|e| {
+        let p = e.path().join("faketime/libfaketimeMT.so.1");
+        p.exists().then_some(p)
+    });
+    lib.or_else(|| {
+        let p = std::path::PathBuf::from("/usr/lib/faketime/libfaketimeMT.so.1");
+        p.exists().then_some(p)
+    })
 }
 
 fn run(cmd: &str, args: &[&str]) {
@@ -161,14 +186,33 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
-/// Blackhole routes both ways between every node of `a` and of `b`.
+/// `nft ARGS` in namespace `ns`.
+fn nft(ns: &str, args: &[&str]) {
+    let mut full = vec!["netns", "exec", ns, "nft"];
+    full.extend(args);
+    run("ip", &full);
+}
+
+/// No frames between the bridge ports of `a` and those of `b`, either
+/// way: a partition at the switch, for every protocol (IPv4, the IPv6
+/// link-local addresses nodes also learn from mDNS, mDNS itself).
+/// Blackhole routes for the IPv4 addresses alone left IPv6 open.
 fn cut(lan: &Lan, a: &[usize], b: &[usize], on: bool) {
+    let nft = |args: &[&str]| nft(&lan.hub, args);
+    if !on {
+        return nft(&["delete", "table", "bridge", "chaos"]);
+    }
+    nft(&["add", "table", "bridge", "chaos"]);
+    let chain = "{ type filter hook forward priority 0; }";
+    nft(&["add", "chain", "bridge", "chaos", "cut", chain]);
     for &i in a {
         for &j in b {
             for (from, to) in [(i, j), (j, i)] {
-                let dst = format!("{}/32", lan.addr(to));
-                let verb = if on { "add" } else { "del" };
-                ip(&["-n", &lan.nodes[from - 1], "route", verb, "blackhole", &dst]).unwrap();
+                let (from, to) = (lan.port(from), lan.port(to));
+                let rule = ["iifname", &from, "oifname", &to, "drop"];
+                let mut args = vec!["add", "rule", "bridge", "chaos", "cut"];
+                args.extend(rule);
+                nft(&args);
             }
         }
     }
@@ -176,11 +220,7 @@ fn cut(lan: &Lan, a: &[usize], b: &[usize], on: bool) {
 
 /// Random loss with nftables (the kernel has no netem).
 fn loss(lan: &Lan, i: usize, pct: u64, on: bool) {
-    let nft = |args: &[&str]| {
-        let mut full = vec!["netns", "exec", &lan.nodes[i - 1], "nft"];
-        full.extend(args);
-        run("ip", &full);
-    };
+    let nft = |args: &[&str]| nft(&lan.nodes[i - 1], args);
     if !on {
         return nft(&["delete", "table", "inet", "chaos"]);
     }
@@ -217,11 +257,6 @@ fn edit(lan: &Lan, rng: &mut Rng, edits: &mut Edits, seq: usize) {
     edits.entry(rel).or_default().insert(text);
 }
 
-// Not yet part of the default run: on a 2-core machine the five nodes do
-// not converge reliably after the faults (see docs/reliability.md: a busy
-// writer blocks the watcher while it is stopped, and sync generation
-// saturates the CPU). Run it with `-- --ignored`.
-#[ignore = "does not converge reliably yet on 2 cores; see docs/reliability.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_survive_a_minute_of_faults_and_converge() {
     let Some(mut lan) = Lan::new_or_skip(NODES, "c", "five_nodes_survive_a_minute_of_faults")
@@ -231,6 +266,11 @@ async fn five_nodes_survive_a_minute_of_faults_and_converge() {
     assert!(
         Command::new("nft").arg("--version").output().is_ok(),
         "the chaos suite needs nftables (`apt-get install nftables`; .ci/test installs it)"
+    );
+    lan.faketime = faketime();
+    assert!(
+        lan.faketime.is_some(),
+        "the chaos suite steps clocks with libfaketime (`apt-get install faketime`; .ci/test installs it)"
     );
     let seed = std::env::var("COVEY_CHAOS_SEED")
         .ok()
@@ -392,13 +432,32 @@ fn check_kv(lan: &Lan, logs: &[String]) {
             .unwrap();
         assert!(
             (acked_incr..=tried_incr).contains(&counter),
-            "n{i}: counter {counter}, acknowledged {acked_incr}, attempted {tried_incr}"
+            "n{i}: counter {counter}, acknowledged {acked_incr}, attempted {tried_incr}\n{}",
+            counter_report(&kv, logs)
         );
     }
     eprintln!(
         "{} acknowledged writes and {acked_incr} increments on every node",
         acked.len()
     );
+}
+
+/// Per node: its slot of the shared counter (every value it holds) against
+/// the increments it attempted and had acknowledged, so that a wrong sum
+/// names the node it comes from.
+fn counter_report(kv: &covey::kvdoc::KvDoc, logs: &[String]) -> String {
+    let slots = kv.counter_slots("chaos/counter");
+    let mut out = String::new();
+    for (i, log) in logs.iter().enumerate() {
+        let node = format!("n{}", i + 1);
+        let values = slots.iter().find(|(n, _)| *n == node).map(|(_, v)| v);
+        out += &format!(
+            "{node}: slot {values:?}, acknowledged {}, attempted {}\n",
+            log.matches("acked incr").count(),
+            log.matches("try incr").count()
+        );
+    }
+    out
 }
 
 /// Every file and its contents, relative to `dir`.

@@ -123,6 +123,25 @@ fn growth_per_hour(values: &[u64], minutes: usize) -> (f64, f64) {
     ((b - a) * per_hour, a)
 }
 
+/// Per third of the run, the growth rate of `values` in KiB an hour: from
+/// the mean of the third's first quarter to the mean of its last, which
+/// the reload saw-tooth averages out of.
+fn rss_thirds(values: &[u64]) -> Vec<f64> {
+    let n = values.len() / 3;
+    if n < 4 {
+        return Vec::new();
+    }
+    let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len() as f64;
+    (0..3)
+        .map(|t| {
+            let part = &values[t * n..(t + 1) * n];
+            let q = n / 4;
+            let minutes = (n - q) as f64;
+            (mean(&part[n - q..]) - mean(&part[..q])) * 60.0 / minutes
+        })
+        .collect()
+}
+
 #[ignore = "an hour long; a documented command, see docs/reliability.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak() {
@@ -183,6 +202,15 @@ async fn soak() {
         let (rss, rss0) = growth_per_hour(&col(|s| s.rss_kib), minutes);
         let (data, data0) = growth_per_hour(&col(|s| s.data_kib), minutes);
         let fds = col(|s| s.fds as u64);
+        // Levelling off shows as growth that falls from third to third.
+        let thirds: Vec<String> = (rss_thirds(&col(|s| s.rss_kib)).iter())
+            .map(|g| format!("{g:+.0}"))
+            .collect();
+        println!(
+            "n{}: RSS growth per third, KiB/h: {}",
+            i + 1,
+            thirds.join(", ")
+        );
         println!(
             "n{}: RSS {rss0:.0} KiB, {rss:+.0} KiB/h; data {data0:.0} KiB, {data:+.0} KiB/h; fds {}..{}",
             i + 1,

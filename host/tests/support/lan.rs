@@ -29,6 +29,9 @@ pub struct Lan {
     pub args: Vec<String>,
     /// The nodes' `--log` filter.
     pub log: &'static str,
+    /// libfaketime, when the nodes' wall clocks are to be jumped
+    /// ([`Lan::set_clock`]); unset, they see the real clock.
+    pub faketime: Option<PathBuf>,
     /// Running nodes by number.
     children: Vec<(usize, Child)>,
     /// How many times each node was started (log file per start).
@@ -82,6 +85,7 @@ impl Lan {
             subnet: 0,
             args: Vec::new(),
             log: "covey=debug,info",
+            faketime: None,
             children: Vec::new(),
             starts: Default::default(),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
@@ -150,7 +154,22 @@ impl Lan {
             data.with_extension(format!("{start}.log"))
         };
         let log = std::fs::File::create(log_path).unwrap();
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        if let Some(lib) = &self.faketime {
+            let clock = self.clock_file(i);
+            if !clock.exists() {
+                write_file(&clock, "+0");
+            }
+            // Only the wall clock jumps, as when NTP steps it: monotonic
+            // time and file times stay real. The offset file is read at
+            // most once a second.
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", &clock)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("NO_FAKE_STAT", "1");
+        }
+        let child = cmd
             .args(["netns", "exec", &self.nodes[i - 1]])
             .arg(env!("CARGO_BIN_EXE_covey"))
             .args(["run", "--node", &format!("n{i}"), "--data"])
@@ -210,6 +229,18 @@ impl Lan {
             unsafe { kill(child.id() as i32, 15) };
         }
         child.wait().unwrap();
+    }
+
+    fn clock_file(&self, i: usize) -> PathBuf {
+        self.data(i).with_extension("clock")
+    }
+
+    /// Jump node `i`'s wall clock to `offset` from the real one
+    /// (libfaketime's syntax: `+0`, `-1h`, `+3d`); needs `faketime` set
+    /// before the node started. Seen within a second or so.
+    pub fn set_clock(&self, i: usize, offset: &str) {
+        assert!(self.faketime.is_some(), "set_clock without faketime");
+        write_file(&self.clock_file(i), offset);
     }
 
     /// Node `i`'s address.
