@@ -1,7 +1,11 @@
 //! Why a link carries everything on one long-lived stream per direction:
 //! raw QUIC on loopback, N 64-byte frames sent three ways.
 //!
-//! - one stream, writes batched from a queue (what `PeerLink` does);
+//! - one stream, writes batched from a queue, each batch either handed to
+//!   quinn as its frames' own buffers or first copied into one buffer
+//!   (what `PeerLink` does: quinn puts each buffer of a stream in a STREAM
+//!   frame of its own, with its own header and acknowledgement
+//!   bookkeeping);
 //! - one unidirectional stream per message;
 //! - one datagram per message (unreliable: losses are counted).
 
@@ -77,45 +81,16 @@ pub async fn bench(n: u64) {
         )
     };
 
-    // One stream, batched.
-    let (client, server, _s, _c) = connect().await;
-    let reader = tokio::spawn(async move {
-        let mut recv = server.accept_uni().await.unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut bytes = 0u64;
-        while bytes < n * 64 {
-            let k = recv.read(&mut buf).await.unwrap().unwrap_or(0);
-            bytes += k as u64;
-        }
-        bytes / 64
-    });
-    let started = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16 * 1024);
-    let writer = tokio::spawn(async move {
-        let mut send = client.open_uni().await.unwrap();
-        let mut batch = Vec::new();
-        while let Some(f) = rx.recv().await {
-            batch.push(f);
-            while batch.len() < 4096 {
-                match rx.try_recv() {
-                    Ok(f) => batch.push(f),
-                    Err(_) => break,
-                }
-            }
-            send.write_all_chunks(&mut batch).await.unwrap();
-            batch.clear();
-        }
-        let _ = send.finish();
-        client
-    });
     let f = frame();
-    for _ in 0..n {
-        tx.send(f.clone()).await.unwrap();
+    for coalesce in [false, true] {
+        let (got, took) = one_stream(n, &f, coalesce).await;
+        let what = if coalesce {
+            "one stream, each batch copied into one buffer (what `PeerLink` does)"
+        } else {
+            "one stream, each batch written as its frames' buffers"
+        };
+        rate(what, got, took);
     }
-    drop(tx);
-    let got = reader.await.unwrap();
-    rate("one stream, batched writes", got, started.elapsed());
-    drop(writer.await);
 
     // A stream per message.
     let (client, server, _s, _c) = connect().await;
@@ -183,4 +158,53 @@ pub async fn bench(n: u64) {
         end - started,
     );
     reader.abort();
+}
+
+/// `n` copies of `f` through one stream, batched from a queue; with
+/// `coalesce`, each batch is copied into one buffer before quinn sees it.
+/// Returns the frames delivered and the time taken.
+async fn one_stream(n: u64, f: &Bytes, coalesce: bool) -> (u64, Duration) {
+    let (client, server, _s, _c) = connect().await;
+    let len = f.len() as u64;
+    let reader = tokio::spawn(async move {
+        let mut recv = server.accept_uni().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut bytes = 0u64;
+        while bytes < n * len {
+            let k = recv.read(&mut buf).await.unwrap().unwrap_or(0);
+            bytes += k as u64;
+        }
+        bytes / len
+    });
+    let started = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16 * 1024);
+    let writer = tokio::spawn(async move {
+        let mut send = client.open_uni().await.unwrap();
+        let mut batch = Vec::new();
+        while let Some(f) = rx.recv().await {
+            batch.push(f);
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+            if coalesce {
+                send.write_all(&batch.concat()).await.unwrap();
+            } else {
+                send.write_all_chunks(&mut batch).await.unwrap();
+            }
+            batch.clear();
+        }
+        let _ = send.finish();
+        client
+    });
+    for _ in 0..n {
+        tx.send(f.clone()).await.unwrap();
+    }
+    drop(tx);
+    let got = reader.await.unwrap();
+    let took = started.elapsed();
+    drop(writer.await);
+    (got, took)
 }

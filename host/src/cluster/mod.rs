@@ -405,7 +405,7 @@ impl Shared {
         self.members.set_up(link.clone());
         let id = link.conn.stable_id();
         (self.presence).up(&link.node, id, link.hello.incarnation, link.addr);
-        link.run(rx, send, recv, max, self.clone());
+        link.run(rx, send, recv, self.clone());
         for r in &self.replicas {
             r.peer_up(&link);
         }
