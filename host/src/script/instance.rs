@@ -331,7 +331,7 @@ impl ScriptInstance {
             return (Vec::new(), 1);
         };
         let limit = self.batch_size.limit().min(room);
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(limit);
         let mut skipped = 0;
         let mut next = Some((first, generation));
         while let Some((msg, generation)) = next.take() {
