@@ -50,6 +50,11 @@ end)
 #[derive(Clone, Copy, Default)]
 struct Sample {
     rss_kib: u64,
+    /// Anonymous memory (heap, stacks): what a leak grows. The rest of RSS
+    /// is mostly the binary's code pages, resident or not as the page
+    /// cache is pressed — a debug build's are ~35 MiB, and they came back
+    /// over the first half hour of a soak run beside builds.
+    anon_kib: u64,
     fds: usize,
     data_kib: u64,
 }
@@ -58,6 +63,7 @@ fn sample(lan: &Lan, i: usize) -> Sample {
     let pid = lan.pid(i).expect("node running");
     Sample {
         rss_kib: lan.rss_kib(i).unwrap_or(0),
+        anon_kib: lan.memory_kib(i, "RssAnon").unwrap_or(0),
         fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
         data_kib: dir_size(&lan.data(i)) / 1024,
     }
@@ -169,7 +175,9 @@ async fn soak() {
     let mut rows: Vec<[Sample; NODES]> = Vec::new();
     let mut all_calls = Vec::new();
     let mut failed = 0;
-    println!("minute | per node: RSS KiB, fds, data KiB | call n1→n2, n2→n3 p50/p99 µs");
+    println!(
+        "minute | per node: RSS KiB (anonymous KiB), fds, data KiB | call n1→n2, n2→n3 p50/p99 µs"
+    );
     for minute in 1..=minutes {
         tokio::time::sleep_until((started + Duration::from_secs(60 * minute as u64)).into()).await;
         for i in 1..=NODES {
@@ -182,7 +190,7 @@ async fn soak() {
         assert!(!lat.is_empty(), "no call answered at minute {minute}");
         let row: [Sample; NODES] = std::array::from_fn(|k| sample(&lan, k + 1));
         let cells: Vec<String> = (row.iter())
-            .map(|s| format!("{} {} {}", s.rss_kib, s.fds, s.data_kib))
+            .map(|s| format!("{} ({}) {} {}", s.rss_kib, s.anon_kib, s.fds, s.data_kib))
             .collect();
         println!(
             "{minute:>6} | {} | {:.0}/{:.0}",
@@ -203,13 +211,17 @@ async fn soak() {
         let (data, data0) = growth_per_hour(&col(|s| s.data_kib), minutes);
         let fds = col(|s| s.fds as u64);
         // Levelling off shows as growth that falls from third to third.
-        let thirds: Vec<String> = (rss_thirds(&col(|s| s.rss_kib)).iter())
-            .map(|g| format!("{g:+.0}"))
-            .collect();
+        let thirds = |f: fn(&Sample) -> u64| -> String {
+            let g: Vec<String> = (rss_thirds(&col(f)).iter())
+                .map(|g| format!("{g:+.0}"))
+                .collect();
+            g.join(", ")
+        };
         println!(
-            "n{}: RSS growth per third, KiB/h: {}",
+            "n{}: growth per third, KiB/h: RSS {}; anonymous {}",
             i + 1,
-            thirds.join(", ")
+            thirds(|s| s.rss_kib),
+            thirds(|s| s.anon_kib)
         );
         println!(
             "n{}: RSS {rss0:.0} KiB, {rss:+.0} KiB/h; data {data0:.0} KiB, {data:+.0} KiB/h; fds {}..{}",

@@ -273,10 +273,17 @@ impl Lan {
 
     /// Resident memory of node `i`'s process, KiB.
     pub fn rss_kib(&self, i: usize) -> Option<u64> {
+        self.memory_kib(i, "VmRSS")
+    }
+
+    /// A memory figure of node `i`'s process from `/proc/PID/status`
+    /// (`VmRSS`, `RssAnon`: the heap and stacks, `RssFile`: mapped files,
+    /// the binary's code among them), KiB.
+    pub fn memory_kib(&self, i: usize, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(i)?)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
             .trim()
             .trim_end_matches("kB")
             .trim()
