@@ -51,9 +51,8 @@ end)
 struct Sample {
     rss_kib: u64,
     /// Anonymous memory (heap, stacks): what a leak grows. The rest of RSS
-    /// is mostly the binary's code pages, resident or not as the page
-    /// cache is pressed — a debug build's are ~35 MiB, and they came back
-    /// over the first half hour of a soak run beside builds.
+    /// is mostly the binary's code pages (~35 MiB of a debug build),
+    /// resident or not as other work presses the page cache.
     anon_kib: u64,
     fds: usize,
     data_kib: u64,
