@@ -86,11 +86,17 @@ impl Shared {
             };
             // A link the peer closes at once (a duplicate name, another
             // protocol version) counts as a failed dial, so it is retried
-            // with backoff, not in a tight loop.
+            // with backoff, not in a tight loop. Unless the peer stays up
+            // through another link: then this one lost a simultaneous dial
+            // (both nodes dialled, one link of the pair is kept), and the
+            // node is linked.
             let result = match result {
                 Ok(link) => {
                     tokio::select! {
-                        _ = link.conn.closed() => Err(anyhow::anyhow!(link::closed_reason(&link.conn))),
+                        _ = link.conn.closed() => match self.members.link(&link.node) {
+                            Some(kept) if !Arc::ptr_eq(&kept, &link) && !kept.is_closed() => Ok(link),
+                            _ => Err(anyhow::anyhow!(link::closed_reason(&link.conn))),
+                        },
                         _ = tokio::time::sleep(STABLE_AFTER) => Ok(link),
                     }
                 }
