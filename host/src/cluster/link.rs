@@ -43,7 +43,7 @@ const COALESCE_BELOW: usize = 16 * 1024;
 /// Copy runs of small frames into one buffer each. quinn sends each
 /// buffer it is handed in STREAM frames of its own (a header, and
 /// acknowledgement bookkeeping, per buffer), which for 64-byte events
-/// costs far more than the copy: one stream carried 2x the frames a
+/// costs far more than the copy: one stream carried 3-5x the frames a
 /// second once coalesced (the cluster benchmark's last section). Large
 /// frames (sync messages, up to megabytes) stay as they are. `buf` is the
 /// writer's: its allocation is reused once quinn has let go of the last

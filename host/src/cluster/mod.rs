@@ -331,7 +331,7 @@ impl Shared {
             link::exchange_hello(&conn, &self.me, max),
         )
         .await;
-        let (hello, send, recv) = match hello {
+        let (hello, send, reader) = match hello {
             Ok(Ok(h)) => h,
             Ok(Err(e)) if conn.close_reason().is_some() => {
                 anyhow::bail!("{} ({e})", link::closed_reason(&conn))
@@ -405,7 +405,7 @@ impl Shared {
         self.members.set_up(link.clone());
         let id = link.conn.stable_id();
         (self.presence).up(&link.node, id, link.hello.incarnation, link.addr);
-        link.run(rx, send, recv, self.clone());
+        link.run(rx, send, reader, self.clone());
         for r in &self.replicas {
             r.peer_up(&link);
         }

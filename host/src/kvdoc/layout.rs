@@ -76,9 +76,8 @@ pub fn counter_sum(doc: &AutoCommit, key: &str) -> Option<i64> {
 /// lives of that node wrote it concurrently, e.g. across a `kill -9`).
 pub fn counter_slots(doc: &AutoCommit, key: &str) -> Vec<(String, Vec<i64>)> {
     let prefix = slot_prefix(key);
-    let keys: Vec<String> = range(doc, prefix.clone()).map(|(k, _)| k).collect();
-    keys.into_iter()
-        .map(|k| {
+    range(doc, prefix.clone())
+        .map(|(k, _)| {
             let values = (doc
                 .get_all(ROOT, k.as_str())
                 .unwrap_or_default()

@@ -119,10 +119,13 @@ async fn call_latencies(lan: &Lan, from: usize, to: usize, calls: usize) -> (Vec
     (answered, failed)
 }
 
+fn mean(s: &[u64]) -> f64 {
+    s.iter().sum::<u64>() as f64 / s.len().max(1) as f64
+}
+
 /// Per hour, from the first half's mean to the second half's.
 fn growth_per_hour(values: &[u64], minutes: usize) -> (f64, f64) {
     let half = values.len() / 2;
-    let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
     let (a, b) = (mean(&values[..half]), mean(&values[half..]));
     let per_hour = 60.0 / (minutes as f64 / 2.0).max(1.0);
     ((b - a) * per_hour, a)
@@ -131,12 +134,11 @@ fn growth_per_hour(values: &[u64], minutes: usize) -> (f64, f64) {
 /// Per third of the run, the growth rate of `values` in KiB an hour: from
 /// the mean of the third's first quarter to the mean of its last, which
 /// the reload saw-tooth averages out of.
-fn rss_thirds(values: &[u64]) -> Vec<f64> {
+fn growth_per_third(values: &[u64]) -> Vec<f64> {
     let n = values.len() / 3;
     if n < 4 {
         return Vec::new();
     }
-    let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len() as f64;
     (0..3)
         .map(|t| {
             let part = &values[t * n..(t + 1) * n];
@@ -211,7 +213,7 @@ async fn soak() {
         let fds = col(|s| s.fds as u64);
         // Levelling off shows as growth that falls from third to third.
         let thirds = |f: fn(&Sample) -> u64| -> String {
-            let g: Vec<String> = (rss_thirds(&col(f)).iter())
+            let g: Vec<String> = (growth_per_third(&col(f)).iter())
                 .map(|g| format!("{g:+.0}"))
                 .collect();
             g.join(", ")
