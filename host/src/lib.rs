@@ -39,6 +39,8 @@
 //! - [`http`] — the HTTP API (axum): the same verbs for other programs,
 //!   Server-Sent Events streams, Prometheus metrics, the live dashboard.
 //! - [`logring`] — the node's recent log lines in memory, for `covey logs`.
+//! - [`memory`] — the process heap: glibc's thresholds for a small
+//!   machine, freed memory given back, heap figures for the status.
 //! - [`docstore`] — `DocStore`: an Automerge document in a file, durable
 //!   writes, compaction, recovery; under the key-value store and the
 //!   scripts manifest.
@@ -70,6 +72,7 @@ pub mod grants;
 pub mod http;
 pub mod kvdoc;
 pub mod logring;
+pub mod memory;
 pub mod node;
 pub mod pattern;
 pub mod random;

@@ -15,6 +15,7 @@ use crate::docstore::DocStore;
 use crate::docsync::DocReplicator;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::KvDoc;
+use crate::memory;
 use crate::router::{Router, now_ms};
 use crate::script::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
@@ -30,7 +31,7 @@ pub struct Node {
     control: Option<ControlSocket>,
     http: Option<crate::http::HttpServer>,
     flusher: JoinHandle<()>,
-    /// Background tasks stopped at shutdown (replication).
+    /// Background tasks stopped at shutdown (replication, the heap trimmer).
     tasks: Vec<JoinHandle<()>>,
     scripts_sync: Option<Arc<ScriptsSync>>,
     devices: Option<DeviceService>,
@@ -41,6 +42,7 @@ pub struct Node {
 impl Node {
     /// Start a node: open the store, load every script, start watching.
     pub async fn start(cfg: NodeConfig) -> Result<Node> {
+        memory::tune();
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
         std::fs::create_dir_all(&cfg.scripts_dir)
@@ -107,7 +109,7 @@ impl Node {
         };
         supervisor.scan().await;
         // Join after the first scan: peers' calls find the handlers ready.
-        let mut tasks = Vec::new();
+        let mut tasks = vec![memory::spawn_trimmer()];
         let mut scripts_sync_handle = None;
         let mut sync_counters = Vec::new();
         let cluster = match (cfg.cluster.clone(), scripts_sync) {

@@ -73,6 +73,9 @@ pub struct StatusReport {
     /// (through the replicated registry).
     #[serde(default)]
     pub other_devices: BTreeMap<String, Vec<AttachedDevice>>,
+    /// The process heap, where the allocator reports it (glibc).
+    #[serde(default)]
+    pub heap: Option<crate::memory::Heap>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -153,6 +156,7 @@ impl StatusSource {
                     all
                 })
                 .unwrap_or_default(),
+            heap: crate::memory::heap(),
         }
     }
 

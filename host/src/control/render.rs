@@ -64,6 +64,15 @@ pub fn render(r: &StatusReport) -> String {
         "messages: {} delivered, {} handled, {} dropped",
         r.messages_delivered, r.messages_handled, r.messages_dropped
     );
+    if let Some(h) = r.heap {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let _ = writeln!(
+            out,
+            "heap: {:.1} MiB in use, {:.1} MiB held",
+            mib(h.in_use),
+            mib(h.held)
+        );
+    }
     render_devices(&mut out, r);
     if !r.scripts_refused.is_empty() {
         let by_reason: Vec<String> = r

@@ -22,6 +22,8 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, AutoCommit, ChangeHash, PatchLog};
 use tokio::sync::{Notify, watch};
 
+use crate::memory;
+
 pub mod file;
 
 struct Inner {
@@ -98,19 +100,6 @@ pub fn actor_node(actor: &ActorId) -> String {
     }
 }
 
-/// Return the heap's free memory to the system. Loading a document or
-/// saving a snapshot allocates several times the document's size for a
-/// moment; glibc keeps freed memory in its arenas, so without this a node
-/// that loaded 100,000 keys kept ~30 MiB it no longer used (measured with
-/// Automerge alone: +48 MiB after a load, +16 MiB after trimming).
-pub fn give_back_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; no pointer is touched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 impl DocStore {
     /// Open (or create) the document at `path`; `None` keeps it in memory.
     pub fn open(path: Option<PathBuf>, what: &'static str) -> Result<Self> {
@@ -118,7 +107,7 @@ impl DocStore {
             Some(p) => file::load_or_recover(p, what)?,
             None => (AutoCommit::new(), 0),
         };
-        give_back_memory();
+        memory::give_back();
         Ok(DocStore {
             inner: Mutex::new(Inner {
                 doc,
@@ -283,7 +272,7 @@ impl DocStore {
         let actor = doc.get_actor().clone();
         let bytes = doc.save();
         drop(std::mem::replace(&mut inner.doc, AutoCommit::new()));
-        give_back_memory();
+        memory::give_back();
         inner.doc = match AutoCommit::load(&bytes) {
             Ok(reloaded) => reloaded.with_actor(actor),
             Err(e) => {
@@ -295,7 +284,7 @@ impl DocStore {
         inner.snapshot_due = true;
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(inner);
-        give_back_memory();
+        memory::give_back();
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);
         Ok(r)
@@ -360,7 +349,7 @@ impl DocStore {
                 drop(inner);
                 if compact {
                     drop(chunk);
-                    give_back_memory();
+                    memory::give_back();
                 }
                 self.durable.send_modify(|p| p.durable = p.durable.max(seq));
                 Ok(())

@@ -52,6 +52,24 @@ pub async fn render(source: &StatusSource) -> String {
     peers(&mut m, &report);
 
     stores(&mut m, source);
+    if let Some(h) = report.heap {
+        let gauges = [
+            (
+                "covey_heap_in_use_bytes",
+                "Heap in live allocations.",
+                h.in_use,
+            ),
+            (
+                "covey_heap_held_bytes",
+                "Heap taken from the system (live and kept free).",
+                h.held,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            m.family(name, "gauge", help);
+            m.sample(name, &[], value as f64);
+        }
+    }
     devices(&mut m, &report.devices);
     m.text
 }

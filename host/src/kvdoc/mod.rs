@@ -96,7 +96,7 @@ impl KvDoc {
         store.name_actor(router.node_name());
         let (info, _) = store.inspect(epoch::EpochInfo::read);
         // Reading the history's metadata allocated it all once.
-        crate::docstore::give_back_memory();
+        crate::memory::give_back();
         let kv = KvDoc {
             store,
             node: router.node_name().to_string(),

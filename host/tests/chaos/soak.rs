@@ -54,15 +54,20 @@ struct Sample {
     /// is mostly the binary's code pages (~35 MiB of a debug build),
     /// resident or not as other work presses the page cache.
     anon_kib: u64,
+    /// The heap's live allocations, as the node reports them: anonymous
+    /// memory less what the allocator holds free for reuse.
+    heap_kib: u64,
     fds: usize,
     data_kib: u64,
 }
 
-fn sample(lan: &Lan, i: usize) -> Sample {
+async fn sample(lan: &Lan, i: usize) -> Sample {
     let pid = lan.pid(i).expect("node running");
+    let heap = lan.status(i).await.and_then(|s| s.heap);
     Sample {
         rss_kib: lan.rss_kib(i).unwrap_or(0),
         anon_kib: lan.memory_kib(i, "RssAnon").unwrap_or(0),
+        heap_kib: heap.map_or(0, |h| h.in_use / 1024),
         fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
         data_kib: dir_size(&lan.data(i)) / 1024,
     }
@@ -177,7 +182,7 @@ async fn soak() {
     let mut all_calls = Vec::new();
     let mut failed = 0;
     println!(
-        "minute | per node: RSS KiB (anonymous KiB), fds, data KiB | call n1→n2, n2→n3 p50/p99 µs"
+        "minute | per node: RSS KiB (anonymous, heap in use KiB), fds, data KiB | call n1→n2, n2→n3 p50/p99 µs"
     );
     for minute in 1..=minutes {
         tokio::time::sleep_until((started + Duration::from_secs(60 * minute as u64)).into()).await;
@@ -189,9 +194,15 @@ async fn soak() {
         lat.extend(more);
         failed += failed_12 + failed_23;
         assert!(!lat.is_empty(), "no call answered at minute {minute}");
-        let row: [Sample; NODES] = std::array::from_fn(|k| sample(&lan, k + 1));
+        let mut row = [Sample::default(); NODES];
+        for (k, s) in row.iter_mut().enumerate() {
+            *s = sample(&lan, k + 1).await;
+        }
         let cells: Vec<String> = (row.iter())
-            .map(|s| format!("{} ({}) {} {}", s.rss_kib, s.anon_kib, s.fds, s.data_kib))
+            .map(|s| {
+                let (rss, anon, heap) = (s.rss_kib, s.anon_kib, s.heap_kib);
+                format!("{rss} ({anon}, {heap}) {} {}", s.fds, s.data_kib)
+            })
             .collect();
         println!(
             "{minute:>6} | {} | {:.0}/{:.0}",
@@ -219,10 +230,11 @@ async fn soak() {
             g.join(", ")
         };
         println!(
-            "n{}: growth per third, KiB/h: RSS {}; anonymous {}",
+            "n{}: growth per third, KiB/h: RSS {}; anonymous {}; heap in use {}",
             i + 1,
             thirds(|s| s.rss_kib),
-            thirds(|s| s.anon_kib)
+            thirds(|s| s.anon_kib),
+            thirds(|s| s.heap_kib)
         );
         println!(
             "n{}: RSS {rss0:.0} KiB, {rss:+.0} KiB/h; data {data0:.0} KiB, {data:+.0} KiB/h; fds {}..{}",
