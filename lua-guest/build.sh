@@ -2,7 +2,7 @@
 # Build the Lua guest component: lua-guest/dist/lua-guest.wasm
 #
 #   bash lua-guest/build.sh           # build and update dist/
-#   bash lua-guest/build.sh --check   # build and fail if dist/ differs
+#   bash lua-guest/build.sh --check   # build, clippy, and fail if dist/ differs
 #
 # Needs a C compiler that targets wasm32 with exception handling (Lua's
 # error handling is setjmp/longjmp, lowered to wasm exceptions): zig's
@@ -38,9 +38,13 @@ remap="--remap-path-prefix=$root=/covey --remap-path-prefix=$HOME=/home"
 remap="$remap --remap-path-prefix=$sysroot/lib/rustlib/src/rust=/rustc/$commit"
 
 cd "$here"
-CC_wasm32_wasip2="$zig/cc" AR_wasm32_wasip2="$zig/ar" \
-CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L $tools/lib $remap" \
-  cargo build --locked --release --target wasm32-wasip2 --target-dir "$root/target"
+export CC_wasm32_wasip2="$zig/cc" AR_wasm32_wasip2="$zig/ar"
+export CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L $tools/lib $remap"
+cargo build --locked --release --target wasm32-wasip2 --target-dir "$root/target"
+if [ "${1:-}" = "--check" ]; then
+  # The guest is outside the workspace: the workspace's clippy skips it.
+  cargo clippy --locked --release --target wasm32-wasip2 --target-dir "$root/target" -- -D warnings
+fi
 
 built="$root/target/wasm32-wasip2/release/covey_lua_guest.wasm"
 mkdir -p "$here/dist"

@@ -189,7 +189,7 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 fn seconds_ms(s: f64) -> mlua::Result<u32> {
-    if !(s > 0.0) {
+    if s.is_nan() || s <= 0.0 {
         return Err(mlua::Error::runtime(
             "http: option `timeout` must be positive",
         ));

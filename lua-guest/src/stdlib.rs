@@ -266,7 +266,13 @@ fn sandbox(lua: &Lua) -> mlua::Result<()> {
         "clock",
         lua.create_function(move |_, ()| Ok(started.elapsed().as_secs_f64()))?,
     )?;
-    for f in ["execute", "exit", "getenv", "remove", "rename", "tmpname"] {
+    // A script's environment is empty: every variable is unset, which
+    // `os.getenv("HOME") or default` (common in libraries) handles.
+    os.set(
+        "getenv",
+        lua.create_function(|_, _name: mlua::LuaString| Ok(mlua::Value::Nil))?,
+    )?;
+    for f in ["execute", "exit", "remove", "rename", "tmpname"] {
         os.set(f, refuse(format!("os.{f}"))?)?;
     }
     g.set("io", io_table(lua, &refuse)?)?;

@@ -242,16 +242,21 @@ impl DocStore {
         // also keep a copy of the patches in the document until the next
         // one (a whole first sync's worth).
         let mut log = PatchLog::active();
-        doc.sync()
-            .receive_sync_message_log_patches(state, msg, &mut log)?;
+        let received = doc
+            .sync()
+            .receive_sync_message_log_patches(state, msg, &mut log);
         if doc.get_heads() == before {
-            return Ok(None);
+            return received.map(|()| None).map_err(Into::into);
         }
+        // Changes went in, even if the message then failed part-way (its
+        // changes load before its heads are checked): they are saved and
+        // reported like any others, and the error is still returned.
         inner.unsaved = true;
         let r = changed(&inner.doc, &mut log);
         drop(inner);
         self.dirty.notify_one();
         self.version.send_modify(|v| *v += 1);
+        received?;
         Ok(Some(r))
     }
 

@@ -231,6 +231,9 @@ fn base_config(
     // Pi Zero (512 MiB). Small machines compile one function at a time.
     config.parallel_compilation(roomy_machine());
     config.epoch_interruption(true);
+    if std::env::var_os("COVEY_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config.wasm_component_model(true);
     // setjmp/longjmp in C guests (Lua's error handling) compile to wasm
     // exceptions.

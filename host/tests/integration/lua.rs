@@ -200,7 +200,6 @@ end)
         "io.open",
         "package.loadlib",
         "dofile",
-        "os.getenv",
     ] {
         let r = t.call("try", what).await.unwrap();
         assert!(r.starts_with("false|"), "{what}: {r}");
@@ -209,7 +208,7 @@ end)
             "{what}: {r}"
         );
     }
-    // What is allowed works.
+    // What is allowed works; the environment is empty, not refused.
     let r = t
         .call(
             "try",
@@ -217,6 +216,12 @@ end)
         )
         .await;
     assert_eq!(r.unwrap(), "true|true");
+    let r = t
+        .call("try", "function() return os.getenv('HOME') end")
+        .await;
+    assert_eq!(r.unwrap(), "true|nil");
+    let r = t.call("try", "function() return os.getenv() end").await;
+    assert!(r.unwrap().starts_with("false|"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
