@@ -192,10 +192,9 @@ impl From<SendError> for Failure {
             }
             SendError::NodeDown(n) => Failure::new(K::NodeDown, format!("node `{n}` is down")),
             SendError::PayloadTooLarge(max) => payload_too_large(max),
-            SendError::ReservedName(n) => Failure::new(
-                K::BadRequest,
-                format!("`{n}` is a system event name (`covey.*`): only the node emits those"),
-            ),
+            SendError::ReservedName(n) => {
+                Failure::new(K::BadRequest, crate::lifecycle::reserved_refusal(&n))
+            }
         }
     }
 }

@@ -321,9 +321,7 @@ fn bus_error(e: SendError) -> BusError {
         SendError::PayloadTooLarge(n) => BusError::TooLarge(n as usize),
         SendError::UnknownNode(t) => BusError::Failed(format!("unknown node `{t}`")),
         SendError::NodeDown(t) => BusError::Failed(format!("node `{t}` is down")),
-        SendError::ReservedName(n) => BusError::Failed(format!(
-            "`{n}` is a system event name: only the node emits it"
-        )),
+        SendError::ReservedName(n) => BusError::Failed(crate::lifecycle::reserved_refusal(&n)),
     }
 }
 
