@@ -27,10 +27,9 @@ pub struct EventsCtx {
     script: ScriptId,
     generation: u64,
     services: Arc<Services>,
-    /// This generation's subscriptions by id, and by kind (to answer a
-    /// repeat with its id): both O(1), so n subscriptions cost O(n).
+    /// This generation's subscriptions by id. A repeat is told apart by
+    /// the router, which answers it with the existing id.
     subs: HashMap<u64, SubKind>,
-    ids: HashMap<SubKind, u64>,
     /// Whether this generation got its replay of the nodes up (at its
     /// first subscription that selects `covey.node.up`).
     nodes_replayed: bool,
@@ -48,11 +47,12 @@ impl EventsCtx {
     }
 
     fn add(&mut self, kind: SubKind) -> Result<u64, LimitExceeded> {
-        if let Some(&id) = self.ids.get(&kind) {
-            return Ok(id);
-        }
+        // At the cap a repeat still gets its id (a scan, only at the cap).
         if self.subs.len() >= MAX_SUBSCRIPTIONS {
-            return Err(LimitExceeded::new("subscriptions", MAX_SUBSCRIPTIONS));
+            let repeat = self.subs.iter().find(|(_, k)| **k == kind);
+            return repeat
+                .map(|(id, _)| *id)
+                .ok_or_else(|| LimitExceeded::new("subscriptions", MAX_SUBSCRIPTIONS));
         }
         let id = self
             .services
@@ -64,8 +64,7 @@ impl EventsCtx {
             router.replay_nodes_up(&self.script, self.generation);
         }
         if id != 0 {
-            self.ids.insert(kind.clone(), id);
-            self.subs.insert(id, kind);
+            self.subs.entry(id).or_insert(kind);
         }
         Ok(id)
     }
@@ -78,7 +77,6 @@ impl Capability for EventsCtx {
             generation: env.generation,
             services: env.services.clone(),
             subs: HashMap::new(),
-            ids: HashMap::new(),
             nodes_replayed: false,
         }
     }
@@ -110,10 +108,9 @@ impl wit::Host for EventsCtx {
     }
 
     async fn unsubscribe(&mut self, id: u64) -> bool {
-        let Some(kind) = self.subs.remove(&id) else {
+        if self.subs.remove(&id).is_none() {
             return false;
-        };
-        self.ids.remove(&kind);
+        }
         self.services.router.unsubscribe(&self.script, id)
     }
 

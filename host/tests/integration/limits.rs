@@ -23,6 +23,8 @@ local function try(what, make)
 end
 -- Handlers and subscriptions share one cap; the handler above is one.
 try("subscriptions", function(i) covey.on("*", "s" .. i, function() end) end)
+-- At the cap, subscribing again to what it holds is not a new one.
+results[#results + 1] = "repeat|" .. tostring(pcall(covey.on, "*", "s1", function() end))
 try("timers", function(i) covey.after(3600000, function() end) end)
 try("watches", function(i) covey.kv.watch("w" .. i, function() end) end)
 "#;
@@ -39,6 +41,7 @@ async fn subscriptions_timers_and_watches_are_capped_with_an_error() {
         lines,
         [
             "subscriptions|9999|limit reached: 10000 subscriptions",
+            "repeat|true",
             "timers|10000|limit reached: 10000 timers",
             "watches|10000|limit reached: 10000 watches",
         ],
