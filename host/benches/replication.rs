@@ -240,10 +240,27 @@ fn keys_footprint(keys: usize) {
         ms(write),
         ms(load)
     );
-    // The same history compacted (a single node: no one else to ask).
+    // The same history compacted (a single node: no one else to ask),
+    // while a writer goes on writing as a script would: its longest write
+    // is how long the compaction held the store.
     let t = Instant::now();
     let heads = kv.compaction_due().expect("compaction due");
-    kv.compact_at(&heads, &[]).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (stall, writes) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut longest, mut n) = (Duration::ZERO, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let w = Instant::now();
+                kv.set(&format!("during/{}", n % 100), b"x").unwrap();
+                longest = longest.max(w.elapsed());
+                n += 1;
+            }
+            (longest, n)
+        });
+        kv.compact_at(&heads, &[]).unwrap();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap()
+    });
     kv.flush().unwrap();
     let compact = t.elapsed();
     let compacted = rss_kib().saturating_sub(before);
@@ -254,11 +271,17 @@ fn keys_footprint(keys: usize) {
     let kv = KvDoc::open(Some(path.clone()), KvLimits::default(), router).unwrap();
     let load = t.elapsed();
     let reopened = rss_kib().saturating_sub(before);
-    assert_eq!(kv.len(), keys);
+    assert_eq!(kv.len(), keys + 100.min(writes as usize));
     println!(
-        "the same {keys} keys compacted ({} change(s)): {:.1} MiB more RSS after compacting, \
-         {:.1} MiB after reopening, {:.1} MiB on disk; {:.0} ms to compact, {:.0} ms to load",
+        "the same {keys} keys compacted ({} change(s)) while {writes} writes went on: the longest \
+         write took {:.1} ms of the compaction's {:.0} ms",
         kv.history_len(),
+        ms(stall),
+        ms(compact)
+    );
+    println!(
+        "the same {keys} keys compacted: {:.1} MiB more RSS after compacting, \
+         {:.1} MiB after reopening, {:.1} MiB on disk; {:.0} ms to compact, {:.0} ms to load",
         compacted as f64 / 1024.0,
         reopened as f64 / 1024.0,
         disk as f64 / (1 << 20) as f64,

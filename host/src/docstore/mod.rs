@@ -100,6 +100,26 @@ pub fn actor_node(actor: &ActorId) -> String {
     }
 }
 
+/// `doc` saved and loaded again. A document built among another's
+/// allocations (a compaction, a rebase) then sits in memory as compactly
+/// as after a restart (measured with 100,000 keys: 29 MiB kept otherwise,
+/// against 8 MiB after a reload). If it does not load, `doc` as it was.
+pub fn reloaded(mut doc: AutoCommit) -> AutoCommit {
+    let actor = doc.get_actor().clone();
+    let bytes = doc.save();
+    match AutoCommit::load(&bytes) {
+        Ok(again) => {
+            drop(doc);
+            memory::give_back();
+            again.with_actor(actor)
+        }
+        Err(e) => {
+            tracing::warn!("reloading a replaced document: {e}");
+            doc
+        }
+    }
+}
+
 impl DocStore {
     /// Open (or create) the document at `path`; `None` keeps it in memory.
     pub fn open(path: Option<PathBuf>, what: &'static str) -> Result<Self> {
@@ -260,31 +280,26 @@ impl DocStore {
         Ok(Some(r))
     }
 
+    /// A copy of the document (its open transaction committed first).
+    pub fn copy(&self) -> AutoCommit {
+        let mut inner = self.inner.lock().unwrap();
+        inner.doc.get_heads();
+        inner.doc.clone()
+    }
+
     /// Replace the document with what `f` makes of it (a compaction, a
     /// move onto a peer's history), atomically with respect to writes and
     /// merges; the new document goes to disk as a whole snapshot. `f`
-    /// returning an error leaves everything as it was.
+    /// returning an error leaves everything as it was. The lock is held
+    /// while `f` runs: heavy work belongs before it, on a copy
+    /// ([`DocStore::copy`]).
     pub fn replace<T>(
         &self,
         f: impl FnOnce(&mut AutoCommit) -> Result<(AutoCommit, T)>,
     ) -> Result<T> {
         let mut inner = self.inner.lock().unwrap();
-        let (mut doc, r) = f(&mut inner.doc)?;
-        // The new document was built among the old one's allocations: once
-        // the old one is gone, load it again from its bytes so it sits in
-        // memory as compactly as after a restart (measured with 100,000
-        // keys: 29 MiB kept otherwise, against 8 MiB after a reload).
-        let actor = doc.get_actor().clone();
-        let bytes = doc.save();
-        drop(std::mem::replace(&mut inner.doc, AutoCommit::new()));
-        memory::give_back();
-        inner.doc = match AutoCommit::load(&bytes) {
-            Ok(reloaded) => reloaded.with_actor(actor),
-            Err(e) => {
-                tracing::warn!("{}: reloading the replaced document: {e}", self.what);
-                doc
-            }
-        };
+        let (doc, r) = f(&mut inner.doc)?;
+        drop(std::mem::replace(&mut inner.doc, doc));
         inner.unsaved = true;
         inner.snapshot_due = true;
         self.generation.fetch_add(1, Ordering::AcqRel);

@@ -34,7 +34,7 @@
 //! map (see [`super::layout`]). Anything else in a change is dropped from
 //! its re-creation with a warning.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU64;
 
 use anyhow::{Context, Result, bail};
@@ -196,9 +196,10 @@ fn scalar_u64(v: &ScalarValue) -> Option<u64> {
 
 /// The next epoch of `doc`: its state at `at` as one base change, then the
 /// changes not in `at`'s history re-created on top. Every node that
-/// compacts the same history at the same heads makes the same document;
-/// it goes on writing as `doc`'s actor.
-pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<AutoCommit> {
+/// compacts the same history at the same heads makes the same document
+/// (each change's re-creation depends only on its ancestors'); it goes on
+/// writing as `doc`'s actor.
+pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<Compacted> {
     let changes = doc.get_changes(&[]);
     let info = EpochInfo::with_base(doc, &changes);
     let below = ancestors(&changes, at)?;
@@ -227,9 +228,49 @@ pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<AutoCommit> {
     state.insert(POINT_KEY.into(), ScalarValue::Bytes(point_bytes));
     let (mut next, base) = make_base(epoch, state, &clock, &mut lineage)?;
     let rest = changes.into_iter().filter(|c| !below.contains(&c.hash()));
-    Rebuild::new(&mut next, base, info.epoch).run(rest, |_| None)?;
+    let mut trail = Trail::new(base, info.epoch);
+    let t = &mut trail;
+    Rebuild { doc: &mut next, t }.run(rest, |_| None)?;
     next.set_actor(doc.get_actor().clone());
-    Ok(next)
+    Ok(Compacted {
+        doc: next,
+        copied_at: doc.get_heads(),
+        trail,
+    })
+}
+
+/// The next epoch made by [`compact`]: of the live document itself, or
+/// of a copy, so that the work is done without the live one's lock.
+pub struct Compacted {
+    pub doc: AutoCommit,
+    /// The heads of the document it was made of.
+    copied_at: Vec<ChangeHash>,
+    trail: Trail,
+}
+
+impl Compacted {
+    /// Bring the next epoch up to `live`, the document it was made of a
+    /// copy of: the changes made since the copy are re-created on top, as
+    /// [`compact`] of `live` would have. Returns the keys they touch.
+    pub fn catch_up(&mut self, live: &mut AutoCommit) -> Result<BTreeSet<String>> {
+        let since = live.get_changes(&self.copied_at);
+        let mut touched = BTreeSet::new();
+        for c in &since {
+            for op in c.decode().operations {
+                if let (ObjectId::Root, Key::Map(key)) = (&op.obj, &op.key) {
+                    touched.insert(key.to_string());
+                }
+            }
+        }
+        let t = &mut self.trail;
+        Rebuild {
+            doc: &mut self.doc,
+            t,
+        }
+        .run(since.into_iter(), |_| None)?;
+        self.copied_at = live.get_heads();
+        Ok(touched)
+    }
 }
 
 /// `ours` moved onto `theirs` (a peer's document of a later epoch, or of
@@ -256,7 +297,12 @@ pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(AutoComm
         .map(|c| (Origin::of(c, info.epoch), c.hash()))
         .collect();
     drop(their_changes);
-    Rebuild::new(&mut theirs, base, mine.epoch).run(changes.into_iter(), |c| {
+    let t = &mut Trail::new(base, mine.epoch);
+    Rebuild {
+        doc: &mut theirs,
+        t,
+    }
+    .run(changes.into_iter(), |c| {
         if *c.actor_id() == base_actor {
             return Some(base);
         }
@@ -367,9 +413,10 @@ struct Image {
     seq: u64,
 }
 
-/// Re-creates changes on top of a new history.
-struct Rebuild<'a> {
-    doc: &'a mut AutoCommit,
+/// What re-creating changes on top of a new history has done so far:
+/// kept between two runs, the second continues the first (a compaction
+/// built on a copy catches up with the live document).
+struct Trail {
     base: ChangeHash,
     /// The epoch the source changes were made in (for their origins).
     epoch: u64,
@@ -381,10 +428,9 @@ struct Rebuild<'a> {
     max_ops: HashMap<ChangeHash, u64>,
 }
 
-impl<'a> Rebuild<'a> {
-    fn new(doc: &'a mut AutoCommit, base: ChangeHash, epoch: u64) -> Self {
-        Rebuild {
-            doc,
+impl Trail {
+    fn new(base: ChangeHash, epoch: u64) -> Self {
+        Trail {
             base,
             epoch,
             images: HashMap::new(),
@@ -392,7 +438,15 @@ impl<'a> Rebuild<'a> {
             max_ops: HashMap::new(),
         }
     }
+}
 
+/// Re-creates changes on top of a new history.
+struct Rebuild<'a> {
+    doc: &'a mut AutoCommit,
+    t: &'a mut Trail,
+}
+
+impl<'a> Rebuild<'a> {
     /// Re-create `changes` (in causal order) unless `existing` names the
     /// change already standing for one (then that is its image).
     fn run(
@@ -408,8 +462,9 @@ impl<'a> Rebuild<'a> {
                 }
                 None => self.recreate(&c)?,
             };
-            self.images.insert(c.hash(), image);
-            self.by_seq
+            self.t.images.insert(c.hash(), image);
+            self.t
+                .by_seq
                 .insert((c.actor_id().clone(), c.seq()), c.hash());
         }
         Ok(())
@@ -424,24 +479,24 @@ impl<'a> Rebuild<'a> {
 
     fn recreate(&mut self, c: &Change) -> Result<Image> {
         let mut deps: Vec<ChangeHash> = (c.deps().iter())
-            .map(|d| self.images.get(d).map_or(self.base, |i| i.hash))
+            .map(|d| self.t.images.get(d).map_or(self.t.base, |i| i.hash))
             .collect();
         deps.sort();
         deps.dedup();
         if deps.is_empty() {
-            deps.push(self.base);
+            deps.push(self.t.base);
         }
         // Next after the image of the actor's previous change (an
         // ancestor, so re-created first — or covered by the base).
-        let prev = self.by_seq.get(&(c.actor_id().clone(), c.seq() - 1));
-        let seq = 1 + prev.and_then(|h| self.images.get(h)).map_or(0, |i| i.seq);
+        let prev = self.t.by_seq.get(&(c.actor_id().clone(), c.seq() - 1));
+        let seq = 1 + prev.and_then(|h| self.t.images.get(h)).map_or(0, |i| i.seq);
         let mut max_op = 0;
         for d in &deps {
-            let m = match self.max_ops.get(d) {
+            let m = match self.t.max_ops.get(d) {
                 Some(m) => *m,
                 None => {
                     let change = self.doc.get_change_by_hash(d).context("image missing")?;
-                    self.max_ops.insert(*d, change.max_op());
+                    self.t.max_ops.insert(*d, change.max_op());
                     change.max_op()
                 }
             };
@@ -456,13 +511,13 @@ impl<'a> Rebuild<'a> {
             seq,
             start_op,
             time: c.timestamp(),
-            message: Some(Origin::of(c, self.epoch).message()),
+            message: Some(Origin::of(c, self.t.epoch).message()),
             deps,
             extra_bytes: vec![],
             author: None,
         });
         let hash = change.hash();
-        self.max_ops.insert(hash, change.max_op());
+        self.t.max_ops.insert(hash, change.max_op());
         self.doc.apply_changes([change])?;
         Ok(Image { hash, seq })
     }

@@ -152,32 +152,41 @@ pub fn changed_keys(patches: &[Patch]) -> BTreeSet<String> {
             } => key,
             _ => continue,
         };
-        match key.strip_prefix('\0') {
-            None => {
-                keys.insert(key.clone());
-            }
-            Some(_) => {
-                if let Some(name) = counter_name(key) {
-                    keys.insert(name.to_string());
-                }
-            }
+        if let Some(name) = visible_name(key) {
+            keys.insert(name.to_string());
         }
     }
     keys
+}
+
+/// The key scripts see for root key `key`: itself, the counter a slot
+/// belongs to, or none (the store's own records).
+fn visible_name(key: &str) -> Option<&str> {
+    match key.strip_prefix('\0') {
+        None => Some(key),
+        Some(_) => counter_name(key),
+    }
+}
+
+/// [`differences`] among the root keys `keys` only.
+pub fn differences_in(a: &AutoCommit, b: &AutoCommit, keys: &BTreeSet<String>) -> BTreeSet<String> {
+    fn value<'d>(doc: &'d AutoCommit, key: &str) -> Option<Value<'d>> {
+        doc.get(ROOT, key).ok().flatten().map(|(v, _)| v)
+    }
+    (keys.iter())
+        .filter(|k| value(a, k) != value(b, k))
+        .filter_map(|k| visible_name(k))
+        .map(String::from)
+        .collect()
 }
 
 /// The visible keys whose values differ between two documents (after a
 /// history was replaced): one pass over both root maps in key order.
 pub fn differences(a: &AutoCommit, b: &AutoCommit) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let mut note = |key: &str| match key.strip_prefix('\0') {
-        None => {
-            out.insert(key.to_string());
-        }
-        Some(_) => {
-            if let Some(name) = counter_name(key) {
-                out.insert(name.to_string());
-            }
+    let mut note = |key: &str| {
+        if let Some(name) = visible_name(key) {
+            out.insert(name.to_string());
         }
     };
     let (mut xs, mut ys) = (

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::epoch::{self, EpochInfo};
 use super::{KvDoc, layout};
-use crate::docstore::actor_node;
+use crate::docstore::{self, actor_node};
 use crate::docsync::{Received, SyncTarget};
 use crate::lifecycle;
 
@@ -208,7 +208,7 @@ impl KvDoc {
         }
         let mut info = self.epoch.lock().unwrap();
         let len = self.history_len();
-        self.replace(&mut info, |doc| epoch::compact(doc, heads))?;
+        self.compact_copy(&mut info, heads, |_| Ok(()))?;
         tracing::info!(
             epoch = info.epoch,
             changes = len,
@@ -300,10 +300,40 @@ impl KvDoc {
         f: impl FnOnce(&mut AutoCommit) -> Result<AutoCommit>,
     ) -> Result<()> {
         let (changed, info) = self.store.replace(|doc| {
-            let mut next = f(doc)?;
+            let mut next = docstore::reloaded(f(doc)?);
             let changed = layout::differences(doc, &next);
             let (info, _) = EpochInfo::read(&mut next);
             Ok((next, (changed, info)))
+        })?;
+        *mine = info;
+        self.report_changed(&changed);
+        Ok(())
+    }
+
+    /// Compact the history at `at` as [`KvDoc::replace`] would, but with
+    /// the work done on a copy, outside the store's lock: scripts read and
+    /// write meanwhile (a compaction of 100,000 keys takes ~0.7 s here,
+    /// many times that on a Pi). Under the lock, the changes made since the
+    /// copy are re-created on top and the result swapped in. `check` sees
+    /// the new epoch first and may refuse it.
+    fn compact_copy(
+        &self,
+        mine: &mut EpochInfo,
+        at: &[ChangeHash],
+        check: impl FnOnce(&EpochInfo) -> Result<()>,
+    ) -> Result<()> {
+        let mut copy = self.store.copy();
+        let mut made = epoch::compact(&mut copy, at)?;
+        let mut changed = layout::differences(&copy, &made.doc);
+        drop(copy);
+        made.doc = docstore::reloaded(std::mem::take(&mut made.doc));
+        let info = self.store.replace(|doc| {
+            let touched = made.catch_up(doc)?;
+            changed.extend(layout::differences_in(doc, &made.doc, &touched));
+            let mut next = made.doc;
+            let (info, _) = EpochInfo::read(&mut next);
+            check(&info)?;
+            Ok((next, info))
         })?;
         *mine = info;
         self.report_changed(&changed);
@@ -367,14 +397,12 @@ impl KvDoc {
             return Ok(false);
         }
         let mut made = None;
-        let r = self.replace(mine, |doc| {
-            let mut next = epoch::compact(doc, &env.point)?;
-            let (info, _) = EpochInfo::read(&mut next);
+        let r = self.compact_copy(mine, &env.point, |info| {
             made = info.base;
             if info.base != env.base {
                 bail!("the base made here differs from the peer's");
             }
-            Ok(next)
+            Ok(())
         });
         match r {
             Ok(()) => {

@@ -61,8 +61,8 @@ fn replicas_compacting_at_the_same_heads_make_the_same_document() {
     merge(&mut a, &mut b);
     let before = state(&a);
     let h = a.get_heads();
-    let mut ca = compact(&mut a, &h).unwrap();
-    let mut cb = compact(&mut b, &h).unwrap();
+    let mut ca = compact(&mut a, &h).unwrap().doc;
+    let mut cb = compact(&mut b, &h).unwrap().doc;
     assert_eq!(ca.get_heads(), cb.get_heads());
     assert_eq!(state(&ca), before);
     assert_eq!(changes(&mut ca), 1);
@@ -71,7 +71,7 @@ fn replicas_compacting_at_the_same_heads_make_the_same_document() {
     assert_eq!(info.base, Some(ca.get_heads()[0]));
     // And again: epoch 2 remembers epoch 1's base.
     let h = ca.get_heads();
-    let mut c2 = compact(&mut ca, &h).unwrap();
+    let mut c2 = compact(&mut ca, &h).unwrap().doc;
     let info2 = epoch_info(&mut c2);
     assert_eq!(
         (info2.epoch, info2.lineage.get(&1)),
@@ -94,9 +94,9 @@ fn changes_after_the_compaction_point_are_recreated_the_same_everywhere() {
     put(&mut b, "shared", "from b");
     put(&mut b, "y", "2");
     // `a` compacts before hearing from `b`; `b` after merging `a`'s.
-    let mut ca = compact(&mut a, &h).unwrap();
+    let mut ca = compact(&mut a, &h).unwrap().doc;
     b.merge(&mut a).unwrap();
-    let mut cb = compact(&mut b, &h).unwrap();
+    let mut cb = compact(&mut b, &h).unwrap().doc;
     assert_eq!(changes(&mut ca), 1 + 2);
     assert_eq!(changes(&mut cb), 1 + 4);
     // Same epoch, same base: they merge, and `a`'s two re-created changes
@@ -128,11 +128,14 @@ fn a_node_away_across_two_compactions_rebases_and_keeps_its_writes() {
     put(&mut a, "x", "a1");
     merge(&mut a, &mut b);
     let h = a.get_heads();
-    let (mut a1, mut b1) = (compact(&mut a, &h).unwrap(), compact(&mut b, &h).unwrap());
+    let (mut a1, mut b1) = (
+        compact(&mut a, &h).unwrap().doc,
+        compact(&mut b, &h).unwrap().doc,
+    );
     put(&mut b1, "b-key", "b1");
     merge(&mut a1, &mut b1);
     let h = a1.get_heads();
-    let mut a2 = compact(&mut a1, &h).unwrap();
+    let mut a2 = compact(&mut a1, &h).unwrap().doc;
     put(&mut a2, "after", "a2");
     // `c` comes back on epoch 0 and moves onto `a`'s epoch 2.
     let (mut c2, in_lineage) = rebase(&mut c, a2.clone()).unwrap();
@@ -164,7 +167,7 @@ fn two_nodes_rebasing_the_same_changes_make_the_same_changes() {
     put(&mut d, "y", "d");
     merge(&mut c, &mut d);
     let h = a.get_heads();
-    let mut a1 = compact(&mut a, &h).unwrap();
+    let mut a1 = compact(&mut a, &h).unwrap().doc;
     let (mut c1, _) = rebase(&mut c, a1.clone()).unwrap();
     let (mut d1, _) = rebase(&mut d, a1.clone()).unwrap();
     assert_eq!(c1.get_heads(), d1.get_heads());
@@ -174,12 +177,53 @@ fn two_nodes_rebasing_the_same_changes_make_the_same_changes() {
     assert_eq!(get(&a1, "x").as_deref(), Some("c"));
 }
 
+/// A compaction made on a copy, caught up with what the live document
+/// got meanwhile (own writes, a peer's concurrent ones, a key the base
+/// holds), is the document compacting the live one makes: same heads.
+#[test]
+fn a_compaction_made_on_a_copy_catches_up_to_the_same_document() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    for i in 0..20 {
+        put(&mut a, &format!("k{}", i % 4), &format!("a{i}"));
+        put(&mut b, &format!("k{}", i % 3), &format!("b{i}"));
+    }
+    merge(&mut a, &mut b);
+    let h = a.get_heads();
+    put(&mut a, "after", "1");
+    let mut copy = a.clone();
+    let mut made = compact(&mut copy, &h).unwrap();
+    // Meanwhile, on the live document.
+    put(&mut a, "k0", "while compacting");
+    put(&mut b, "k1", "from b, concurrent");
+    put(&mut b, "fresh", "b");
+    a.merge(&mut b).unwrap();
+    put(&mut a, "after", "2");
+    let touched = made.catch_up(&mut a).unwrap();
+    for key in ["k0", "k1", "fresh", "after"] {
+        assert!(touched.contains(key), "{key} not in {touched:?}");
+    }
+    assert!(!touched.contains("k2"));
+    let mut direct = compact(&mut a.clone(), &h).unwrap().doc;
+    assert_eq!(made.doc.get_heads(), direct.get_heads());
+    assert_eq!(state(&made.doc), state(&a));
+    // Caught up twice: the second time only what came after the first.
+    put(&mut a, "k3", "later");
+    assert_eq!(
+        made.catch_up(&mut a)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["k3"]
+    );
+    assert_eq!(state(&made.doc), state(&a));
+}
+
 #[test]
 fn a_document_saved_after_compaction_loads_with_its_epoch() {
     let mut a = replica("a");
     put(&mut a, "x", "1");
     let h = a.get_heads();
-    let mut c = compact(&mut a, &h).unwrap();
+    let mut c = compact(&mut a, &h).unwrap().doc;
     put(
         &mut c.clone().with_actor(ActorId::from(b"z".as_slice())),
         "ignored",
@@ -261,7 +305,19 @@ fn random_writes_merges_and_compactions_converge_and_lose_nothing() {
                 let h = rs[group[0]].get_heads();
                 if group.iter().all(|&i| rs[i].get_heads() == h) {
                     for &i in &group {
-                        rs[i] = compact(&mut rs[i], &h).unwrap();
+                        // Half the time on a copy, with a write to the
+                        // live replica before it catches up (as a node
+                        // compacts while its scripts write).
+                        rs[i] = if next(2) == 0 {
+                            compact(&mut rs[i], &h).unwrap().doc
+                        } else {
+                            let mut made = compact(&mut rs[i].clone(), &h).unwrap();
+                            let key = format!("own{i}.{}", next(4));
+                            put(&mut rs[i], &key, &format!("{step} during"));
+                            last.insert(key, format!("{step} during"));
+                            made.catch_up(&mut rs[i]).unwrap();
+                            made.doc
+                        };
                     }
                     points.insert(epoch_info(&mut rs[group[0]]).base.unwrap(), h);
                 }
@@ -309,7 +365,7 @@ fn meet(rs: &mut [AutoCommit], i: usize, j: usize, points: &HashMap<ChangeHash, 
         let own = epoch_info(&mut rs[behind]).epoch;
         let mut caught_up = None;
         if own + 1 == info.epoch && holds_point {
-            let c = compact(&mut rs[behind], point).unwrap();
+            let c = compact(&mut rs[behind], point).unwrap().doc;
             let mut c2 = c.clone();
             if epoch_info(&mut c2).base == info.base {
                 caught_up = Some(c);
