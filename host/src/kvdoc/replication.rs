@@ -397,12 +397,16 @@ impl KvDoc {
             return Ok(false);
         }
         let mut made = None;
-        let r = self.compact_copy(mine, &env.point, |info| {
-            made = info.base;
-            if info.base != env.base {
-                bail!("the base made here differs from the peer's");
-            }
-            Ok(())
+        // Called from a link's task: the runtime's other tasks move to
+        // another thread while the compaction runs.
+        let r = blocking(|| {
+            self.compact_copy(mine, &env.point, |info| {
+                made = info.base;
+                if info.base != env.base {
+                    bail!("the base made here differs from the peer's");
+                }
+                Ok(())
+            })
         });
         match r {
             Ok(()) => {
@@ -417,6 +421,17 @@ impl KvDoc {
                 Ok(false)
             }
         }
+    }
+}
+
+/// Run `f`, long blocking work called from async code, with the
+/// runtime's other tasks moved to another thread meanwhile (on a
+/// multi-threaded runtime, which the node runs; others just run it).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
