@@ -133,7 +133,10 @@ impl PeerLink {
         dialed: bool,
     ) -> (Arc<PeerLink>, mpsc::Receiver<Bytes>) {
         let (out, rx) = mpsc::channel(QUEUE_FRAMES);
-        let addr = SocketAddr::new(conn.remote_address().ip(), hello.listen_port);
+        // The peer's listening port at the address it came from, with its
+        // interface if link-local (`SocketAddr::new` would drop that).
+        let mut addr = conn.remote_address();
+        addr.set_port(hello.listen_port);
         let link = Arc::new(PeerLink {
             node: hello.node.as_str().into(),
             hello,
