@@ -85,6 +85,22 @@ pub enum Received {
     Behind,
 }
 
+/// A sync message at least this large (a first sync of a big store) is
+/// merged with the runtime's other tasks moved off the link's thread: on a
+/// one-core Pi its merge would otherwise stall every link and script.
+const BIG_MESSAGE: usize = 256 << 10;
+
+/// Run `f`, long blocking work called from async code, with the
+/// runtime's other tasks moved to another thread meanwhile (on a
+/// multi-threaded runtime, which the node runs; others just run it).
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A peer that has not answered a message for this long never will (it
 /// was dropped on the way): the exchange starts over.
 const STALLED: Duration = Duration::from_secs(5);
@@ -378,7 +394,12 @@ impl<T: SyncTarget> Replica for DocReplicator<T> {
         };
         (self.counters.received_bytes).fetch_add(msg.len() as u64, Ordering::Relaxed);
         peer.follow(self.target.generation());
-        match self.target.receive(&mut peer.state, msg) {
+        let received = if msg.len() >= BIG_MESSAGE {
+            blocking(|| self.target.receive(&mut peer.state, msg))
+        } else {
+            self.target.receive(&mut peer.state, msg)
+        };
+        match received {
             Ok(Received::Applied) => {}
             Ok(Received::Behind) => {
                 if let Some(me) = self.me.upgrade() {

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::epoch::{self, EpochInfo};
 use super::{KvDoc, layout};
 use crate::docstore::{self, actor_node};
-use crate::docsync::{Received, SyncTarget};
+use crate::docsync::{Received, SyncTarget, blocking};
 use crate::lifecycle;
 
 /// First byte of every key-value sync message (the envelope's format).
@@ -421,17 +421,6 @@ impl KvDoc {
                 Ok(false)
             }
         }
-    }
-}
-
-/// Run `f`, long blocking work called from async code, with the
-/// runtime's other tasks moved to another thread meanwhile (on a
-/// multi-threaded runtime, which the node runs; others just run it).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 
