@@ -20,8 +20,8 @@
 //!
 //! Every change has an *origin* — the epoch it was first made in, its actor
 //! and its sequence number there — which a re-created change carries in its
-//! message, and the base records, per epoch and actor, the highest origin
-//! it covers. That is what lets a node that was away (on an older epoch, or
+//! message, and the base records, per actor, the highest origin it covers
+//! (an actor's changes form a chain, so that covers all its earlier ones). That is what lets a node that was away (on an older epoch, or
 //! whose history is not an ancestor of the new base) join: it takes a
 //! peer's document and re-creates on top of it each of its changes whose
 //! origin that document neither covers nor holds ([`rebase`]). Its writes
@@ -59,9 +59,9 @@ const POINT_KEY: &str = "\0e\0at";
 const LINEAGE_PREFIX: &str = "\0e\0b\0";
 /// The base of every epoch is this actor's only change.
 const BASE_ACTOR: &[u8] = b"covey-epoch-base";
-/// Epochs whose origins and bases a document remembers: a node away for
-/// more compactions than this re-applies its writes from before it left
-/// (they may then overwrite newer values).
+/// Epochs whose bases a document remembers (its lineage). A node away for
+/// more compactions than this is told from a store that never met this one
+/// by the writers the two share (origins are kept per actor, for good).
 pub const EPOCHS_KEPT: u64 = 64;
 const ORIGIN_MESSAGE: &str = "covey origin ";
 
@@ -103,7 +103,8 @@ impl Origin {
     }
 }
 
-/// Per epoch and actor, the highest sequence number covered.
+/// Per epoch and actor, the highest sequence number covered; compaction
+/// keeps one entry per actor, its highest (older documents may hold more).
 type OriginClock = BTreeMap<(u64, ActorId), u64>;
 
 /// What a document says about its epoch.
@@ -181,8 +182,22 @@ impl EpochInfo {
         }
     }
 
+    /// Whether the base covers the change first made as `o`: the actor's
+    /// highest covered origin is at or after it. An actor's changes form a
+    /// chain (each is an ancestor of its next, re-created or not, across
+    /// epochs), so what a base covers of one actor is everything up to
+    /// one origin in (epoch, sequence) order.
     fn covers(&self, o: &Origin) -> bool {
-        (self.clock.get(&(o.epoch, o.actor.clone()))).is_some_and(|&max| o.seq <= max)
+        (self.clock.iter()).any(|((e, a), &s)| *a == o.actor && (o.epoch, o.seq) <= (*e, s))
+    }
+
+    /// Whether the base covers any change of an actor of `other`'s base or
+    /// of `changes`: the two documents have shared writes.
+    fn shares_writers(&self, other: &EpochInfo, changes: &[Change]) -> bool {
+        let mine: HashSet<&ActorId> = (other.clock.keys().map(|(_, a)| a))
+            .chain(changes.iter().map(|c| c.actor_id()))
+            .collect();
+        self.clock.keys().any(|(_, a)| mine.contains(a))
     }
 }
 
@@ -216,7 +231,16 @@ pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<Compacted> {
         *max = (*max).max(o.seq);
     }
     let epoch = info.epoch + 1;
-    clock.retain(|(e, _), _| e + EPOCHS_KEPT > epoch);
+    // One entry per actor: its highest covered origin covers the rest
+    // (see `EpochInfo::covers`), however many epochs ago they were made.
+    let mut newest: HashMap<ActorId, (u64, u64)> = HashMap::new();
+    for ((e, actor), seq) in clock {
+        let n = newest.entry(actor).or_default();
+        *n = (*n).max((e, seq));
+    }
+    let clock: OriginClock = (newest.into_iter())
+        .map(|(actor, (e, seq))| ((e, actor), seq))
+        .collect();
     let mut lineage = info.lineage.clone();
     if let Some(b) = info.base {
         lineage.insert(info.epoch, b);
@@ -288,7 +312,16 @@ pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(AutoComm
     };
     let in_lineage = match mine.base {
         None => true,
-        Some(b) => info.lineage.get(&mine.epoch) == Some(&b),
+        Some(b) if info.lineage.contains_key(&mine.epoch) => {
+            info.lineage.get(&mine.epoch) == Some(&b)
+        }
+        // Our epoch is older than their lineage reaches (away for more
+        // than EPOCHS_KEPT compactions): the same store if their base
+        // covers writes of ours (stores that never met share no actor).
+        Some(_) => {
+            let oldest = info.lineage.keys().next().copied().unwrap_or(info.epoch);
+            mine.epoch < oldest && info.shares_writers(&mine, &changes)
+        }
     };
     let base_actor = base_actor();
     // Changes they hold past their base, by origin.

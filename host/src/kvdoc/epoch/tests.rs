@@ -177,6 +177,49 @@ fn two_nodes_rebasing_the_same_changes_make_the_same_changes() {
     assert_eq!(get(&a1, "x").as_deref(), Some("c"));
 }
 
+/// A node away for more compactions than the lineage keeps: its writes
+/// from before it left (covered by a base long ago) are not re-applied
+/// over newer values or deleted keys; what it wrote while away is kept.
+#[test]
+fn a_node_away_longer_than_the_lineage_reaches_reapplies_nothing_old() {
+    let (mut a, mut c) = (replica("a"), replica("c"));
+    put(&mut c, "gone", "soon deleted");
+    merge(&mut a, &mut c);
+    let h = a.get_heads();
+    let (mut a1, mut c1) = (
+        compact(&mut a, &h).unwrap().doc,
+        compact(&mut c, &h).unwrap().doc,
+    );
+    // A write of `c`'s after that base, which `a` gets.
+    put(&mut c1, "x", "old");
+    merge(&mut a1, &mut c1);
+    let (mut a, mut c) = (a1, c1);
+    // `c` goes away; `a` overwrites, deletes and compacts many times.
+    put(&mut c, "offline", "kept");
+    put(&mut a, "x", "new");
+    a.delete(ROOT, "gone").unwrap();
+    a.commit();
+    for i in 0..EPOCHS_KEPT + 6 {
+        let h = a.get_heads();
+        a = compact(&mut a, &h).unwrap().doc;
+        put(&mut a, "tick", &i.to_string());
+    }
+    let info = epoch_info(&mut a);
+    assert!(!info.lineage.contains_key(&1) && info.epoch > EPOCHS_KEPT);
+    let (c2, in_lineage) = rebase(&mut c, a.clone()).unwrap();
+    assert!(in_lineage, "the same store, however long away");
+    assert_eq!(get(&c2, "x").as_deref(), Some("new"));
+    assert_eq!(get(&c2, "gone"), None);
+    assert_eq!(get(&c2, "offline").as_deref(), Some("kept"));
+    // And a store that never met this one is still told apart.
+    let mut stranger = replica("s");
+    put(&mut stranger, "mine", "1");
+    let h = stranger.get_heads();
+    let mut stranger = compact(&mut stranger, &h).unwrap().doc;
+    let (_, in_lineage) = rebase(&mut stranger, a.clone()).unwrap();
+    assert!(!in_lineage);
+}
+
 /// A compaction made on a copy, caught up with what the live document
 /// got meanwhile (own writes, a peer's concurrent ones, a key the base
 /// holds), is the document compacting the live one makes: same heads.
