@@ -281,6 +281,10 @@ async fn kv_status_scripts_and_metrics() {
         let value = line.rsplit(' ').next().unwrap();
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
+    // The heap (this is a glibc build): something in use, no more than held.
+    let in_use = sample(&text, "covey_heap_in_use_bytes").expect("heap in use");
+    let held = sample(&text, "covey_heap_held_bytes").expect("heap held");
+    assert!(in_use > 0.0 && in_use <= held, "{in_use} {held}");
 }
 
 /// The value of the sample `name` (with its labels) in a metrics text.
