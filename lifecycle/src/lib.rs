@@ -36,11 +36,8 @@ pub fn is_reserved(name: &str) -> bool {
     name.starts_with(PREFIX)
 }
 
-/// Why sending an event named `name` (reserved) was refused: the one
-/// wording the host, the bridge and the Lua guest give.
-pub fn reserved_refusal(name: &str) -> String {
-    format!("`{name}` is a system event name (`{PREFIX}*`): only the node emits those")
-}
+mod refusal;
+pub use refusal::reserved_refusal;
 
 /// Where a system event goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -106,7 +106,7 @@ pub(crate) fn send_error_text(e: events::SendError) -> String {
         events::SendError::UnknownNode(n) => format!("unknown node `{n}`"),
         events::SendError::PayloadTooLarge(n) => format!("payload over the {n}-byte limit"),
         events::SendError::NodeDown(n) => format!("node `{n}` is down"),
-        events::SendError::ReservedName(n) => covey_lifecycle::reserved_refusal(&n),
+        events::SendError::ReservedName(n) => crate::refusal::reserved_refusal(&n),
     }
 }
 

@@ -22,6 +22,8 @@ mod generated {
 }
 pub use generated::*;
 
+#[path = "../../lifecycle/src/refusal.rs"]
+mod refusal;
 #[path = "../../host/src/pattern.rs"]
 mod pattern;
 

@@ -214,7 +214,7 @@ fn scalar_u64(v: &ScalarValue) -> Option<u64> {
 /// compacts the same history at the same heads makes the same document
 /// (each change's re-creation depends only on its ancestors'); it goes on
 /// writing as `doc`'s actor.
-pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<Compacted> {
+pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<NextEpoch> {
     let changes = doc.get_changes(&[]);
     let info = EpochInfo::with_base(doc, &changes);
     let below = ancestors(&changes, at)?;
@@ -256,26 +256,28 @@ pub fn compact(doc: &mut AutoCommit, at: &[ChangeHash]) -> Result<Compacted> {
     let t = &mut trail;
     Rebuild { doc: &mut next, t }.run(rest, |_| None)?;
     next.set_actor(doc.get_actor().clone());
-    Ok(Compacted {
+    Ok(NextEpoch {
         doc: next,
         copied_at: doc.get_heads(),
         trail,
     })
 }
 
-/// The next epoch made by [`compact`]: of the live document itself, or
-/// of a copy, so that the work is done without the live one's lock.
-pub struct Compacted {
+/// The next epoch made by [`compact`] or [`rebase`]: of the live document
+/// itself, or of a copy, so that the work is done without its lock.
+pub struct NextEpoch {
     pub doc: AutoCommit,
     /// The heads of the document it was made of.
     copied_at: Vec<ChangeHash>,
     trail: Trail,
 }
 
-impl Compacted {
+impl NextEpoch {
     /// Bring the next epoch up to `live`, the document it was made of a
     /// copy of: the changes made since the copy are re-created on top, as
-    /// [`compact`] of `live` would have. Returns the keys they touch.
+    /// [`compact`] or [`rebase`] of `live` would have (changes that new
+    /// are neither covered by a base nor held by a peer on another epoch).
+    /// Returns the keys they touch.
     pub fn catch_up(&mut self, live: &mut AutoCommit) -> Result<BTreeSet<String>> {
         let since = live.get_changes(&self.copied_at);
         let mut touched = BTreeSet::new();
@@ -302,7 +304,7 @@ impl Compacted {
 /// nor holds, re-created on top. Also says whether our base was in their
 /// lineage (if not, writes compacted into it that they never saw are not
 /// carried over: the caller reports it).
-pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(AutoCommit, bool)> {
+pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(NextEpoch, bool)> {
     let changes = ours.get_changes(&[]);
     let mine = EpochInfo::with_base(ours, &changes);
     let their_changes = theirs.get_changes(&[]);
@@ -330,7 +332,8 @@ pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(AutoComm
         .map(|c| (Origin::of(c, info.epoch), c.hash()))
         .collect();
     drop(their_changes);
-    let t = &mut Trail::new(base, mine.epoch);
+    let mut trail = Trail::new(base, mine.epoch);
+    let t = &mut trail;
     Rebuild {
         doc: &mut theirs,
         t,
@@ -346,7 +349,12 @@ pub fn rebase(ours: &mut AutoCommit, mut theirs: AutoCommit) -> Result<(AutoComm
         held.get(&o).copied()
     })?;
     theirs.set_actor(ours.get_actor().clone());
-    Ok((theirs, in_lineage))
+    let next = NextEpoch {
+        doc: theirs,
+        copied_at: ours.get_heads(),
+        trail,
+    };
+    Ok((next, in_lineage))
 }
 
 /// The hashes of `at` and all their ancestors.

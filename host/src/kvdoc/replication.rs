@@ -208,7 +208,11 @@ impl KvDoc {
         }
         let mut info = self.epoch.lock().unwrap();
         let len = self.history_len();
-        self.compact_copy(&mut info, heads, |_| Ok(()))?;
+        self.next_epoch(
+            &mut info,
+            |copy| epoch::compact(copy, heads),
+            |_, _, _| Ok(()),
+        )?;
         tracing::info!(
             epoch = info.epoch,
             changes = len,
@@ -274,15 +278,20 @@ impl KvDoc {
         if (info.epoch, info.base) <= (mine.epoch, mine.base) {
             return Ok(());
         }
-        self.replace(&mut mine, |doc| {
-            let (mut next, in_lineage) = epoch::rebase(doc, theirs)?;
-            if !in_lineage {
+        let in_lineage = std::cell::Cell::new(true);
+        let rebase = |copy: &mut AutoCommit| {
+            let (next, kept) = epoch::rebase(copy, theirs)?;
+            in_lineage.set(kept);
+            Ok(next)
+        };
+        self.next_epoch(&mut mine, rebase, |doc, next, _| {
+            if !in_lineage.get() {
                 // Two histories compacted apart (stores that never met):
                 // keys only ours had come along as new writes.
                 tracing::warn!("the peer's key-value history does not descend from ours; keeping our keys it lacks");
-                keep_missing(doc, &mut next)?;
+                keep_missing(doc, next)?;
             }
-            Ok(next)
+            Ok(())
         })?;
         tracing::info!(
             epoch = info.epoch,
@@ -291,48 +300,33 @@ impl KvDoc {
         Ok(())
     }
 
-    /// Replace the document with `f(doc)`, then tell scripts about every
-    /// key whose value that changed. `mine` is the epoch, locked: no sync
-    /// message is made or merged between the document and its epoch.
-    fn replace(
+    /// Move the store to the next epoch `make` builds (a compaction, a
+    /// rebase onto a peer's document) of a copy of the document: the work
+    /// is done outside the store's lock, so scripts read and write
+    /// meanwhile (a compaction of 100,000 keys takes ~0.7 s here, many
+    /// times that on a Pi). Under the lock, the changes made since the copy
+    /// are re-created on top; `finish` sees the live document and the
+    /// result (and its epoch), and may refuse or add to it; the result is
+    /// swapped in and scripts are told of every key whose value changed.
+    /// `mine` is the epoch, locked: no sync message is made or merged
+    /// between the document and its epoch.
+    fn next_epoch(
         &self,
         mine: &mut EpochInfo,
-        f: impl FnOnce(&mut AutoCommit) -> Result<AutoCommit>,
-    ) -> Result<()> {
-        let (changed, info) = self.store.replace(|doc| {
-            let mut next = docstore::reloaded(f(doc)?);
-            let changed = layout::differences(doc, &next);
-            let (info, _) = EpochInfo::read(&mut next);
-            Ok((next, (changed, info)))
-        })?;
-        *mine = info;
-        self.report_changed(&changed);
-        Ok(())
-    }
-
-    /// Compact the history at `at` as [`KvDoc::replace`] would, but with
-    /// the work done on a copy, outside the store's lock: scripts read and
-    /// write meanwhile (a compaction of 100,000 keys takes ~0.7 s here,
-    /// many times that on a Pi). Under the lock, the changes made since the
-    /// copy are re-created on top and the result swapped in. `check` sees
-    /// the new epoch first and may refuse it.
-    fn compact_copy(
-        &self,
-        mine: &mut EpochInfo,
-        at: &[ChangeHash],
-        check: impl FnOnce(&EpochInfo) -> Result<()>,
+        make: impl FnOnce(&mut AutoCommit) -> Result<epoch::NextEpoch>,
+        finish: impl FnOnce(&AutoCommit, &mut AutoCommit, &EpochInfo) -> Result<()>,
     ) -> Result<()> {
         let mut copy = self.store.copy();
-        let mut made = epoch::compact(&mut copy, at)?;
+        let mut made = make(&mut copy)?;
         let mut changed = layout::differences(&copy, &made.doc);
         drop(copy);
         made.doc = docstore::reloaded(std::mem::take(&mut made.doc));
         let info = self.store.replace(|doc| {
             let touched = made.catch_up(doc)?;
-            changed.extend(layout::differences_in(doc, &made.doc, &touched));
             let mut next = made.doc;
             let (info, _) = EpochInfo::read(&mut next);
-            check(&info)?;
+            finish(doc, &mut next, &info)?;
+            changed.extend(layout::differences_in(doc, &next, &touched));
             Ok((next, info))
         })?;
         *mine = info;
@@ -400,7 +394,8 @@ impl KvDoc {
         // Called from a link's task: the runtime's other tasks move to
         // another thread while the compaction runs.
         let r = blocking(|| {
-            self.compact_copy(mine, &env.point, |info| {
+            let compact = |copy: &mut AutoCommit| epoch::compact(copy, &env.point);
+            self.next_epoch(mine, compact, |_, _, info| {
                 made = info.base;
                 if info.base != env.base {
                     bail!("the base made here differs from the peer's");

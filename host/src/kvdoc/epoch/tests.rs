@@ -138,7 +138,8 @@ fn a_node_away_across_two_compactions_rebases_and_keeps_its_writes() {
     let mut a2 = compact(&mut a1, &h).unwrap().doc;
     put(&mut a2, "after", "a2");
     // `c` comes back on epoch 0 and moves onto `a`'s epoch 2.
-    let (mut c2, in_lineage) = rebase(&mut c, a2.clone()).unwrap();
+    let (c2, in_lineage) = rebase(&mut c, a2.clone()).unwrap();
+    let mut c2 = c2.doc;
     assert!(in_lineage);
     assert_eq!(get(&c2, "c-only").as_deref(), Some("kept"));
     assert_eq!(get(&c2, "c-before").as_deref(), Some("sent"));
@@ -168,8 +169,10 @@ fn two_nodes_rebasing_the_same_changes_make_the_same_changes() {
     merge(&mut c, &mut d);
     let h = a.get_heads();
     let mut a1 = compact(&mut a, &h).unwrap().doc;
-    let (mut c1, _) = rebase(&mut c, a1.clone()).unwrap();
-    let (mut d1, _) = rebase(&mut d, a1.clone()).unwrap();
+    let (c1, _) = rebase(&mut c, a1.clone()).unwrap();
+    let mut c1 = c1.doc;
+    let (d1, _) = rebase(&mut d, a1.clone()).unwrap();
+    let mut d1 = d1.doc;
     assert_eq!(c1.get_heads(), d1.get_heads());
     merge(&mut a1, &mut c1);
     merge(&mut a1, &mut d1);
@@ -207,6 +210,7 @@ fn a_node_away_longer_than_the_lineage_reaches_reapplies_nothing_old() {
     let info = epoch_info(&mut a);
     assert!(!info.lineage.contains_key(&1) && info.epoch > EPOCHS_KEPT);
     let (c2, in_lineage) = rebase(&mut c, a.clone()).unwrap();
+    let c2 = c2.doc;
     assert!(in_lineage, "the same store, however long away");
     assert_eq!(get(&c2, "x").as_deref(), Some("new"));
     assert_eq!(get(&c2, "gone"), None);
@@ -259,6 +263,30 @@ fn a_compaction_made_on_a_copy_catches_up_to_the_same_document() {
         ["k3"]
     );
     assert_eq!(state(&made.doc), state(&a));
+}
+
+/// The same for a rebase onto a peer's later epoch: made on a copy, then
+/// caught up with a write made meanwhile, it is the rebase of the live
+/// document.
+#[test]
+fn a_rebase_made_on_a_copy_catches_up_to_the_same_document() {
+    let (mut a, mut c) = (replica("a"), replica("c"));
+    put(&mut a, "x", "1");
+    merge(&mut a, &mut c);
+    put(&mut c, "away", "1");
+    let h = a.get_heads();
+    let mut a1 = compact(&mut a, &h).unwrap().doc;
+    put(&mut a1, "y", "a1");
+    let (mut made, in_lineage) = rebase(&mut c.clone(), a1.clone()).unwrap();
+    assert!(in_lineage);
+    put(&mut c, "away", "2");
+    put(&mut c, "late", "1");
+    let touched = made.catch_up(&mut c).unwrap();
+    assert_eq!(touched.into_iter().collect::<Vec<_>>(), ["away", "late"]);
+    let (mut direct, _) = rebase(&mut c.clone(), a1).unwrap();
+    assert_eq!(made.doc.get_heads(), direct.doc.get_heads());
+    assert_eq!(get(&made.doc, "away").as_deref(), Some("2"));
+    assert_eq!(get(&made.doc, "y").as_deref(), Some("a1"));
 }
 
 #[test]
@@ -419,6 +447,7 @@ fn meet(rs: &mut [AutoCommit], i: usize, j: usize, points: &HashMap<ChangeHash, 
             Some(c) => c,
             None => {
                 let (doc, in_lineage) = rebase(&mut rs[behind], peer).unwrap();
+                let doc = doc.doc;
                 assert!(in_lineage);
                 doc
             }
