@@ -22,10 +22,10 @@ mod generated {
 }
 pub use generated::*;
 
-#[path = "../../lifecycle/src/refusal.rs"]
-mod refusal;
 #[path = "../../host/src/pattern.rs"]
 mod pattern;
+#[path = "../../lifecycle/src/refusal.rs"]
+mod refusal;
 
 mod api;
 mod esc;
