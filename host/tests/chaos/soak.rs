@@ -6,8 +6,9 @@
 //! printed as a row; at the end the test asserts what must hold whatever
 //! the load's history: no node exited, every minute some call answered
 //! (failed calls are counted and printed with their time), descriptors
-//! flat. Growth of memory and files is reported (per hour, first half vs
-//! second half) for the reader to judge — see docs/reliability.md.
+//! flat. Growth of memory and files is reported (per hour, for each third
+//! of the run and second half vs first) for the reader to judge — see
+//! docs/reliability.md.
 //!
 //! Run (as root, not in CI): `cargo test -p covey --test chaos --
 //! --ignored --nocapture soak`; `COVEY_SOAK_MINS` (default 60) sets the
