@@ -1,12 +1,8 @@
 //! The Lua-facing API: the `covey` table and `json`, with esc's globals
 //! (`esc.rs`), esc's `http` module (`http.rs`) and the standard library
 //! completed and fenced (`stdlib.rs`) installed beside them.
-
-use std::rc::Rc;
-
 use mlua::{Function, IntoLuaMulti, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
-use crate::Message;
 use crate::SharedHandlers;
 use crate::covey::script::events::{self, CallError};
 use crate::covey::script::kv;
@@ -14,20 +10,6 @@ use crate::covey::script::log::{Level, log};
 use crate::covey::script::types::LimitExceeded;
 use crate::covey::script::{node, timers};
 use crate::pattern::Pattern;
-
-/// Calls `f(msg)` with the message as a Lua table carrying esc's
-/// capitalised fields and lower-case aliases. The table is built by a Lua
-/// table constructor: one call into Lua instead of a dozen protected
-/// `set`s from Rust (measured: the dispatch cost halves).
-const INVOKE: &str = r#"
-return function(f, from, to, name, payload, id, ts)
-  return f({
-    From = from, from = from, To = to, to = to, Name = name, name = name,
-    Payload = payload, payload = payload, Id = id, id = id,
-    Timestamp = ts, timestamp = ts,
-  })
-end
-"#;
 
 /// `covey.on_node_down(fn)` and friends: a handler for one system event
 /// that gets its payload decoded (`fn(info, event)`), over plain `on`.
@@ -44,30 +26,6 @@ for key, name in pairs({
   end
 end
 "#;
-
-/// The compiled `INVOKE` trampoline.
-pub(crate) fn invoker(lua: &Lua) -> mlua::Result<Function> {
-    lua.load(INVOKE).set_name("=covey").eval()
-}
-
-/// Call handler `f` with `msg` through the trampoline.
-pub(crate) fn invoke(
-    lua: &Lua,
-    invoker: &Function,
-    f: &Function,
-    msg: &Message,
-) -> mlua::Result<Value> {
-    let payload = lua.create_string(&msg.payload)?;
-    invoker.call((
-        f,
-        msg.from.as_str(),
-        msg.to.as_str(),
-        msg.name.as_str(),
-        payload,
-        msg.id as i64,
-        msg.timestamp_ms as i64,
-    ))
-}
 
 /// A Lua value as payload bytes: strings as they are, nil as empty,
 /// numbers and booleans as text, tables as JSON.
@@ -163,7 +121,8 @@ pub(crate) fn subscribe(
         (h.borrow_mut().commands).push((from_pattern, name_pattern, f));
     } else {
         events::subscribe(&from, &name).map_err(limit_error)?;
-        (h.borrow_mut().events).push((from_pattern, name_pattern, Rc::new(f)));
+        h.borrow_mut()
+            .subscribe_event(from_pattern, name_pattern, f)?;
     }
     Ok(())
 }

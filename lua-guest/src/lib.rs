@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use mlua::{Function, Lua, LuaOptions, StdLib, Value};
+use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 // The generated import of `http.request` takes its record's ten fields.
 #[allow(clippy::too_many_arguments)]
@@ -28,6 +28,7 @@ mod pattern;
 mod refusal;
 
 mod api;
+mod dispatch;
 mod esc;
 mod http;
 mod stdlib;
@@ -41,9 +42,12 @@ use pattern::Pattern;
 const LUA_MEMORY_LIMIT: usize = 40 << 20;
 
 /// Handlers registered by the script.
-#[derive(Default)]
 pub(crate) struct Handlers {
-    events: Vec<(Pattern, Pattern, Rc<Function>)>,
+    /// Event subscriptions in registration order; the handler of entry
+    /// `i` is `event_fns[i + 1]`, kept in a Lua table so that dispatch
+    /// reaches it without mlua (`dispatch.rs`).
+    events: Vec<(Pattern, Pattern)>,
+    event_fns: Table,
     commands: Vec<(Pattern, Pattern, Function)>,
     /// Timer callbacks; `true` marks esc's `tick`, which repeats only while
     /// the callback returns true (covey's `every` repeats until it returns
@@ -52,12 +56,30 @@ pub(crate) struct Handlers {
     watches: HashMap<u64, (String, Function)>,
 }
 
+impl Handlers {
+    fn new(lua: &Lua) -> mlua::Result<Handlers> {
+        Ok(Handlers {
+            events: Vec::new(),
+            event_fns: lua.create_table()?,
+            commands: Vec::new(),
+            timers: HashMap::new(),
+            watches: HashMap::new(),
+        })
+    }
+
+    /// Append an event subscription.
+    fn subscribe_event(&mut self, from: Pattern, name: Pattern, f: Function) -> mlua::Result<()> {
+        self.event_fns.raw_set(self.events.len() + 1, f)?;
+        self.events.push((from, name));
+        Ok(())
+    }
+}
+
 pub(crate) type SharedHandlers = Rc<RefCell<Handlers>>;
 
 struct Runtime {
     lua: Lua,
-    /// `api::INVOKE`: calls a handler with a message table.
-    invoker: Function,
+    dispatch: dispatch::Dispatch,
     handlers: SharedHandlers,
     name: String,
 }
@@ -68,27 +90,6 @@ thread_local! {
 
 fn runtime() -> Option<Rc<Runtime>> {
     RUNTIME.with(|r| r.borrow().clone())
-}
-
-/// Run every event handler of `rt` that selects `msg`, in the order they
-/// were registered: those registered before the event, not those its
-/// handlers add (handlers are only ever appended). No handler list is
-/// built per event, and a handler is a reference count away, not a
-/// registry copy: this runs once per event.
-fn dispatch_event(rt: &Runtime, msg: &Message) {
-    let count = rt.handlers.borrow().events.len();
-    for i in 0..count {
-        let f = {
-            let handlers = rt.handlers.borrow();
-            let (from, name, f) = &handlers.events[i];
-            if !(from.matches(&msg.from) && name.selects(&msg.name)) {
-                continue;
-            }
-            f.clone()
-        };
-        let r = api::invoke(&rt.lua, &rt.invoker, &f, msg);
-        report(rt, "event handler", r);
-    }
 }
 
 struct LuaGuest;
@@ -104,7 +105,8 @@ impl Guest for LuaGuest {
         // SAFETY: see above; nothing outside this instance's memory is
         // reachable from Lua.
         let lua = unsafe { Lua::unsafe_new_with(libs, LuaOptions::default()) };
-        let handlers = SharedHandlers::default();
+        let handlers = Handlers::new(&lua).map_err(|e| format!("setting up the Lua API: {e}"))?;
+        let handlers = SharedHandlers::new(RefCell::new(handlers));
         api::install(&lua, &handlers).map_err(|e| format!("setting up the Lua API: {e}"))?;
         lua.set_memory_limit(LUA_MEMORY_LIMIT)
             .map_err(|e| e.to_string())?;
@@ -118,10 +120,10 @@ impl Guest for LuaGuest {
         lua.globals().set("arg", arg).map_err(|e| e.to_string())?;
         // Syntax errors surface here with file and line.
         let chunk = lua.load(text).set_name(format!("@{name}"));
-        let invoker = api::invoker(&lua).map_err(|e| e.to_string())?;
+        let dispatch = dispatch::Dispatch::new(&lua).map_err(|e| e.to_string())?;
         let rt = Rc::new(Runtime {
             lua,
-            invoker,
+            dispatch,
             handlers,
             name,
         });
@@ -133,14 +135,12 @@ impl Guest for LuaGuest {
 
     fn on_event(msg: Message) {
         let Some(rt) = runtime() else { return };
-        dispatch_event(&rt, &msg);
+        (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, std::slice::from_ref(&msg));
     }
 
     fn on_events(msgs: Vec<Message>) {
         let Some(rt) = runtime() else { return };
-        for msg in &msgs {
-            dispatch_event(&rt, msg);
-        }
+        (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, &msgs);
     }
 
     fn on_command(msg: Message) -> Option<Vec<u8>> {
@@ -152,7 +152,7 @@ impl Guest for LuaGuest {
             .iter()
             .find(|(from, name, _)| from.matches(&msg.from) && name.matches(&msg.name))
             .map(|(_, _, f)| f.clone())?;
-        let result = api::invoke(&rt.lua, &rt.invoker, &handler, &msg);
+        let result = rt.dispatch.one(&handler, &msg);
         match result {
             Ok(Value::Nil) => None,
             Ok(v) => api::payload_bytes(&rt.lua, v).ok(),

@@ -397,7 +397,7 @@ async fn server_sent_events_and_logs() {
     assert_eq!(r.status, 400);
 }
 
-fn covey_logging() {
+pub(crate) fn covey_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let _ = tracing_subscriber::registry()

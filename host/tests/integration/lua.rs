@@ -408,3 +408,94 @@ covey.handle("*", "seen", function() return tostring(seen) end)
     })
     .await;
 }
+
+/// How events reach Lua handlers (lua-guest/src/dispatch.rs): the message
+/// table's shape and esc's capitalised aliases, every matching handler run
+/// in order even when one fails (in Lua or in a host call), handlers added
+/// during an event only seeing later events, and the error logged with
+/// its traceback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_handlers_see_six_fields_and_fail_alone() {
+    crate::http::covey_logging();
+    let t = start(&[]).await;
+    let script = r#"
+covey.on("*", "shape", function(msg)
+  local keys = {}
+  for k in pairs(msg) do keys[#keys + 1] = k end
+  table.sort(keys)
+  covey.kv.set("shape/keys", table.concat(keys, ","))
+  covey.kv.set("shape/alias", table.concat({ msg.From, msg.To, msg.Name, msg.Payload,
+    tostring(msg.Id == msg.id), tostring(msg.Timestamp == msg.timestamp),
+    tostring(msg.Other), tostring(msg.from == msg.From) }, "|"))
+end)
+local function deep() error("first fails") end
+covey.on("*", "multi", function(msg) deep() end)
+covey.on("*", "multi", function(msg)
+  covey.kv.incr("multi/second")
+  covey.on("*", "multi", function() covey.kv.incr("multi/late") end)
+end)
+covey.on("*", "multi", function(msg) covey.kv.incr("multi/third", "not a number") end)
+covey.on("*", "multi", function(msg) covey.kv.incr("multi/fourth") end)
+covey.handle("*", "shape.cmd", function(msg)
+  msg.payload = "changed"
+  return msg.Name .. ":" .. msg.Payload .. ":" .. tostring(msg.Id == msg.id)
+end)
+"#;
+    load(&t, "shape.lua", script).await;
+    t.node().router().emit("shape", b"p".to_vec()).unwrap();
+    eventually(5, "shape seen", || async {
+        t.kv_string("shape/alias").is_some()
+    })
+    .await;
+    assert_eq!(
+        t.kv_string("shape/keys").unwrap(),
+        "from,id,name,payload,timestamp,to"
+    );
+    assert_eq!(
+        t.kv_string("shape/alias").unwrap(),
+        "n1|*|shape|p|true|true|nil|true"
+    );
+    // A command's message has the same shape; a handler may write to it.
+    assert_eq!(
+        t.call("shape.cmd", "x").await.unwrap(),
+        "shape.cmd:changed:true"
+    );
+
+    t.node().router().emit("multi", vec![]).unwrap();
+    eventually(5, "first multi", || async { t.kv_i64("multi/fourth") == 1 }).await;
+    assert_eq!(t.kv_i64("multi/second"), 1);
+    assert_eq!(t.kv_i64("multi/late"), 0, "added during the event");
+    t.node().router().emit("multi", vec![]).unwrap();
+    eventually(5, "second multi", || async {
+        t.kv_i64("multi/fourth") == 2
+    })
+    .await;
+    assert_eq!(t.kv_i64("multi/second"), 2);
+    assert_eq!(t.kv_i64("multi/late"), 1, "one added before, one during");
+
+    let query = covey::logring::LogQuery {
+        script: Some("shape.lua".into()),
+        since_ms: None,
+    };
+    let lines = covey::logring::LOGS.recent(&query);
+    let failed: Vec<&str> = (lines.iter())
+        .map(|l| l.message.as_str())
+        .filter(|m| m.contains("event handler failed"))
+        .collect();
+    assert_eq!(failed.len(), 4, "two handlers failed twice: {failed:#?}");
+    for line in &failed {
+        assert_eq!(line.matches("stack traceback:").count(), 1, "{line}");
+        assert!(!line.ends_with("in ?"), "no dispatch frames: {line}");
+    }
+    assert!(
+        failed[0].contains("first fails") && failed[0].contains("in upvalue 'deep'"),
+        "the Lua error with its traceback: {}",
+        failed[0]
+    );
+    assert!(
+        failed[1].contains("error converting Lua string to i64")
+            && failed[1].contains("in field 'incr'"),
+        "the host call's error: {}",
+        failed[1]
+    );
+}
