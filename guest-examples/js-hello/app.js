@@ -14,10 +14,10 @@
 // `option` is a value or `undefined`, `list<u8>` a Uint8Array.
 // `bash ../build-other-languages.sh` builds the component.
 
-import { subscribe, handle } from "covey:script/events@0.4.1";
-import { get, set, incr } from "covey:script/kv@0.4.1";
-import { log } from "covey:script/log@0.4.1";
-import { name as nodeName } from "covey:script/node@0.4.1";
+import { subscribe, handle } from "covey:script/events@0.5.0";
+import { get, set, incr } from "covey:script/kv@0.5.0";
+import { log } from "covey:script/log@0.5.0";
+import { name as nodeName } from "covey:script/node@0.5.0";
 
 const utf8 = new TextEncoder();
 let heard = 0;
@@ -44,8 +44,22 @@ export function onEvent(msg) {
   last = msg.payload;
 }
 
-export function onEvents(msgs) {
-  for (const msg of msgs) onEvent(msg);
+// WIT 0.5.0's batch: each event's strings and payload follow one another
+// in `bytes`, at the lengths its head gives.
+const text = new TextDecoder();
+export function onEvents(heads, bytes) {
+  let at = 0;
+  const take = (n) => bytes.subarray(at, (at += n));
+  for (const h of heads) {
+    onEvent({
+      id: h.id,
+      from: text.decode(take(h.fromLen)),
+      to: text.decode(take(h.toLen)),
+      name: text.decode(take(h.nameLen)),
+      payload: take(h.payloadLen),
+      timestampMs: h.timestampMs,
+    });
+  }
 }
 
 export function onCommand(msg) {

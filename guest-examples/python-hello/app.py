@@ -15,7 +15,7 @@ componentize-py; `bash ../build-other-languages.sh` builds the component.
 
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports import events, kv, log, node
+from wit_world.imports import events, kv, log, node, types
 from wit_world.imports.log import Level
 
 
@@ -43,9 +43,21 @@ class WitWorld(wit_world.WitWorld):
         state.heard += 1
         state.last = msg.payload
 
-    def on_events(self, msgs) -> None:
-        for msg in msgs:
-            self.on_event(msg)
+    def on_events(self, heads, data: bytes) -> None:
+        # WIT 0.5.0's batch: each event's strings and payload follow one
+        # another in `data`, at the lengths its head gives.
+        at = 0
+        for h in heads:
+            parts = []
+            for n in (h.from_len, h.to_len, h.name_len, h.payload_len):
+                parts.append(data[at : at + n])
+                at += n
+            frm, to, name, payload = parts
+            self.on_event(
+                types.Message(
+                    h.id, frm.decode(), to.decode(), name.decode(), payload, h.timestamp_ms
+                )
+            )
 
     def on_command(self, msg):
         if msg.name == "py.echo":

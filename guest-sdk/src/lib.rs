@@ -45,6 +45,9 @@ pub mod bindings {
     });
 }
 
+#[doc(hidden)]
+pub mod batch;
+
 pub use bindings::covey::script::kv::KvError;
 pub use bindings::covey::script::node::NodeInfo;
 pub use bindings::covey::script::types::{CallError, LimitExceeded, Message, SendError};
@@ -120,7 +123,11 @@ macro_rules! export_script {
                 fn on_event(msg: $crate::Message) {
                     with(|s| s.on_event(msg), ())
                 }
-                fn on_events(msgs: ::std::vec::Vec<$crate::Message>) {
+                fn on_events(
+                    heads: ::std::vec::Vec<$crate::bindings::covey::script::types::EventHead>,
+                    bytes: ::std::vec::Vec<u8>,
+                ) {
+                    let msgs = $crate::batch_messages(&heads, &bytes);
                     with(|s| s.on_events(msgs), ())
                 }
                 fn on_command(msg: $crate::Message) -> Option<Vec<u8>> {
@@ -137,6 +144,37 @@ macro_rules! export_script {
     $crate::bindings::__export_script!(CoveyExport with_types_in $crate::bindings);
         };
     };
+}
+
+/// An `on-events` batch as messages. A malformed batch (the host never
+/// sends one) is logged and cut at the first bad event.
+#[doc(hidden)]
+pub fn batch_messages(
+    heads: &[bindings::covey::script::types::EventHead],
+    bytes: &[u8],
+) -> Vec<Message> {
+    let mut split = batch::Split::new(bytes);
+    let mut msgs = Vec::with_capacity(heads.len());
+    for h in heads {
+        match split.next([h.from_len, h.to_len, h.name_len, h.payload_len]) {
+            Ok(f) => msgs.push(Message {
+                id: h.id,
+                from: f.from.into(),
+                to: f.to.into(),
+                name: f.name.into(),
+                payload: f.payload.to_vec(),
+                timestamp_ms: h.timestamp_ms,
+            }),
+            Err(e) => {
+                let lost = heads.len() - msgs.len();
+                log::error(&format!(
+                    "on-events: {e}; the batch's last {lost} events dropped"
+                ));
+                break;
+            }
+        }
+    }
+    msgs
 }
 
 impl Message {

@@ -13,7 +13,7 @@ wasmtime::component::bindgen!({
 });
 
 /// The version of `wit/covey.wit` this host implements.
-pub const WIT_VERSION: &str = "0.4.1";
+pub const WIT_VERSION: &str = "0.5.0";
 
 /// The `covey:script` version a component was built against, read from
 /// its imports (none if it imports nothing of Covey's).

@@ -7,7 +7,7 @@
 //! table. Here a batch of events enters Lua once, protected
 //! (`Lua::exec_raw`), and each (message, handler) pair is one `lua_pcall`
 //! of `call_handler`, which builds the message table straight from the
-//! Rust `Message` and calls the handler.
+//! message (borrowed from the batch) and calls the handler.
 //!
 //! The message table has six lower-case fields (`from`, `to`, `name`,
 //! `payload`, `id`, `timestamp`); esc's capitalised names (`msg.From`,
@@ -16,12 +16,15 @@
 
 use std::cell::Cell;
 use std::ffi::{CStr, c_int};
+use std::marker::PhantomData;
 
 use mlua::{Function, Lua, Table, Value, ffi};
 
 use crate::Message;
 use crate::SharedHandlers;
+use crate::batch::Split;
 use crate::covey::script::log::{Level, log};
+use crate::covey::script::types::EventHead;
 
 /// The alias metatable and the traceback message handler, built in Lua.
 /// The library functions they use are captured at init, so a script that
@@ -53,23 +56,77 @@ end
 return meta, msgh
 "#;
 
+/// A message as handlers get it: borrowed from a lifted `Message` (one
+/// event, a command) or from an `on-events` batch's buffers.
+pub(crate) struct MsgRef<'a> {
+    id: u64,
+    timestamp_ms: u64,
+    from: &'a str,
+    to: &'a str,
+    name: &'a str,
+    payload: &'a [u8],
+}
+
+impl<'a> MsgRef<'a> {
+    pub(crate) fn of(m: &'a Message) -> Self {
+        MsgRef {
+            id: m.id,
+            timestamp_ms: m.timestamp_ms,
+            from: &m.from,
+            to: &m.to,
+            name: &m.name,
+            payload: &m.payload,
+        }
+    }
+
+    /// The events of a batch; a malformed batch (the host never sends
+    /// one) is logged and cut at the first bad event.
+    pub(crate) fn batch(script: &str, heads: &[EventHead], bytes: &'a [u8]) -> Vec<Self> {
+        let mut split = Split::new(bytes);
+        let mut msgs = Vec::with_capacity(heads.len());
+        for h in heads {
+            match split.next([h.from_len, h.to_len, h.name_len, h.payload_len]) {
+                Ok(f) => msgs.push(MsgRef {
+                    id: h.id,
+                    timestamp_ms: h.timestamp_ms,
+                    from: f.from,
+                    to: f.to,
+                    name: f.name,
+                    payload: f.payload,
+                }),
+                Err(e) => {
+                    let lost = heads.len() - msgs.len();
+                    let text =
+                        format!("{script}: on-events: {e}; the batch's last {lost} events dropped");
+                    log(Level::Error, &text);
+                    break;
+                }
+            }
+        }
+        msgs
+    }
+}
+
 thread_local! {
     /// The message `call_handler` builds its table from. Set only around
     /// a call; a script that reaches `call_handler` some other way (the
     /// `debug` library can) gets an error, never a stale pointer.
-    static CURRENT: Cell<*const Message> = const { Cell::new(std::ptr::null()) };
+    static CURRENT: Cell<*const MsgRef<'static>> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Sets `CURRENT` for the guard's lifetime and restores the previous value.
-struct Current(*const Message);
+/// The guard borrows the message for its lifetime, so the borrow checker
+/// keeps the message alive while `CURRENT` points at it.
+struct Current<'a>(*const MsgRef<'static>, PhantomData<&'a MsgRef<'a>>);
 
-impl Current {
-    fn set(msg: &Message) -> Current {
-        Current(CURRENT.replace(msg))
+impl<'a> Current<'a> {
+    fn set(msg: &'a MsgRef<'_>) -> Current<'a> {
+        let msg: *const MsgRef<'_> = msg;
+        Current(CURRENT.replace(msg.cast()), PhantomData)
     }
 }
 
-impl Drop for Current {
+impl Drop for Current<'_> {
     fn drop(&mut self) {
         CURRENT.set(self.0);
     }
@@ -104,7 +161,7 @@ impl Dispatch {
         lua: &Lua,
         handlers: &SharedHandlers,
         script: &str,
-        msgs: &[Message],
+        msgs: &[MsgRef<'_>],
     ) {
         let fns = handlers.borrow().event_fns.clone();
         let args = (&self.call, &fns, &self.meta, &self.msgh);
@@ -123,7 +180,8 @@ impl Dispatch {
 
     /// Call one handler with `msg` and return its first result (commands).
     pub(crate) fn one(&self, f: &Function, msg: &Message) -> mlua::Result<Value> {
-        let _current = Current::set(msg);
+        let msg = MsgRef::of(msg);
+        let _current = Current::set(&msg);
         self.call.call((f, &self.meta))
     }
 }
@@ -143,7 +201,7 @@ unsafe fn deliver(
     state: *mut ffi::lua_State,
     handlers: &SharedHandlers,
     script: &str,
-    msgs: &[Message],
+    msgs: &[MsgRef<'_>],
 ) {
     for msg in msgs {
         let _current = Current::set(msg);
@@ -152,7 +210,7 @@ unsafe fn deliver(
             let selected = {
                 let h = handlers.borrow();
                 let (from, name) = &h.events[i];
-                from.matches(&msg.from) && name.selects(&msg.name)
+                from.matches(msg.from) && name.selects(msg.name)
             };
             if !selected {
                 continue;
@@ -210,7 +268,7 @@ unsafe extern "C-unwind" fn call_handler(state: *mut ffi::lua_State) -> c_int {
         set_bytes(state, c"from", msg.from.as_bytes());
         set_bytes(state, c"to", msg.to.as_bytes());
         set_bytes(state, c"name", msg.name.as_bytes());
-        set_bytes(state, c"payload", &msg.payload);
+        set_bytes(state, c"payload", msg.payload);
         ffi::lua_pushinteger(state, msg.id as ffi::lua_Integer);
         ffi::lua_setfield(state, -2, c"id".as_ptr());
         ffi::lua_pushinteger(state, msg.timestamp_ms as ffi::lua_Integer);

@@ -22,6 +22,8 @@ mod generated {
 }
 pub use generated::*;
 
+#[path = "../../guest-sdk/src/batch.rs"]
+mod batch;
 #[path = "../../host/src/pattern.rs"]
 mod pattern;
 #[path = "../../lifecycle/src/refusal.rs"]
@@ -34,6 +36,7 @@ mod http;
 mod stdlib;
 
 use covey::script::log::{Level, log};
+use covey::script::types::EventHead as Head;
 
 use pattern::Pattern;
 
@@ -135,11 +138,13 @@ impl Guest for LuaGuest {
 
     fn on_event(msg: Message) {
         let Some(rt) = runtime() else { return };
-        (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, std::slice::from_ref(&msg));
+        let msgs = [dispatch::MsgRef::of(&msg)];
+        (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, &msgs);
     }
 
-    fn on_events(msgs: Vec<Message>) {
+    fn on_events(heads: Vec<Head>, bytes: Vec<u8>) {
         let Some(rt) = runtime() else { return };
+        let msgs = dispatch::MsgRef::batch(&rt.name, &heads, &bytes);
         (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, &msgs);
     }
 

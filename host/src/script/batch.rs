@@ -16,11 +16,16 @@ use std::time::Duration;
 use wasmtime::component::{Func, Instance};
 use wasmtime::{Result, Store};
 
-use crate::bindings::covey::script::types::Message;
+use crate::bindings::covey::script::types::{EventHead, Message};
 use crate::capabilities::ScriptState;
 
 /// The most events one `on-events` call carries.
 pub const MAX_BATCH: usize = 256;
+
+/// A batch takes no further event once its strings and payloads reach
+/// this many bytes: the batch is copied into the guest's memory at once,
+/// and 256 large payloads could exceed the script's memory cap.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// A batch is sized to need at most 1/`BUDGET_SHARE` of the budget.
 const BUDGET_SHARE: u64 = 8;
@@ -72,22 +77,138 @@ pub fn on_events_export(store: &mut Store<ScriptState>, instance: &Instance) -> 
         .ok_or_else(|| wasmtime::format_err!("the component does not export `on-events`"))
 }
 
-/// Call `on-events` with `msgs`. The messages are lowered from behind
-/// their `Arc`s (the router shares one message among its subscribers), which
-/// the generated bindings, taking `&[Message]`, would need copies for.
+/// The two buffers of an `on-events` call (WIT 0.5.0's layout: one head
+/// per event, every string and payload of the batch in one byte buffer),
+/// kept by the instance and reused from batch to batch. Lowering a string
+/// or a list is a call into the guest's allocator plus a lookup of its
+/// memory per field; this way a batch makes two such calls, not four per
+/// event.
+#[derive(Default)]
+pub struct Buffers {
+    heads: Vec<EventHead>,
+    bytes: Vec<u8>,
+}
+
+impl Buffers {
+    /// Lay `msgs` out; the buffers keep their capacity, up to a bound.
+    fn fill(&mut self, msgs: &[Arc<Message>]) -> Result<()> {
+        if self.bytes.capacity() > 4 * MAX_BATCH_BYTES {
+            self.bytes = Vec::new();
+        }
+        self.heads.clear();
+        self.bytes.clear();
+        for m in msgs {
+            self.heads.push(EventHead {
+                id: m.id,
+                timestamp_ms: m.timestamp_ms,
+                from_len: len32(m.from.len())?,
+                to_len: len32(m.to.len())?,
+                name_len: len32(m.name.len())?,
+                payload_len: len32(m.payload.len())?,
+            });
+            self.bytes.extend_from_slice(m.from.as_bytes());
+            self.bytes.extend_from_slice(m.to.as_bytes());
+            self.bytes.extend_from_slice(m.name.as_bytes());
+            self.bytes.extend_from_slice(&m.payload);
+        }
+        Ok(())
+    }
+}
+
+/// A field length as the head's `u32` (peers' frames and local payloads
+/// are far below 4 GiB; this is the check that says so).
+fn len32(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| wasmtime::format_err!("an event field of {n} bytes"))
+}
+
+/// Call `on-events` with `msgs`, laid out in `buffers`.
 pub async fn call_on_events(
     store: &mut Store<ScriptState>,
     func: Func,
     msgs: &[Arc<Message>],
+    buffers: &mut Buffers,
 ) -> Result<()> {
+    buffers.fill(msgs)?;
     // The type check walks the signature once per batch, not per event.
-    let typed = func.typed::<(&[Arc<Message>],), ()>(&*store)?;
-    typed.call_async(store, (msgs,)).await
+    let typed = func.typed::<(&[EventHead], &[u8]), ()>(&*store)?;
+    typed
+        .call_async(store, (&buffers.heads, &buffers.bytes))
+        .await
 }
+
+/// The guests' reader of the layout (the Rust SDK's and the Lua guest's),
+/// so that writer and reader are tested against each other.
+#[cfg(test)]
+#[path = "../../../guest-sdk/src/batch.rs"]
+mod split;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use super::split;
+
+    fn message(id: u64, from: &str, name: &str, payload: &[u8]) -> Arc<Message> {
+        Arc::new(Message {
+            id,
+            from: from.into(),
+            to: "*".into(),
+            name: name.into(),
+            payload: payload.to_vec(),
+            timestamp_ms: 1_700_000_000_000 ^ id,
+        })
+    }
+
+    #[test]
+    fn a_batch_reads_back_as_the_messages_it_was_made_of() {
+        let big = vec![0xA5; 70_000];
+        let msgs = [
+            message(1, "n1", "temp", b"21.5"),
+            message(2, "pi-k\u{fc}che/esp32", "", b""),
+            message(u64::MAX, "", "\u{1F321}.reading", &big),
+            message(4, "n2", "bin", &[0, 255, 10, 13]),
+        ];
+        let mut bufs = Buffers::default();
+        // Twice: the reused buffers hold only the second batch.
+        bufs.fill(&msgs[..1]).unwrap();
+        bufs.fill(&msgs).unwrap();
+        assert_eq!(bufs.heads.len(), msgs.len());
+        let mut reader = split::Split::new(&bufs.bytes);
+        for (h, m) in bufs.heads.iter().zip(&msgs) {
+            assert_eq!((h.id, h.timestamp_ms), (m.id, m.timestamp_ms));
+            let f = reader
+                .next([h.from_len, h.to_len, h.name_len, h.payload_len])
+                .unwrap();
+            assert_eq!(
+                f,
+                split::Fields {
+                    from: &m.from,
+                    to: &m.to,
+                    name: &m.name,
+                    payload: &m.payload,
+                }
+            );
+        }
+        // Nothing left over: the next read of even one byte fails.
+        assert!(reader.next([0, 0, 0, 1]).is_err());
+        assert!(reader.next([0, 0, 0, 0]).is_ok());
+    }
+
+    #[test]
+    fn a_reader_refuses_lengths_past_the_end_and_bad_utf8() {
+        let bytes = b"n1*tempxx\xff\xfe";
+        let mut r = split::Split::new(bytes);
+        let e = r.next([2, 1, 4, 100]).unwrap_err();
+        assert!(e.contains("run past"), "{e}");
+        let e = r
+            .next([u32::MAX, u32::MAX, u32::MAX, u32::MAX])
+            .unwrap_err();
+        assert!(e.contains("run past"), "{e}");
+        let mut r = split::Split::new(bytes);
+        assert_eq!(r.next([2, 1, 4, 2]).unwrap().name, "temp");
+        let e = r.next([2, 0, 0, 0]).unwrap_err();
+        assert!(e.contains("string"), "{e}");
+    }
 
     const BUDGET: Duration = Duration::from_millis(50);
 

@@ -118,6 +118,8 @@ pub struct ScriptInstance {
     /// before the mailbox's next.
     held: Option<Delivery>,
     batch_size: BatchSize,
+    /// `on-events`' two buffers, reused.
+    batch_buffers: batch::Buffers,
     control: mpsc::UnboundedReceiver<Control>,
     code: Arc<LoadedScript>,
     live: Option<Live>,
@@ -152,6 +154,7 @@ impl ScriptInstance {
             mailbox: mailbox.1,
             held: None,
             batch_size,
+            batch_buffers: batch::Buffers::default(),
             control,
             code,
             live: None,
@@ -332,15 +335,16 @@ impl ScriptInstance {
         };
         let limit = self.batch_size.limit().min(room);
         let mut batch = Vec::with_capacity(limit);
-        let mut skipped = 0;
+        let (mut skipped, mut bytes) = (0, 0);
         let mut next = Some((first, generation));
         while let Some((msg, generation)) = next.take() {
             if live.wants_event(&msg, generation) {
+                bytes += msg.from.len() + msg.to.len() + msg.name.len() + msg.payload.len();
                 batch.push(msg);
             } else {
                 skipped += 1;
             }
-            if batch.len() + skipped >= limit {
+            if batch.len() + skipped >= limit || bytes >= batch::MAX_BATCH_BYTES {
                 break;
             }
             match self.mailbox.try_recv() {
@@ -365,7 +369,8 @@ impl ScriptInstance {
             }
             (_, Some(live)) => {
                 arm(&mut live.store, self.services.limits.cpu_budget * 2);
-                let r = batch::call_on_events(&mut live.store, live.on_events, &batch).await;
+                let bufs = &mut self.batch_buffers;
+                let r = batch::call_on_events(&mut live.store, live.on_events, &batch, bufs).await;
                 Some(("on-events", r))
             }
         };

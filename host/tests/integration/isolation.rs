@@ -91,8 +91,15 @@ async fn crash_restarts_the_script() {
 async fn garbage_and_foreign_components_are_rejected_clearly() {
     let t = start(&["echo"]).await;
     let sup = t.node().supervisor();
-    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pong-wit-0.1.0.wasm");
-    let cases: [(&str, Vec<u8>, &str); 5] = [
+    let fixture = |name: &str| {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let cases: [(&str, Vec<u8>, &str); 6] = [
         (
             "garbage.wasm",
             b"\x00\x01 random bytes".to_vec(),
@@ -111,13 +118,21 @@ async fn garbage_and_foreign_components_are_rejected_clearly() {
         (
             "foreign.wasm",
             std::fs::read(guest("testing/not-covey")).unwrap(),
-            "does not fit the covey:script@0.4.1",
+            "does not fit the covey:script@0.5.0",
         ),
         (
             // The pong example as built before the 0.2.0 contract.
             "old.wasm",
-            std::fs::read(old).unwrap(),
-            "was built against covey:script@0.1.0; this host implements covey:script@0.4.1",
+            fixture("pong-wit-0.1.0.wasm"),
+            "was built against covey:script@0.1.0; this host implements covey:script@0.5.0",
+        ),
+        (
+            // The echo example as built against 0.4.0, before 0.5.0's
+            // batch layout of `on-events`.
+            "echo-0.4.wasm",
+            fixture("echo-wit-0.4.0.wasm"),
+            "was built against covey:script@0.4.0; this host implements covey:script@0.5.0: \
+             rebuild it",
         ),
     ];
     for (name, bytes, expected) in cases {
@@ -128,23 +143,4 @@ async fn garbage_and_foreign_components_are_rejected_clearly() {
         assert!(err.contains(name), "the error names the file: {err}");
     }
     assert_eq!(t.call("echo", "unharmed").await.unwrap(), "unharmed");
-}
-
-/// A patch release of the contract only adds: the echo example as built
-/// against 0.4.0 (before the `http` interface) runs on this host.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_component_built_against_an_earlier_patch_release_runs() {
-    let t = start(&[]).await;
-    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/echo-wit-0.4.0.wasm");
-    let bytes = std::fs::read(old).unwrap();
-    let engine = wasmtime::Engine::default();
-    let component = wasmtime::component::Component::new(&engine, &bytes).unwrap();
-    assert_eq!(
-        covey::bindings::wit_version_of(&component, &engine).as_deref(),
-        Some("0.4.0")
-    );
-    let path = t.scripts.join("echo.wasm");
-    std::fs::write(&path, bytes).unwrap();
-    t.node().supervisor().sync_path(&path).await.unwrap();
-    assert_eq!(t.call("echo", "from 0.4.0").await.unwrap(), "from 0.4.0");
 }
