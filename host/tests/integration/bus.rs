@@ -216,3 +216,28 @@ async fn a_backlog_arrives_in_batches_in_order_around_a_command() {
     let stats = &router.stats;
     assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+/// A backlog of large events is cut into batches of about 1 MiB
+/// (`MAX_BATCH_BYTES`), however many events a batch could otherwise take:
+/// a batch is copied into the script's memory at once.
+#[tokio::test]
+async fn a_backlog_of_large_events_goes_in_batches_of_bounded_size() {
+    let t = start(&["testing/sink:sink.wasm"]).await;
+    let router = t.node().router();
+    // Small events first, so batches grow to their full count.
+    for i in 0..3000u32 {
+        router.emit("numbered", i.to_string().into_bytes()).unwrap();
+    }
+    assert_eq!(t.call("count", "").await.unwrap(), "3000");
+    let big = vec![b'x'; 64 << 10];
+    for _ in 0..100 {
+        router.emit("bench", big.clone()).unwrap();
+    }
+    assert_eq!(t.call("count", "").await.unwrap(), "3100");
+    let largest: usize = t.call("batch-bytes", "").await.unwrap().parse().unwrap();
+    let cap = covey::script::batch::MAX_BATCH_BYTES;
+    assert!(
+        largest > big.len() && largest < cap + big.len(),
+        "the largest batch carried {largest} payload bytes"
+    );
+}

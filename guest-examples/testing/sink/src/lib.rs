@@ -3,7 +3,8 @@
 //! `count` answers with the number seen. For the tests: `order` answers
 //! whether every `numbered` event's payload (a decimal number) was one
 //! more than the last's and how many events had arrived when `mark` came,
-//! `batches` how many `on-events` calls the host made and the largest.
+//! `batches` how many `on-events` calls the host made and the largest,
+//! `batch-bytes` the most payload bytes one call carried.
 
 use covey_guest::{Message, Script, events};
 
@@ -13,6 +14,7 @@ struct Sink {
     in_order: bool,
     batches: u64,
     largest: usize,
+    largest_bytes: usize,
     marked_at: Option<u64>,
 }
 
@@ -23,6 +25,7 @@ impl Script for Sink {
         events::handle("*", "count")?;
         events::handle("*", "order")?;
         events::handle("*", "batches")?;
+        events::handle("*", "batch-bytes")?;
         events::handle("*", "mark")?;
         Ok(Sink {
             seen: 0,
@@ -30,6 +33,7 @@ impl Script for Sink {
             in_order: true,
             batches: 0,
             largest: 0,
+            largest_bytes: 0,
             marked_at: None,
         })
     }
@@ -49,6 +53,8 @@ impl Script for Sink {
     fn on_events(&mut self, msgs: Vec<Message>) {
         self.batches += 1;
         self.largest = self.largest.max(msgs.len());
+        let bytes = msgs.iter().map(|m| m.payload.len()).sum();
+        self.largest_bytes = self.largest_bytes.max(bytes);
         for msg in msgs {
             self.on_event(msg);
         }
@@ -62,6 +68,7 @@ impl Script for Sink {
                 return None;
             }
             "batches" => format!("{} {}", self.batches, self.largest),
+            "batch-bytes" => self.largest_bytes.to_string(),
             _ => self.seen.to_string(),
         };
         Some(reply.into_bytes())
