@@ -52,3 +52,22 @@ impl<'a> Split<'a> {
         })
     }
 }
+
+/// Every event of a batch in order: `each(head, fields)`, with the fields
+/// at the lengths `lens(head)` gives. A malformed event ends the walk; the
+/// error says what was wrong and how many events were lost.
+pub fn read<'a, H>(
+    heads: &[H],
+    lens: impl Fn(&H) -> [u32; 4],
+    bytes: &'a [u8],
+    mut each: impl FnMut(&H, Fields<'a>),
+) -> Result<(), String> {
+    let mut split = Split::new(bytes);
+    for (i, h) in heads.iter().enumerate() {
+        let lost = heads.len() - i;
+        let fields = (split.next(lens(h)))
+            .map_err(|e| format!("{e}; the batch's last {lost} events dropped"))?;
+        each(h, fields);
+    }
+    Ok(())
+}

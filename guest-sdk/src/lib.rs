@@ -50,6 +50,7 @@ pub mod batch;
 
 pub use bindings::covey::script::kv::KvError;
 pub use bindings::covey::script::node::NodeInfo;
+use bindings::covey::script::types::EventHead;
 pub use bindings::covey::script::types::{CallError, LimitExceeded, Message, SendError};
 
 /// So `init` (which returns `Result<Self, String>`) can use `?` on
@@ -149,30 +150,21 @@ macro_rules! export_script {
 /// An `on-events` batch as messages. A malformed batch (the host never
 /// sends one) is logged and cut at the first bad event.
 #[doc(hidden)]
-pub fn batch_messages(
-    heads: &[bindings::covey::script::types::EventHead],
-    bytes: &[u8],
-) -> Vec<Message> {
-    let mut split = batch::Split::new(bytes);
+pub fn batch_messages(heads: &[EventHead], bytes: &[u8]) -> Vec<Message> {
     let mut msgs = Vec::with_capacity(heads.len());
-    for h in heads {
-        match split.next([h.from_len, h.to_len, h.name_len, h.payload_len]) {
-            Ok(f) => msgs.push(Message {
-                id: h.id,
-                from: f.from.into(),
-                to: f.to.into(),
-                name: f.name.into(),
-                payload: f.payload.to_vec(),
-                timestamp_ms: h.timestamp_ms,
-            }),
-            Err(e) => {
-                let lost = heads.len() - msgs.len();
-                log::error(&format!(
-                    "on-events: {e}; the batch's last {lost} events dropped"
-                ));
-                break;
-            }
-        }
+    let lens = |h: &EventHead| [h.from_len, h.to_len, h.name_len, h.payload_len];
+    let read = batch::read(heads, lens, bytes, |h, f| {
+        msgs.push(Message {
+            id: h.id,
+            from: f.from.into(),
+            to: f.to.into(),
+            name: f.name.into(),
+            payload: f.payload.to_vec(),
+            timestamp_ms: h.timestamp_ms,
+        })
+    });
+    if let Err(e) = read {
+        log::error(&format!("on-events: {e}"));
     }
     msgs
 }

@@ -22,7 +22,7 @@ use mlua::{Function, Lua, Table, Value, ffi};
 
 use crate::Message;
 use crate::SharedHandlers;
-use crate::batch::Split;
+use crate::batch;
 use crate::covey::script::log::{Level, log};
 use crate::covey::script::types::EventHead;
 
@@ -82,26 +82,20 @@ impl<'a> MsgRef<'a> {
     /// The events of a batch; a malformed batch (the host never sends
     /// one) is logged and cut at the first bad event.
     pub(crate) fn batch(script: &str, heads: &[EventHead], bytes: &'a [u8]) -> Vec<Self> {
-        let mut split = Split::new(bytes);
         let mut msgs = Vec::with_capacity(heads.len());
-        for h in heads {
-            match split.next([h.from_len, h.to_len, h.name_len, h.payload_len]) {
-                Ok(f) => msgs.push(MsgRef {
-                    id: h.id,
-                    timestamp_ms: h.timestamp_ms,
-                    from: f.from,
-                    to: f.to,
-                    name: f.name,
-                    payload: f.payload,
-                }),
-                Err(e) => {
-                    let lost = heads.len() - msgs.len();
-                    let text =
-                        format!("{script}: on-events: {e}; the batch's last {lost} events dropped");
-                    log(Level::Error, &text);
-                    break;
-                }
-            }
+        let lens = |h: &EventHead| [h.from_len, h.to_len, h.name_len, h.payload_len];
+        let read = batch::read(heads, lens, bytes, |h, f| {
+            msgs.push(MsgRef {
+                id: h.id,
+                timestamp_ms: h.timestamp_ms,
+                from: f.from,
+                to: f.to,
+                name: f.name,
+                payload: f.payload,
+            })
+        });
+        if let Err(e) = read {
+            log(Level::Error, &format!("{script}: on-events: {e}"));
         }
         msgs
     }

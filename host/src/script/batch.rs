@@ -115,6 +115,12 @@ impl Buffers {
     }
 }
 
+/// The bytes `msg` takes in a batch's byte buffer (what `MAX_BATCH_BYTES`
+/// counts).
+pub fn laid_out_len(msg: &Message) -> usize {
+    msg.from.len() + msg.to.len() + msg.name.len() + msg.payload.len()
+}
+
 /// A field length as the head's `u32` (peers' frames and local payloads
 /// are far below 4 GiB; this is the check that says so).
 fn len32(n: usize) -> Result<u32> {
@@ -208,6 +214,16 @@ mod tests {
         assert_eq!(r.next([2, 1, 4, 2]).unwrap().name, "temp");
         let e = r.next([2, 0, 0, 0]).unwrap_err();
         assert!(e.contains("string"), "{e}");
+        // A whole batch: the events before a bad one arrive, the error
+        // counts the rest.
+        let heads = [[2, 1, 4, 2], [2, 0, 0, 0], [0, 0, 0, 0]];
+        let mut seen = Vec::new();
+        let e = split::read(&heads, |h| *h, bytes, |_, f| seen.push(f.name)).unwrap_err();
+        assert_eq!(seen, ["temp"]);
+        assert!(
+            e.contains("string") && e.contains("last 2 events dropped"),
+            "{e}"
+        );
     }
 
     const BUDGET: Duration = Duration::from_millis(50);

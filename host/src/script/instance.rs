@@ -339,7 +339,7 @@ impl ScriptInstance {
         let mut next = Some((first, generation));
         while let Some((msg, generation)) = next.take() {
             if live.wants_event(&msg, generation) {
-                bytes += msg.from.len() + msg.to.len() + msg.name.len() + msg.payload.len();
+                bytes += batch::laid_out_len(&msg);
                 batch.push(msg);
             } else {
                 skipped += 1;
