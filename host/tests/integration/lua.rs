@@ -436,6 +436,7 @@ covey.on("*", "multi", function(msg)
 end)
 covey.on("*", "multi", function(msg) covey.kv.incr("multi/third", "not a number") end)
 covey.on("*", "multi", function(msg) covey.kv.incr("multi/fourth") end)
+covey.on("*", "fence", function() covey.kv.incr("fence") end)
 covey.handle("*", "shape.cmd", function(msg)
   msg.payload = "changed"
   return msg.Name .. ":" .. msg.Payload .. ":" .. tostring(msg.Id == msg.id)
@@ -461,15 +462,18 @@ end)
         "shape.cmd:changed:true"
     );
 
+    // Events reach the script in order, so once the fence event has been
+    // handled every handler of the event before it has run.
     t.node().router().emit("multi", vec![]).unwrap();
-    eventually(5, "first multi", || async { t.kv_i64("multi/fourth") == 1 }).await;
+    t.node().router().emit("fence", vec![]).unwrap();
+    eventually(5, "first multi", || async { t.kv_i64("fence") == 1 }).await;
+    assert_eq!(t.kv_i64("multi/fourth"), 1);
     assert_eq!(t.kv_i64("multi/second"), 1);
     assert_eq!(t.kv_i64("multi/late"), 0, "added during the event");
     t.node().router().emit("multi", vec![]).unwrap();
-    eventually(5, "second multi", || async {
-        t.kv_i64("multi/fourth") == 2
-    })
-    .await;
+    t.node().router().emit("fence", vec![]).unwrap();
+    eventually(5, "second multi", || async { t.kv_i64("fence") == 2 }).await;
+    assert_eq!(t.kv_i64("multi/fourth"), 2);
     assert_eq!(t.kv_i64("multi/second"), 2);
     assert_eq!(t.kv_i64("multi/late"), 1, "one added before, one during");
 
