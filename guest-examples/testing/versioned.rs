@@ -3,7 +3,7 @@
 // events in `seen/<VERSION>`, answers `version`, and bumps
 // `timer/<VERSION>` from a 10 ms timer (to show old timers stop).
 
-use covey_guest::{Message, Script, events, kv, timers};
+use covey_guest::{Event, Message, Script, events, kv, timers};
 
 struct Versioned;
 
@@ -15,7 +15,7 @@ impl Script for Versioned {
         Ok(Versioned)
     }
 
-    fn on_event(&mut self, _msg: Message) {
+    fn on_event(&mut self, _msg: Event<'_>) {
         let _ = kv::incr(&format!("seen/{VERSION}"), 1);
     }
 

@@ -3,7 +3,7 @@
 //! A script is a type implementing [`Script`] plus one [`export_script!`]:
 //!
 //! ```ignore
-//! use covey_guest::{Message, Script, events, log};
+//! use covey_guest::{Event, Script, events, log};
 //!
 //! struct Hello;
 //!
@@ -12,7 +12,7 @@
 //!         events::subscribe("*", "greet")?;
 //!         Ok(Hello)
 //!     }
-//!     fn on_event(&mut self, msg: Message) {
+//!     fn on_event(&mut self, msg: Event<'_>) {
 //!         log::info(&format!("{} says {}", msg.from, msg.text()));
 //!     }
 //! }
@@ -25,7 +25,9 @@
 //! scripts directory.
 //!
 //! The host calls one callback at a time, so `&mut self` is all the
-//! synchronisation a script needs. The modules below wrap the imported WIT
+//! synchronisation a script needs. Events are handed over borrowed
+//! ([`Event`]: `&str` and `&[u8]` into the batch the host delivered), so
+//! receiving one allocates nothing; [`Event::to_message`] keeps a copy. The modules below wrap the imported WIT
 //! interfaces with string and JSON conveniences; the raw bindings are in
 //! [`bindings`].
 
@@ -67,14 +69,14 @@ pub trait Script: Sized + 'static {
     /// config. An `Err` aborts loading (a reload keeps the old version).
     fn init() -> Result<Self, String>;
 
-    /// An event matching one of the subscriptions.
-    fn on_event(&mut self, _msg: Message) {}
+    /// An event matching one of the subscriptions, borrowed for the call.
+    fn on_event(&mut self, _msg: Event<'_>) {}
 
     /// Several events at once, oldest first (the host batches a backlog).
     /// The default hands each to [`Script::on_event`]; override it only to
     /// handle a batch as a whole (e.g. one KV write for many readings).
-    fn on_events(&mut self, msgs: Vec<Message>) {
-        for msg in msgs {
+    fn on_events(&mut self, events: &[Event<'_>]) {
+        for &msg in events {
             self.on_event(msg);
         }
     }
@@ -122,14 +124,14 @@ macro_rules! export_script {
                     Ok(())
                 }
                 fn on_event(msg: $crate::Message) {
-                    with(|s| s.on_event(msg), ())
+                    with(|s| s.on_event($crate::Event::from(&msg)), ())
                 }
                 fn on_events(
                     heads: ::std::vec::Vec<$crate::bindings::covey::script::types::EventHead>,
                     bytes: ::std::vec::Vec<u8>,
                 ) {
-                    let msgs = $crate::batch_messages(&heads, &bytes);
-                    with(|s| s.on_events(msgs), ())
+                    let events = $crate::batch_events(&heads, &bytes);
+                    with(|s| s.on_events(&events), ())
                 }
                 fn on_command(msg: $crate::Message) -> Option<Vec<u8>> {
                     with(|s| s.on_command(msg), None)
@@ -147,26 +149,82 @@ macro_rules! export_script {
     };
 }
 
-/// An `on-events` batch as messages. A malformed batch (the host never
-/// sends one) is logged and cut at the first bad event.
+/// An event as a script receives it: its strings and payload borrowed from
+/// the batch the host delivered, valid for the callback. Reading one
+/// allocates nothing; [`Event::to_message`] makes an owned copy to keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// Unique among the messages of its sender node.
+    pub id: u64,
+    /// Name of the node the event was sent from.
+    pub from: &'a str,
+    /// `*`: events are broadcast.
+    pub to: &'a str,
+    /// The event name, e.g. `temperature`.
+    pub name: &'a str,
+    pub payload: &'a [u8],
+    /// When the sender made it, in ms since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+impl Event<'_> {
+    /// The payload as UTF-8 text (invalid sequences replaced).
+    pub fn text(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(self.payload)
+    }
+
+    /// The payload parsed as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(self.payload)
+    }
+
+    /// An owned copy, to keep beyond the callback.
+    pub fn to_message(&self) -> Message {
+        Message {
+            id: self.id,
+            from: self.from.into(),
+            to: self.to.into(),
+            name: self.name.into(),
+            payload: self.payload.to_vec(),
+            timestamp_ms: self.timestamp_ms,
+        }
+    }
+}
+
+impl<'a> From<&'a Message> for Event<'a> {
+    fn from(m: &'a Message) -> Self {
+        Event {
+            id: m.id,
+            from: &m.from,
+            to: &m.to,
+            name: &m.name,
+            payload: &m.payload,
+            timestamp_ms: m.timestamp_ms,
+        }
+    }
+}
+
+/// An `on-events` batch as events borrowed from its buffer (one `Vec` per
+/// batch, nothing per event). A malformed batch (the host never sends
+/// one) is logged and cut at the first bad event.
 #[doc(hidden)]
-pub fn batch_messages(heads: &[EventHead], bytes: &[u8]) -> Vec<Message> {
-    let mut msgs = Vec::with_capacity(heads.len());
+pub fn batch_events<'a>(heads: &[EventHead], bytes: &'a [u8]) -> Vec<Event<'a>> {
+    let mut events = Vec::with_capacity(heads.len());
     let lens = |h: &EventHead| [h.from_len, h.to_len, h.name_len, h.payload_len];
     let read = batch::read(heads, lens, bytes, |h, f| {
-        msgs.push(Message {
+        events.push(Event {
             id: h.id,
-            from: f.from.into(),
-            to: f.to.into(),
-            name: f.name.into(),
-            payload: f.payload.to_vec(),
+            from: f.from,
+            to: f.to,
+            name: f.name,
+            payload: f.payload,
             timestamp_ms: h.timestamp_ms,
         })
     });
     if let Err(e) = read {
         log::error(&format!("on-events: {e}"));
     }
-    msgs
+    events
 }
 
 impl Message {

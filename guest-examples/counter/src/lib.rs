@@ -1,7 +1,7 @@
 //! `counter`: counts every event it sees in the key-value store:
 //! `counter/total` and `counter/by-name/<event name>`.
 
-use covey_guest::{Message, Script, events, kv, log};
+use covey_guest::{Event, Script, events, kv, log};
 
 struct Counter;
 
@@ -11,7 +11,7 @@ impl Script for Counter {
         Ok(Counter)
     }
 
-    fn on_event(&mut self, msg: Message) {
+    fn on_event(&mut self, msg: Event<'_>) {
         let total = kv::incr("counter/total", 1);
         let by_name = kv::incr(&format!("counter/by-name/{}", msg.name), 1);
         if let Err(e) = total.and(by_name) {

@@ -2,7 +2,7 @@
 //! the node config's `extras.hello_interval_ms`, default 3000). It also logs
 //! every `hello` it hears, its own included.
 
-use covey_guest::{Message, Script, config, events, log, node, timers};
+use covey_guest::{Event, Script, config, events, log, node, timers};
 
 struct Hello {
     sent: u64,
@@ -28,7 +28,7 @@ impl Script for Hello {
         true
     }
 
-    fn on_event(&mut self, msg: Message) {
+    fn on_event(&mut self, msg: Event<'_>) {
         log::info(&format!("heard from {}: {}", msg.from, msg.text()));
     }
 }

@@ -3,7 +3,7 @@
 //! `rounds` (payload of `serve`, default 10) are done; counts rallies in
 //! `pingpong/rallies`.
 
-use covey_guest::{Message, Script, events, kv, log};
+use covey_guest::{Event, Script, events, kv, log};
 
 struct Ping {
     left: u32,
@@ -16,8 +16,8 @@ impl Script for Ping {
         Ok(Ping { left: 0 })
     }
 
-    fn on_event(&mut self, msg: Message) {
-        match msg.name.as_str() {
+    fn on_event(&mut self, msg: Event<'_>) {
+        match msg.name {
             "serve" => {
                 self.left = msg.text().trim().parse().unwrap_or(10);
                 let _ = events::emit_str("ping", "1");

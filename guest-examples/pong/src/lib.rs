@@ -1,7 +1,7 @@
 //! `pong`: the other half of ping-pong: answers every `ping` with a `pong`
 //! carrying the same number.
 
-use covey_guest::{Message, Script, events};
+use covey_guest::{Event, Script, events};
 
 struct Pong;
 
@@ -11,8 +11,8 @@ impl Script for Pong {
         Ok(Pong)
     }
 
-    fn on_event(&mut self, msg: Message) {
-        let _ = events::emit("pong", &msg.payload);
+    fn on_event(&mut self, msg: Event<'_>) {
+        let _ = events::emit("pong", msg.payload);
     }
 }
 

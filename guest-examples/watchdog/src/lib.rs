@@ -5,7 +5,7 @@
 //! last error of a script that failed there.
 
 use covey_guest::system::{DownReason, SystemEvent};
-use covey_guest::{Message, Script, events, kv, log, node};
+use covey_guest::{Event, Script, events, kv, log, node};
 
 struct Watchdog {
     me: String,
@@ -19,8 +19,8 @@ impl Script for Watchdog {
         Ok(Watchdog { me: node::name() })
     }
 
-    fn on_event(&mut self, msg: Message) {
-        let (key, value) = match SystemEvent::parse(&msg.name, &msg.payload) {
+    fn on_event(&mut self, msg: Event<'_>) {
+        let (key, value) = match SystemEvent::parse(msg.name, msg.payload) {
             Some(SystemEvent::NodeUp(n)) => (format!("node/{}", n.node), "up".to_string()),
             Some(SystemEvent::NodeDown(n)) => {
                 let reason = n.reason.unwrap_or(DownReason::Lost);

@@ -2,7 +2,7 @@
 //! drive and observe the capabilities through real WIT calls. Requests and
 //! replies are text; fields are separated by `|`.
 
-use covey_guest::{LimitExceeded, Message, Script, config, events, kv, node, timers};
+use covey_guest::{Event, LimitExceeded, Message, Script, config, events, kv, node, timers};
 
 struct Probe {
     every_left: std::collections::HashMap<u64, u32>,
@@ -86,7 +86,7 @@ impl Script for Probe {
         Some(reply.into_bytes())
     }
 
-    fn on_event(&mut self, msg: Message) {
+    fn on_event(&mut self, msg: Event<'_>) {
         let _ = kv::incr(&format!("probe-events/{}", msg.name), 1);
         let _ = kv::set_string(
             &format!("probe-events-last/{}", msg.name),

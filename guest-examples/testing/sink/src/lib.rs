@@ -6,7 +6,7 @@
 //! `batches` how many `on-events` calls the host made and the largest,
 //! `batch-bytes` the most payload bytes one call carried.
 
-use covey_guest::{Message, Script, events};
+use covey_guest::{Event, Message, Script, events};
 
 struct Sink {
     seen: u64,
@@ -38,7 +38,7 @@ impl Script for Sink {
         })
     }
 
-    fn on_event(&mut self, msg: Message) {
+    fn on_event(&mut self, msg: Event<'_>) {
         self.seen += 1;
         if msg.name == "numbered" {
             let n: u64 = msg.text().parse().unwrap_or(u64::MAX);
@@ -50,12 +50,12 @@ impl Script for Sink {
         core::hint::black_box(&msg.payload);
     }
 
-    fn on_events(&mut self, msgs: Vec<Message>) {
+    fn on_events(&mut self, events: &[Event<'_>]) {
         self.batches += 1;
-        self.largest = self.largest.max(msgs.len());
-        let bytes = msgs.iter().map(|m| m.payload.len()).sum();
+        self.largest = self.largest.max(events.len());
+        let bytes = events.iter().map(|m| m.payload.len()).sum();
         self.largest_bytes = self.largest_bytes.max(bytes);
-        for msg in msgs {
+        for &msg in events {
             self.on_event(msg);
         }
     }

@@ -1,7 +1,7 @@
 //! `spin`: a runaway loop on demand (command or event `spin`); `alive`
 //! answers `yes` so tests can see it was restarted and still works.
 
-use covey_guest::{Message, Script, events};
+use covey_guest::{Event, Message, Script, events};
 
 struct Spin;
 
@@ -20,7 +20,7 @@ impl Script for Spin {
         Ok(Spin)
     }
 
-    fn on_event(&mut self, _msg: Message) {
+    fn on_event(&mut self, _msg: Event<'_>) {
         forever()
     }
 
