@@ -53,7 +53,7 @@ apt_install() {
   echo "installing ${missing[*]}" >&2
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq >&2
+  bash "$root/dist/apt-update.sh" >&2
   $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 

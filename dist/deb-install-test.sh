@@ -32,7 +32,7 @@ if [ ${#qemu_cpu[@]} -gt 0 ]; then
   dpkg --print-foreign-architectures | grep -qx "$arch" || dpkg --add-architecture "$arch"
   command -v "${qemu_cpu[0]}" >/dev/null || need_qemu=1
 fi
-apt-get update -qq
+bash "$root/dist/apt-update.sh"
 [ -z "${need_qemu:-}" ] || apt-get install -y -qq qemu-user-static >/dev/null
 # A previous covey (another architecture's package) is replaced, as apt would.
 apt-get install -y -qq "$deb" >/dev/null || fail "apt install $deb"

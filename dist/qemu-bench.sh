@@ -33,7 +33,7 @@ sysroot="$root/target/qemu-sysroot/$debarch"
 if [ ! -x "$sysroot/usr/bin/lua5.4" ]; then
   echo "fetching Debian's lua5.4:$debarch" >&2
   dpkg --print-foreign-architectures | grep -qx "$debarch" || dpkg --add-architecture "$debarch"
-  apt-get update -qq
+  bash "$root/dist/apt-update.sh"
   apt-get install -y -qq qemu-user-static "$libc_pkg" >/dev/null
   dl="$(mktemp -d)"
   (cd "$dl" && apt-get download -qq lua5.4:"$debarch" liblua5.4-0:"$debarch" \

@@ -27,7 +27,7 @@ covey_target "$target" || exit 2
 target="$triple" compile_for="$short"
 command -v "${qemu[0]}" >/dev/null || {
   echo "installing qemu-user-static" >&2
-  apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null
+  bash "$root/dist/apt-update.sh" && apt-get install -y -qq qemu-user-static >/dev/null
 }
 # Without a BINARY, (re)build it: cargo makes this a no-op when current.
 [ -n "$bin" ] || bin="$(bash "$root/dist/cross.sh" "$target" --profile smoke | tail -1)"
