@@ -27,9 +27,9 @@
 //! The host calls one callback at a time, so `&mut self` is all the
 //! synchronisation a script needs. Events are handed over borrowed
 //! ([`Event`]: `&str` and `&[u8]` into the batch the host delivered), so
-//! receiving one allocates nothing; [`Event::to_message`] keeps a copy. The modules below wrap the imported WIT
-//! interfaces with string and JSON conveniences; the raw bindings are in
-//! [`bindings`].
+//! receiving one allocates nothing; [`Event::to_message`] keeps a copy.
+//! The modules below wrap the imported WIT interfaces with string and JSON
+//! conveniences; the raw bindings are in [`bindings`].
 
 use std::borrow::Cow;
 
