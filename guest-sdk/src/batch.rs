@@ -1,15 +1,35 @@
 //! Reading an `on-events` batch (WIT 0.5.0): each event's `from`, `to`,
 //! `name` and `payload` follow one another in one byte buffer, at the
-//! lengths its head gives. Shared by the Rust SDK and the Lua guest (which
-//! includes this file), and by the host's tests of the layout it writes.
+//! lengths its head gives. Shared by the Rust SDK (whose public [`Event`]
+//! this is) and the Lua guest (which includes this file), and by the
+//! host's tests of the layout it writes.
 
-/// One event's variable-size fields, borrowed from the batch's bytes.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Fields<'a> {
+/// An event as a script receives it: its strings and payload borrowed from
+/// the batch the host delivered, valid for the callback. Reading one
+/// allocates nothing; `Event::to_message` (in the SDK) makes an owned copy
+/// to keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// Unique among the messages of its sender node.
+    pub id: u64,
+    /// Name of the node the event was sent from.
     pub from: &'a str,
+    /// `*`: events are broadcast.
     pub to: &'a str,
+    /// The event name, e.g. `temperature`.
     pub name: &'a str,
     pub payload: &'a [u8],
+    /// When the sender made it, in ms since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+/// What the reader needs of an event's head. Each crate's bindings
+/// generate their own `event-head` type, so each implements this for it.
+pub trait Head {
+    fn id(&self) -> u64;
+    fn timestamp_ms(&self) -> u64;
+    /// `[from-len, to-len, name-len, payload-len]`, in bytes.
+    fn lens(&self) -> [u32; 4];
 }
 
 /// Walks a batch's bytes, one event at a time.
@@ -22,11 +42,12 @@ impl<'a> Split<'a> {
         Split { bytes }
     }
 
-    /// The next event's fields, given its head's
-    /// `[from-len, to-len, name-len, payload-len]`. An error if they run
-    /// past the end of the buffer or a string is not UTF-8 (the host never
-    /// sends either; a guest does not trust that blindly).
-    pub fn next(&mut self, lens: [u32; 4]) -> Result<Fields<'a>, String> {
+    /// The event `head` describes, its fields taken from the front of the
+    /// remaining bytes. An error if they run past the end of the buffer or
+    /// a string is not UTF-8 (the host never sends either; a guest does
+    /// not trust that blindly).
+    pub fn next(&mut self, head: &impl Head) -> Result<Event<'a>, String> {
+        let lens = head.lens();
         let [from, to, name, payload] = lens.map(|n| n as usize);
         let total = (from.checked_add(to))
             .and_then(|n| n.checked_add(name))
@@ -44,30 +65,35 @@ impl<'a> Split<'a> {
         let (t, event) = event.split_at(to);
         let (n, payload) = event.split_at(name);
         let text = |b| core::str::from_utf8(b).map_err(|e| format!("an event's string: {e}"));
-        Ok(Fields {
+        Ok(Event {
+            id: head.id(),
             from: text(f)?,
             to: text(t)?,
             name: text(n)?,
             payload,
+            timestamp_ms: head.timestamp_ms(),
         })
     }
 }
 
-/// Every event of a batch in order: `each(head, fields)`, with the fields
-/// at the lengths `lens(head)` gives. A malformed event ends the walk; the
-/// error says what was wrong and how many events were lost.
-pub fn read<'a, H>(
-    heads: &[H],
-    lens: impl Fn(&H) -> [u32; 4],
-    bytes: &'a [u8],
-    mut each: impl FnMut(&H, Fields<'a>),
-) -> Result<(), String> {
+/// Every event of a batch in order, borrowed from `bytes` (one `Vec` per
+/// batch, nothing per event). A malformed event ends the walk: the events
+/// before it are returned with an error that says what was wrong and how
+/// many events were lost.
+pub fn collect<'a>(heads: &[impl Head], bytes: &'a [u8]) -> (Vec<Event<'a>>, Result<(), String>) {
+    let mut events = Vec::with_capacity(heads.len());
     let mut split = Split::new(bytes);
     for (i, h) in heads.iter().enumerate() {
-        let lost = heads.len() - i;
-        let fields = (split.next(lens(h)))
-            .map_err(|e| format!("{e}; the batch's last {lost} events dropped"))?;
-        each(h, fields);
+        match split.next(h) {
+            Ok(e) => events.push(e),
+            Err(e) => {
+                let lost = heads.len() - i;
+                return (
+                    events,
+                    Err(format!("{e}; the batch's last {lost} events dropped")),
+                );
+            }
+        }
     }
-    Ok(())
+    (events, Ok(()))
 }

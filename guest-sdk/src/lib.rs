@@ -149,23 +149,7 @@ macro_rules! export_script {
     };
 }
 
-/// An event as a script receives it: its strings and payload borrowed from
-/// the batch the host delivered, valid for the callback. Reading one
-/// allocates nothing; [`Event::to_message`] makes an owned copy to keep.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Event<'a> {
-    /// Unique among the messages of its sender node.
-    pub id: u64,
-    /// Name of the node the event was sent from.
-    pub from: &'a str,
-    /// `*`: events are broadcast.
-    pub to: &'a str,
-    /// The event name, e.g. `temperature`.
-    pub name: &'a str,
-    pub payload: &'a [u8],
-    /// When the sender made it, in ms since the Unix epoch.
-    pub timestamp_ms: u64,
-}
+pub use batch::Event;
 
 impl Event<'_> {
     /// The payload as UTF-8 text (invalid sequences replaced).
@@ -204,23 +188,24 @@ impl<'a> From<&'a Message> for Event<'a> {
     }
 }
 
-/// An `on-events` batch as events borrowed from its buffer (one `Vec` per
-/// batch, nothing per event). A malformed batch (the host never sends
-/// one) is logged and cut at the first bad event.
+impl batch::Head for EventHead {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+    fn lens(&self) -> [u32; 4] {
+        [self.from_len, self.to_len, self.name_len, self.payload_len]
+    }
+}
+
+/// An `on-events` batch as events borrowed from its buffer. A malformed
+/// batch (the host never sends one) is logged and cut at the first bad
+/// event.
 #[doc(hidden)]
 pub fn batch_events<'a>(heads: &[EventHead], bytes: &'a [u8]) -> Vec<Event<'a>> {
-    let mut events = Vec::with_capacity(heads.len());
-    let lens = |h: &EventHead| [h.from_len, h.to_len, h.name_len, h.payload_len];
-    let read = batch::read(heads, lens, bytes, |h, f| {
-        events.push(Event {
-            id: h.id,
-            from: f.from,
-            to: f.to,
-            name: f.name,
-            payload: f.payload,
-            timestamp_ms: h.timestamp_ms,
-        })
-    });
+    let (events, read) = batch::collect(heads, bytes);
     if let Err(e) = read {
         log::error(&format!("on-events: {e}"));
     }

@@ -56,66 +56,59 @@ end
 return meta, msgh
 "#;
 
-/// A message as handlers get it: borrowed from a lifted `Message` (one
-/// event, a command) or from an `on-events` batch's buffers.
-pub(crate) struct MsgRef<'a> {
-    id: u64,
-    timestamp_ms: u64,
-    from: &'a str,
-    to: &'a str,
-    name: &'a str,
-    payload: &'a [u8],
+/// A message as handlers get it: the shared borrowed event, from a lifted
+/// `Message` (one event, a command) or from an `on-events` batch.
+pub(crate) use batch::Event;
+
+/// `m`'s fields, borrowed.
+pub(crate) fn event_of(m: &Message) -> Event<'_> {
+    Event {
+        id: m.id,
+        from: &m.from,
+        to: &m.to,
+        name: &m.name,
+        payload: &m.payload,
+        timestamp_ms: m.timestamp_ms,
+    }
 }
 
-impl<'a> MsgRef<'a> {
-    pub(crate) fn of(m: &'a Message) -> Self {
-        MsgRef {
-            id: m.id,
-            timestamp_ms: m.timestamp_ms,
-            from: &m.from,
-            to: &m.to,
-            name: &m.name,
-            payload: &m.payload,
-        }
+impl batch::Head for EventHead {
+    fn id(&self) -> u64 {
+        self.id
     }
+    fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+    fn lens(&self) -> [u32; 4] {
+        [self.from_len, self.to_len, self.name_len, self.payload_len]
+    }
+}
 
-    /// The events of a batch; a malformed batch (the host never sends
-    /// one) is logged and cut at the first bad event.
-    pub(crate) fn batch(script: &str, heads: &[EventHead], bytes: &'a [u8]) -> Vec<Self> {
-        let mut msgs = Vec::with_capacity(heads.len());
-        let lens = |h: &EventHead| [h.from_len, h.to_len, h.name_len, h.payload_len];
-        let read = batch::read(heads, lens, bytes, |h, f| {
-            msgs.push(MsgRef {
-                id: h.id,
-                timestamp_ms: h.timestamp_ms,
-                from: f.from,
-                to: f.to,
-                name: f.name,
-                payload: f.payload,
-            })
-        });
-        if let Err(e) = read {
-            log(Level::Error, &format!("{script}: on-events: {e}"));
-        }
-        msgs
+/// The events of a batch; a malformed batch (the host never sends one) is
+/// logged and cut at the first bad event.
+pub(crate) fn batch_of<'a>(script: &str, heads: &[EventHead], bytes: &'a [u8]) -> Vec<Event<'a>> {
+    let (msgs, read) = batch::collect(heads, bytes);
+    if let Err(e) = read {
+        log(Level::Error, &format!("{script}: on-events: {e}"));
     }
+    msgs
 }
 
 thread_local! {
     /// The message `call_handler` builds its table from. Set only around
     /// a call; a script that reaches `call_handler` some other way (the
     /// `debug` library can) gets an error, never a stale pointer.
-    static CURRENT: Cell<*const MsgRef<'static>> = const { Cell::new(std::ptr::null()) };
+    static CURRENT: Cell<*const Event<'static>> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Sets `CURRENT` for the guard's lifetime and restores the previous value.
 /// The guard borrows the message for its lifetime, so the borrow checker
 /// keeps the message alive while `CURRENT` points at it.
-struct Current<'a>(*const MsgRef<'static>, PhantomData<&'a MsgRef<'a>>);
+struct Current<'a>(*const Event<'static>, PhantomData<&'a Event<'a>>);
 
 impl<'a> Current<'a> {
-    fn set(msg: &'a MsgRef<'_>) -> Current<'a> {
-        let msg: *const MsgRef<'_> = msg;
+    fn set(msg: &'a Event<'_>) -> Current<'a> {
+        let msg: *const Event<'_> = msg;
         Current(CURRENT.replace(msg.cast()), PhantomData)
     }
 }
@@ -155,7 +148,7 @@ impl Dispatch {
         lua: &Lua,
         handlers: &SharedHandlers,
         script: &str,
-        msgs: &[MsgRef<'_>],
+        msgs: &[Event<'_>],
     ) {
         let fns = handlers.borrow().event_fns.clone();
         let args = (&self.call, &fns, &self.meta, &self.msgh);
@@ -174,7 +167,7 @@ impl Dispatch {
 
     /// Call one handler with `msg` and return its first result (commands).
     pub(crate) fn one(&self, f: &Function, msg: &Message) -> mlua::Result<Value> {
-        let msg = MsgRef::of(msg);
+        let msg = event_of(msg);
         let _current = Current::set(&msg);
         self.call.call((f, &self.meta))
     }
@@ -195,7 +188,7 @@ unsafe fn deliver(
     state: *mut ffi::lua_State,
     handlers: &SharedHandlers,
     script: &str,
-    msgs: &[MsgRef<'_>],
+    msgs: &[Event<'_>],
 ) {
     for msg in msgs {
         let _current = Current::set(msg);

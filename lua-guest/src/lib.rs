@@ -138,13 +138,13 @@ impl Guest for LuaGuest {
 
     fn on_event(msg: Message) {
         let Some(rt) = runtime() else { return };
-        let msgs = [dispatch::MsgRef::of(&msg)];
+        let msgs = [dispatch::event_of(&msg)];
         (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, &msgs);
     }
 
     fn on_events(heads: Vec<Head>, bytes: Vec<u8>) {
         let Some(rt) = runtime() else { return };
-        let msgs = dispatch::MsgRef::batch(&rt.name, &heads, &bytes);
+        let msgs = dispatch::batch_of(&rt.name, &heads, &bytes);
         (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, &msgs);
     }
 

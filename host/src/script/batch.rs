@@ -148,6 +148,34 @@ pub async fn call_on_events(
 #[path = "../../../guest-sdk/src/batch.rs"]
 mod split;
 
+/// Lengths alone (id and timestamp 0), for tests of the reader's bounds;
+/// the host's own heads, for tests against what it writes.
+#[cfg(test)]
+impl split::Head for [u32; 4] {
+    fn id(&self) -> u64 {
+        0
+    }
+    fn timestamp_ms(&self) -> u64 {
+        0
+    }
+    fn lens(&self) -> [u32; 4] {
+        *self
+    }
+}
+
+#[cfg(test)]
+impl split::Head for EventHead {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+    fn lens(&self) -> [u32; 4] {
+        [self.from_len, self.to_len, self.name_len, self.payload_len]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,45 +209,43 @@ mod tests {
         assert_eq!(bufs.heads.len(), msgs.len());
         let mut reader = split::Split::new(&bufs.bytes);
         for (h, m) in bufs.heads.iter().zip(&msgs) {
-            assert_eq!((h.id, h.timestamp_ms), (m.id, m.timestamp_ms));
-            let f = reader
-                .next([h.from_len, h.to_len, h.name_len, h.payload_len])
-                .unwrap();
             assert_eq!(
-                f,
-                split::Fields {
+                reader.next(h).unwrap(),
+                split::Event {
+                    id: m.id,
                     from: &m.from,
                     to: &m.to,
                     name: &m.name,
                     payload: &m.payload,
+                    timestamp_ms: m.timestamp_ms,
                 }
             );
         }
         // Nothing left over: the next read of even one byte fails.
-        assert!(reader.next([0, 0, 0, 1]).is_err());
-        assert!(reader.next([0, 0, 0, 0]).is_ok());
+        assert!(reader.next(&[0, 0, 0, 1]).is_err());
+        assert!(reader.next(&[0, 0, 0, 0]).is_ok());
     }
 
     #[test]
     fn a_reader_refuses_lengths_past_the_end_and_bad_utf8() {
         let bytes = b"n1*tempxx\xff\xfe";
         let mut r = split::Split::new(bytes);
-        let e = r.next([2, 1, 4, 100]).unwrap_err();
+        let e = r.next(&[2, 1, 4, 100]).unwrap_err();
         assert!(e.contains("run past"), "{e}");
         let e = r
-            .next([u32::MAX, u32::MAX, u32::MAX, u32::MAX])
+            .next(&[u32::MAX, u32::MAX, u32::MAX, u32::MAX])
             .unwrap_err();
         assert!(e.contains("run past"), "{e}");
         let mut r = split::Split::new(bytes);
-        assert_eq!(r.next([2, 1, 4, 2]).unwrap().name, "temp");
-        let e = r.next([2, 0, 0, 0]).unwrap_err();
+        assert_eq!(r.next(&[2, 1, 4, 2]).unwrap().name, "temp");
+        let e = r.next(&[2, 0, 0, 0]).unwrap_err();
         assert!(e.contains("string"), "{e}");
         // A whole batch: the events before a bad one arrive, the error
         // counts the rest.
         let heads = [[2, 1, 4, 2], [2, 0, 0, 0], [0, 0, 0, 0]];
-        let mut seen = Vec::new();
-        let e = split::read(&heads, |h| *h, bytes, |_, f| seen.push(f.name)).unwrap_err();
-        assert_eq!(seen, ["temp"]);
+        let (seen, e) = split::collect(&heads, bytes);
+        let e = e.unwrap_err();
+        assert_eq!(seen.iter().map(|e| e.name).collect::<Vec<_>>(), ["temp"]);
         assert!(
             e.contains("string") && e.contains("last 2 events dropped"),
             "{e}"
