@@ -269,12 +269,20 @@ impl Frame<'_> {
     /// prefix, was a tenth of a node's CPU when it sent events at full
     /// rate).
     pub fn encode(&self) -> Bytes {
-        let mut buf = Vec::with_capacity(4 + self.size_hint());
+        let mut buf = Vec::new();
+        self.encode_into(&mut buf);
+        Bytes::from(buf)
+    }
+
+    /// [`Frame::encode`] into `buf` (cleared first), reusing its memory.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        buf.clear();
+        buf.reserve(4 + self.size_hint());
         buf.extend_from_slice(&[0; 4]);
-        let mut buf = postcard::to_extend(self, buf).expect("frames always serialize");
+        let taken = std::mem::take(buf);
+        *buf = postcard::to_extend(self, taken).expect("frames always serialize");
         let len = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&len.to_le_bytes());
-        Bytes::from(buf)
     }
 
     /// About the size of the postcard body: a message's variable parts

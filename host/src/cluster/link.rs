@@ -1,22 +1,23 @@
 //! `PeerLink`: one QUIC connection to one peer, after the hello.
 //!
-//! Outbound frames go through a bounded queue to a writer task that batches
-//! them onto this side's stream; a reader task takes the peer's frames to
-//! the router. The queue is bounded in frames and in bytes: a slow or stuck
-//! peer fills its own queue and loses messages (counted in `dropped`), and
-//! never blocks local delivery or the other links.
+//! Outbound frames go through a bounded queue (`outbox`) to a writer task
+//! that writes what has gathered at once onto this side's stream; a reader
+//! task takes the peer's frames to the router. A slow or stuck peer fills
+//! its own queue and loses messages (counted in `dropped`), and never
+//! blocks local delivery or the other links.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::frame::{DocId, Frame, FrameError, FrameReader, Hello, MAX_SYNC_FRAME, WireMessage};
+use super::outbox::Outbox;
 use crate::bindings::{CallError, Message};
 
 /// QUIC application close codes (the reason text goes with them).
@@ -31,49 +32,7 @@ pub mod close {
     pub const BAD_FRAME: u32 = 5;
 }
 
-/// Frames a link's queue holds before new ones are dropped.
-pub const QUEUE_FRAMES: usize = 16 * 1024;
-/// Bytes a link's queue holds before new frames are dropped.
-pub const QUEUE_BYTES: usize = 32 << 20;
-/// Bytes the writer gathers into one write.
-const BATCH_BYTES: usize = 256 * 1024;
-/// Frames up to this size are copied together before they are written.
-const COALESCE_BELOW: usize = 16 * 1024;
-
-/// Copy runs of small frames into one buffer each. quinn sends each
-/// buffer it is handed in STREAM frames of its own (a header, and
-/// acknowledgement bookkeeping, per buffer), which for 64-byte events
-/// costs far more than the copy: one stream carried 3-5x the frames a
-/// second once coalesced (the cluster benchmark's last section). Large
-/// frames (sync messages, up to megabytes) stay as they are. `buf` is the
-/// writer's: its allocation is reused once quinn has let go of the last
-/// batch (a fresh buffer of a few hundred KiB per batch made glibc
-/// consolidate its free lists every time).
-fn coalesce(batch: &mut Vec<Bytes>, buf: &mut BytesMut) {
-    if batch.len() < 2 {
-        return;
-    }
-    let small = (batch.iter().map(Bytes::len))
-        .filter(|len| *len < COALESCE_BELOW)
-        .sum();
-    let mut out = Vec::with_capacity(4);
-    buf.clear();
-    buf.reserve(small);
-    for f in batch.drain(..) {
-        if f.len() >= COALESCE_BELOW {
-            if !buf.is_empty() {
-                out.push(buf.split().freeze());
-            }
-            out.push(f);
-        } else {
-            buf.extend_from_slice(&f);
-        }
-    }
-    if !buf.is_empty() {
-        out.push(buf.split().freeze());
-    }
-    batch.append(&mut out);
-}
+pub use super::outbox::{QUEUE_BYTES, QUEUE_FRAMES};
 
 type PendingCall = oneshot::Sender<Result<Vec<u8>, CallError>>;
 
@@ -93,8 +52,7 @@ pub struct PeerLink {
     pub addr: SocketAddr,
     /// Whether this node dialled the connection.
     pub dialed: bool,
-    out: mpsc::Sender<Bytes>,
-    queued_bytes: AtomicUsize,
+    outbox: Outbox,
     calls: Mutex<HashMap<u64, PendingCall>>,
     next_call: AtomicU64,
     closed: AtomicBool,
@@ -127,41 +85,33 @@ pub const MAX_BLOB: usize = 32 << 20;
 impl PeerLink {
     /// Wrap a connection whose hello exchange is done; the caller starts
     /// it with [`PeerLink::run`] once membership accepted it.
-    pub fn new(
-        hello: Hello,
-        conn: Connection,
-        dialed: bool,
-    ) -> (Arc<PeerLink>, mpsc::Receiver<Bytes>) {
-        let (out, rx) = mpsc::channel(QUEUE_FRAMES);
+    pub fn new(hello: Hello, conn: Connection, dialed: bool) -> Arc<PeerLink> {
         // The peer's listening port at the address it came from, with its
         // interface if link-local (`SocketAddr::new` would drop that).
         let mut addr = conn.remote_address();
         addr.set_port(hello.listen_port);
-        let link = Arc::new(PeerLink {
+        Arc::new(PeerLink {
             node: hello.node.as_str().into(),
             hello,
             conn,
             addr,
             dialed,
-            out,
-            queued_bytes: AtomicUsize::new(0),
+            outbox: Outbox::default(),
             calls: Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             stats: LinkStats::default(),
-        });
-        (link, rx)
+        })
     }
 
     /// Start the writer and reader tasks.
     pub fn run<I: Inbound>(
         self: &Arc<Self>,
-        rx: mpsc::Receiver<Bytes>,
         send: SendStream,
         reader: FrameReader<RecvStream>,
         inbound: Arc<I>,
     ) {
-        tokio::spawn(self.clone().write_loop(rx, send));
+        tokio::spawn(self.clone().write_loop(send));
         tokio::spawn(self.clone().answer_requests(inbound.clone()));
         let link = self.clone();
         tokio::spawn(async move {
@@ -175,21 +125,21 @@ impl PeerLink {
     /// A frame larger than the whole byte budget (a big sync message) is
     /// taken when the queue is empty, so it can always go eventually.
     pub fn offer(&self, frame: Bytes) -> bool {
-        let len = frame.len();
-        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before + len > QUEUE_BYTES && before > 0 {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.counted(self.outbox.push_bytes(frame))
+    }
+
+    /// [`PeerLink::offer`] of a frame encoded in the caller's buffer: a
+    /// small one is copied into the queue, costing no allocation (an event
+    /// broadcast to every link is encoded once).
+    pub fn offer_slice(&self, frame: &[u8]) -> bool {
+        self.counted(self.outbox.push(frame))
+    }
+
+    fn counted(&self, queued: bool) -> bool {
+        if !queued {
             self.count_drop();
-            return false;
         }
-        match self.out.try_send(frame) {
-            Ok(()) => true,
-            Err(_) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                self.count_drop();
-                false
-            }
-        }
+        queued
     }
 
     fn count_drop(&self) {
@@ -254,31 +204,16 @@ impl PeerLink {
         self.conn.close(code.into(), reason.as_bytes());
     }
 
-    async fn write_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Bytes>, mut send: SendStream) {
-        let mut batch: Vec<Bytes> = Vec::with_capacity(256);
-        let mut buf = BytesMut::new();
-        while let Some(first) = rx.recv().await {
-            let mut bytes = first.len();
-            batch.push(first);
-            while bytes < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(f) => {
-                        bytes += f.len();
-                        batch.push(f);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let n = batch.len() as u64;
-            coalesce(&mut batch, &mut buf);
-            if let Err(e) = send.write_all_chunks(&mut batch).await {
+    async fn write_loop(self: Arc<Self>, mut send: SendStream) {
+        while let Some(mut batch) = self.outbox.take().await {
+            if let Err(e) = send.write_all_chunks(&mut batch.chunks).await {
                 tracing::debug!(peer = %self.node, "link write failed: {e}");
-                return;
+                break;
             }
-            batch.clear();
-            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            self.stats.sent.fetch_add(n, Ordering::Relaxed);
+            self.outbox.written(batch.bytes);
+            (self.stats.sent).fetch_add(batch.frames as u64, Ordering::Relaxed);
         }
+        self.outbox.close();
     }
 
     async fn read_loop<I: Inbound>(
@@ -493,29 +428,4 @@ pub async fn exchange_hello(
     // The reader goes on to the link: it may hold frames sent right
     // after the hello.
     Ok((hello, send, reader))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn coalescing_keeps_every_byte_in_order_and_large_frames_apart() {
-        let big = Bytes::from(vec![9u8; COALESCE_BELOW]);
-        let mut batch: Vec<Bytes> = vec![
-            Bytes::from_static(b"ab"),
-            Bytes::from_static(b"cd"),
-            big.clone(),
-            Bytes::from_static(b"e"),
-        ];
-        let before = batch.concat();
-        let mut buf = BytesMut::new();
-        coalesce(&mut batch, &mut buf);
-        assert_eq!(batch.concat(), before);
-        let lens: Vec<usize> = batch.iter().map(Bytes::len).collect();
-        assert_eq!(lens, [4, COALESCE_BELOW, 1]);
-        let mut one = vec![Bytes::from_static(b"x")];
-        coalesce(&mut one, &mut buf);
-        assert_eq!(one, [Bytes::from_static(b"x")]);
-    }
 }

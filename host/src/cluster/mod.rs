@@ -25,8 +25,10 @@ pub mod frame;
 mod inbound;
 pub mod link;
 pub mod members;
+mod outbox;
 pub mod presence;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -370,7 +372,7 @@ impl Shared {
                 ),
             );
         }
-        let (link, rx) = PeerLink::new(hello, conn, dialed);
+        let link = PeerLink::new(hello, conn, dialed);
         let _turn = self.admit.lock().await;
         if let Some(old) = self.members.link(&link.node)
             && !old.is_closed()
@@ -405,7 +407,7 @@ impl Shared {
         self.members.set_up(link.clone());
         let id = link.conn.stable_id();
         (self.presence).up(&link.node, id, link.hello.incarnation, link.addr);
-        link.run(rx, send, reader, self.clone());
+        link.run(send, reader, self.clone());
         for r in &self.replicas {
             r.peer_up(&link);
         }
@@ -447,6 +449,26 @@ impl Shared {
     }
 }
 
+thread_local! {
+    /// Where an event is encoded once before it is copied into each link's
+    /// queue (see `outbox`).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Encode `frame` in this thread's scratch buffer and offer it to `links`.
+fn offer_to_all(frame: &Frame<'_>, links: &[Arc<PeerLink>]) {
+    SCRATCH.with_borrow_mut(|buf| {
+        frame.encode_into(buf);
+        for link in links {
+            link.offer_slice(buf);
+        }
+        // A large payload's buffer is not kept for the thread's lifetime.
+        if buf.capacity() > 64 * 1024 {
+            *buf = Vec::new();
+        }
+    });
+}
+
 impl Remote for Shared {
     fn peer(&self, node: &str) -> PeerStatus {
         self.members.status(node)
@@ -457,25 +479,18 @@ impl Remote for Shared {
         if links.is_empty() {
             return;
         }
-        let frame = Frame::Event(WireMessage::borrow(msg)).encode();
-        for link in links.iter() {
-            link.offer(frame.clone());
-        }
+        offer_to_all(&Frame::Event(WireMessage::borrow(msg)), &links);
     }
 
     fn send_command(&self, to: Option<&str>, msg: &Message) {
-        let frame = Frame::Command(WireMessage::borrow(msg)).encode();
+        let frame = Frame::Command(WireMessage::borrow(msg));
         match to {
             Some(node) => {
                 if let Some(link) = self.members.link(node) {
-                    link.offer(frame);
+                    offer_to_all(&frame, &[link]);
                 }
             }
-            None => {
-                for link in self.members.up_links().iter() {
-                    link.offer(frame.clone());
-                }
-            }
+            None => offer_to_all(&frame, &self.members.up_links()),
         }
     }
 
