@@ -151,11 +151,8 @@ async fn covey_bench(calls: usize, events: u64) -> Duration {
             let mut sent = 0u64;
             let body = vec![7u8; 64];
             while sent < count {
-                let handled = rb.stats.handled.load(Ordering::Relaxed) - base;
-                if sent.saturating_sub(handled) >= 8000 {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
+                let handled = || rb.stats.handled.load(Ordering::Relaxed) - base;
+                support::wait_for_room(|| sent.saturating_sub(handled()), 8000).await;
                 ra.emit("bench", body.clone()).unwrap();
                 sent += 1;
             }

@@ -130,10 +130,8 @@ pub async fn bench(calls: usize, events: u64) -> Result<Duration> {
             let started = Instant::now();
             let mut sent = 0u64;
             while sent < count {
-                if sent.saturating_sub(seen.load(Ordering::Relaxed) - base) >= 8000 {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
+                let seen = || seen.load(Ordering::Relaxed) - base;
+                crate::support::wait_for_room(|| sent.saturating_sub(seen()), 8000).await;
                 publisher.publish("bench", payload.clone()).await.unwrap();
                 sent += 1;
             }

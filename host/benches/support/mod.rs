@@ -88,3 +88,17 @@ pub fn covey_run_memory(args: &[String], settle: Duration, poke: impl Fn()) -> (
     let _ = child.wait();
     memory
 }
+
+/// Hold a sender to `window` messages in flight (`in_flight()` says how
+/// many are), sleeping while the window is full. Both sides of a
+/// side-by-side run pace through this. Why not `yield_now` in a loop: the
+/// sender then spins, and on two cores its spinning took a sixth of the
+/// CPU from the nodes (or the broker) it measured, and bounced the
+/// receiver's counter between cores with every read. Sleeps are in timer
+/// ticks (1 ms): far less than the window takes to drain, so the receiver
+/// never runs dry.
+pub async fn wait_for_room(in_flight: impl Fn() -> u64, window: u64) {
+    while in_flight() >= window {
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
