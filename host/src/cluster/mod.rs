@@ -5,6 +5,7 @@
 //!   node's certificate and TLS configurations.
 //! - [`frame`] — what travels on a link.
 //! - [`link`] — `PeerLink`, one connection to one peer.
+//! - `outbox` — a link's bounded outbound queue, small frames copied together.
 //! - [`members`] — who is up, since when, and the link to each.
 //! - [`presence`] — what this node's scripts were told of that:
 //!   `covey.node.up` / `covey.node.down`, once per transition.
