@@ -164,8 +164,11 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
+    /// `take` when frames are queued: ready at once, never waiting.
     fn now(outbox: &Outbox) -> Option<Batch> {
         let fut = std::pin::pin!(outbox.take());
         let waker = std::task::Waker::noop();
@@ -174,8 +177,6 @@ mod tests {
             std::task::Poll::Pending => panic!("take waited with frames queued"),
         }
     }
-
-    use std::future::Future;
 
     #[test]
     fn small_frames_are_copied_together_in_order_and_large_ones_stay_apart() {
