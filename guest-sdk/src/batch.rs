@@ -32,6 +32,42 @@ pub trait Head {
     fn lens(&self) -> [u32; 4];
 }
 
+/// The bindings' side of a batch, for a crate whose bindings generate
+/// `$head` (`event-head`) and `$message` (`message`) from the WIT: reading
+/// a head, and an event borrowed from a lifted message. Each crate that
+/// includes this file has its own generated types, so each says this once,
+/// naming this module as it is in scope there (`$batch`).
+macro_rules! impl_for_bindings {
+    ($batch:ident, $head:ty, $message:ty) => {
+        impl $batch::Head for $head {
+            fn id(&self) -> u64 {
+                self.id
+            }
+            fn timestamp_ms(&self) -> u64 {
+                self.timestamp_ms
+            }
+            fn lens(&self) -> [u32; 4] {
+                [self.from_len, self.to_len, self.name_len, self.payload_len]
+            }
+        }
+
+        impl<'a> From<&'a $message> for $batch::Event<'a> {
+            fn from(m: &'a $message) -> Self {
+                $batch::Event {
+                    id: m.id,
+                    from: &m.from,
+                    to: &m.to,
+                    name: &m.name,
+                    payload: &m.payload,
+                    timestamp_ms: m.timestamp_ms,
+                }
+            }
+        }
+    };
+}
+#[allow(unused_imports)] // the host includes this file for tests only
+pub(crate) use impl_for_bindings;
+
 /// Walks a batch's bytes, one event at a time.
 pub struct Split<'a> {
     bytes: &'a [u8],

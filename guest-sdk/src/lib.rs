@@ -175,30 +175,7 @@ impl Event<'_> {
     }
 }
 
-impl<'a> From<&'a Message> for Event<'a> {
-    fn from(m: &'a Message) -> Self {
-        Event {
-            id: m.id,
-            from: &m.from,
-            to: &m.to,
-            name: &m.name,
-            payload: &m.payload,
-            timestamp_ms: m.timestamp_ms,
-        }
-    }
-}
-
-impl batch::Head for EventHead {
-    fn id(&self) -> u64 {
-        self.id
-    }
-    fn timestamp_ms(&self) -> u64 {
-        self.timestamp_ms
-    }
-    fn lens(&self) -> [u32; 4] {
-        [self.from_len, self.to_len, self.name_len, self.payload_len]
-    }
-}
+batch::impl_for_bindings!(batch, EventHead, Message);
 
 /// An `on-events` batch as events borrowed from its buffer. A malformed
 /// batch (the host never sends one) is logged and cut at the first bad

@@ -60,29 +60,7 @@ return meta, msgh
 /// `Message` (one event, a command) or from an `on-events` batch.
 pub(crate) use batch::Event;
 
-/// `m`'s fields, borrowed.
-pub(crate) fn event_of(m: &Message) -> Event<'_> {
-    Event {
-        id: m.id,
-        from: &m.from,
-        to: &m.to,
-        name: &m.name,
-        payload: &m.payload,
-        timestamp_ms: m.timestamp_ms,
-    }
-}
-
-impl batch::Head for EventHead {
-    fn id(&self) -> u64 {
-        self.id
-    }
-    fn timestamp_ms(&self) -> u64 {
-        self.timestamp_ms
-    }
-    fn lens(&self) -> [u32; 4] {
-        [self.from_len, self.to_len, self.name_len, self.payload_len]
-    }
-}
+batch::impl_for_bindings!(batch, EventHead, Message);
 
 /// The events of a batch; a malformed batch (the host never sends one) is
 /// logged and cut at the first bad event.
@@ -167,7 +145,7 @@ impl Dispatch {
 
     /// Call one handler with `msg` and return its first result (commands).
     pub(crate) fn one(&self, f: &Function, msg: &Message) -> mlua::Result<Value> {
-        let msg = event_of(msg);
+        let msg = Event::from(msg);
         let _current = Current::set(&msg);
         self.call.call((f, &self.meta))
     }

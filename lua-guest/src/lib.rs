@@ -138,7 +138,7 @@ impl Guest for LuaGuest {
 
     fn on_event(msg: Message) {
         let Some(rt) = runtime() else { return };
-        let msgs = [dispatch::event_of(&msg)];
+        let msgs = [dispatch::Event::from(&msg)];
         (rt.dispatch).events(&rt.lua, &rt.handlers, &rt.name, &msgs);
     }
 
