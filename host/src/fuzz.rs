@@ -196,12 +196,12 @@ pub fn config(data: &[u8]) {
 pub fn frame_seeds() -> Vec<Vec<u8>> {
     use crate::cluster::frame::{DocId, Frame, Hello, PeerAddr, WireCallError, WireMessage};
     use std::borrow::Cow;
-    let msg = crate::bindings::Message {
+    let msg = crate::router::Message {
         id: 1,
         from: "a".into(),
         to: "*".into(),
         name: "temp".into(),
-        payload: b"21.5".to_vec(),
+        payload: bytes::Bytes::from_static(b"21.5"),
         timestamp_ms: 2,
     };
     let frames = [

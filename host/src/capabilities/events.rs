@@ -14,10 +14,10 @@ use wasmtime::component::{HasSelf, Linker};
 use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::covey::script::events as wit;
 use crate::bindings::covey::script::types;
-use crate::bindings::{CallError, LimitExceeded, Message, SendError};
+use crate::bindings::{CallError, LimitExceeded, SendError};
 use crate::lifecycle;
 use crate::pattern::Pattern;
-use crate::router::{ScriptId, SubKind};
+use crate::router::{Message, ScriptId, SubKind};
 use crate::services::Services;
 
 /// Subscriptions and handlers one script may hold at once.

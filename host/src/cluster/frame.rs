@@ -19,7 +19,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::bindings::{CallError, Message};
+use crate::bindings::CallError;
+use crate::router::Message;
 
 /// Wire protocol version, sent in the hello.
 /// 2: messages carry the device they came from (`via`).
@@ -59,12 +60,15 @@ pub struct Hello {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct WireMessage<'a> {
     pub id: u64,
+    #[serde(borrow)]
     pub to: Cow<'a, str>,
+    #[serde(borrow)]
     pub name: Cow<'a, str>,
-    #[serde(with = "cow_bytes")]
+    #[serde(borrow, with = "cow_bytes")]
     pub payload: Cow<'a, [u8]>,
     pub timestamp_ms: u64,
     /// The device of the sending node it came from, or empty.
+    #[serde(borrow)]
     pub via: Cow<'a, str>,
 }
 
@@ -87,17 +91,20 @@ impl<'a> WireMessage<'a> {
         self.via.is_empty() || covey_firmware_bridge::proto::valid_device_name(&self.via)
     }
 
-    pub fn into_message(self, from: &str) -> Message {
+    /// The message as the router carries it, from the peer `from`; its
+    /// payload is copied out of the read buffer (one allocation, and no
+    /// message a script holds on to keeps the buffer alive).
+    pub fn to_message(&self, from: &str) -> Message {
         Message {
             id: self.id,
             from: if self.via.is_empty() {
-                from.to_string()
+                from.into()
             } else {
-                format!("{from}/{}", self.via)
+                smol_str::format_smolstr!("{from}/{}", self.via)
             },
-            to: self.to.into_owned(),
-            name: self.name.into_owned(),
-            payload: self.payload.into_owned(),
+            to: self.to.as_ref().into(),
+            name: self.name.as_ref().into(),
+            payload: Bytes::copy_from_slice(&self.payload),
             timestamp_ms: self.timestamp_ms,
         }
     }
@@ -158,18 +165,19 @@ pub struct PeerAddr {
 pub enum Frame<'a> {
     Hello(Hello),
     /// A broadcast event.
-    Event(WireMessage<'a>),
+    Event(#[serde(borrow)] WireMessage<'a>),
     /// A command for this node (sent to it by name or to `*`).
-    Command(WireMessage<'a>),
+    Command(#[serde(borrow)] WireMessage<'a>),
     /// A call; answer with a `Reply` carrying the same `call` id.
     Call {
         call: u64,
         timeout_ms: u32,
+        #[serde(borrow)]
         msg: WireMessage<'a>,
     },
     Reply {
         call: u64,
-        #[serde(with = "reply_bytes")]
+        #[serde(borrow, with = "reply_bytes")]
         result: Result<Cow<'a, [u8]>, WireCallError>,
     },
     /// The sender's live peers.
@@ -177,7 +185,7 @@ pub enum Frame<'a> {
     /// A sync message of a replicated document (see [`DocId`]).
     Sync {
         doc: DocId,
-        #[serde(with = "cow_bytes")]
+        #[serde(borrow, with = "cow_bytes")]
         msg: Cow<'a, [u8]>,
     },
 }
@@ -210,8 +218,8 @@ impl DocId {
     }
 }
 
-/// Bytes written as one blob (not a sequence of numbers), read back owned
-/// so a decoded frame does not borrow the read buffer.
+/// Bytes written as one blob (not a sequence of numbers), read back
+/// borrowed from the read buffer.
 mod cow_bytes {
     use super::*;
     use serde::{Deserializer, Serializer};
@@ -220,8 +228,8 @@ mod cow_bytes {
         serde_bytes::Bytes::new(b).serialize(s)
     }
 
-    pub fn deserialize<'de, 'a, D: Deserializer<'de>>(d: D) -> Result<Cow<'a, [u8]>, D::Error> {
-        Ok(Cow::Owned(serde_bytes::ByteBuf::deserialize(d)?.into_vec()))
+    pub fn deserialize<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Cow<'a, [u8]>, D::Error> {
+        Ok(Cow::Borrowed(<&serde_bytes::Bytes>::deserialize(d)?))
     }
 }
 
@@ -236,8 +244,8 @@ mod reply_bytes {
     }
 
     #[derive(Deserialize)]
-    enum In {
-        Ok(#[serde(with = "serde_bytes")] Vec<u8>),
+    enum In<'b> {
+        Ok(#[serde(borrow)] &'b serde_bytes::Bytes),
         Err(WireCallError),
     }
 
@@ -251,11 +259,11 @@ mod reply_bytes {
         }
     }
 
-    pub fn deserialize<'de, 'a, D: Deserializer<'de>>(
+    pub fn deserialize<'de: 'a, 'a, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Result<Cow<'a, [u8]>, WireCallError>, D::Error> {
         Ok(match In::deserialize(d)? {
-            In::Ok(b) => Ok(Cow::Owned(b)),
+            In::Ok(b) => Ok(Cow::Borrowed(b)),
             In::Err(e) => Err(e),
         })
     }
@@ -340,18 +348,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// The next frame; `Closed` at a clean end of stream.
-    pub async fn next(&mut self) -> Result<Frame<'static>, FrameError> {
+    /// The next frame, borrowing its strings and bytes from the read
+    /// buffer until the next call; `Closed` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Frame<'_>, FrameError> {
         loop {
-            if let Some(frame) = self.decode()? {
-                return Ok(frame);
+            if let Some(body) = self.whole()? {
+                return Ok(postcard::from_bytes(&self.buf[body])?);
             }
             self.fill().await?;
         }
     }
 
-    /// The next whole frame already in the buffer, if there is one.
-    fn decode(&mut self) -> Result<Option<Frame<'static>>, FrameError> {
+    /// Where the body of the next frame lies in the buffer, if all of it
+    /// has arrived (and the frame is then counted as read).
+    fn whole(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {
         let avail = &self.buf[self.pos..];
         let Some(prefix) = avail.first_chunk::<4>() else {
             return Ok(None);
@@ -360,12 +370,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len > self.max {
             return Err(FrameError::TooLarge(len, self.max));
         }
-        let Some(body) = avail.get(4..4 + len) else {
+        if avail.len() < 4 + len {
             return Ok(None);
-        };
-        let frame = postcard::from_bytes(body)?;
-        self.pos += 4 + len;
-        Ok(Some(frame))
+        }
+        let body = self.pos + 4..self.pos + 4 + len;
+        self.pos = body.end;
+        Ok(Some(body))
     }
 
     /// Read more of the stream into the buffer, after what is undecoded.
@@ -411,7 +421,7 @@ mod tests {
             from: "a".into(),
             to: "*".into(),
             name: "temp".into(),
-            payload: b"21.5".to_vec(),
+            payload: Bytes::from_static(b"21.5"),
             timestamp_ms: 1,
         };
         let frames = vec![
@@ -441,7 +451,12 @@ mod tests {
         let Frame::Event(w) = &frames[0] else {
             unreachable!()
         };
-        assert_eq!(w.clone().into_message("a"), msg);
+        assert_eq!(w.to_message("a"), msg);
+        let via = WireMessage {
+            via: "esp".into(),
+            ..w.clone()
+        };
+        assert_eq!(via.to_message("a").from, "a/esp");
     }
 
     #[tokio::test]
@@ -484,8 +499,8 @@ mod tests {
                 id: i,
                 from: "a".into(),
                 to: "*".into(),
-                name: format!("e{i}"),
-                payload: vec![i as u8; (i as usize * 37) % 700],
+                name: format!("e{i}").into(),
+                payload: vec![i as u8; (i as usize * 37) % 700].into(),
                 timestamp_ms: i,
             })
             .collect();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::*;
 
 impl Inbound for Shared {
-    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'static>) {
+    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'_>) {
         let limit = self.router.max_payload();
         match frame {
             // A peer with a larger limit (or none) cannot push past ours.
@@ -47,12 +47,10 @@ impl Inbound for Shared {
                 );
             }
             Frame::Event(w) => {
-                self.router
-                    .deliver_event(&Arc::new(w.into_message(&link.node)));
+                self.router.deliver_event(w.to_message(&link.node));
             }
             Frame::Command(w) => {
-                self.router
-                    .deliver_command(&Arc::new(w.into_message(&link.node)));
+                self.router.deliver_command(w.to_message(&link.node));
             }
             Frame::Call {
                 call,
@@ -61,7 +59,7 @@ impl Inbound for Shared {
             } => {
                 let router = self.router.clone();
                 let link = link.clone();
-                let msg = Arc::new(msg.into_message(&link.node));
+                let msg = msg.to_message(&link.node);
                 tokio::spawn(async move {
                     let timeout = Duration::from_millis(timeout_ms as u64);
                     let result = router.call_local(None, msg, timeout).await;
@@ -73,7 +71,7 @@ impl Inbound for Shared {
                 });
             }
             Frame::Reply { call, result } => {
-                link.complete_call(call, result.map(Cow::into_owned).map_err(Into::into));
+                link.complete_call(call, result.map(|r| r.to_vec()).map_err(Into::into));
             }
             Frame::Peers(list) => {
                 for p in list {

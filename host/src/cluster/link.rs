@@ -18,7 +18,8 @@ use tokio::sync::oneshot;
 
 use super::frame::{DocId, Frame, FrameError, FrameReader, Hello, MAX_SYNC_FRAME, WireMessage};
 use super::outbox::Outbox;
-use crate::bindings::{CallError, Message};
+use crate::bindings::CallError;
+use crate::router::Message;
 
 /// QUIC application close codes (the reason text goes with them).
 pub mod close {
@@ -61,7 +62,7 @@ pub struct PeerLink {
 
 /// What the link's tasks hand inbound frames to.
 pub trait Inbound: Send + Sync + 'static {
-    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'static>);
+    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'_>);
     fn link_closed(&self, link: &Arc<PeerLink>, why: String);
     /// A blob (script file contents) by hash, for a peer that asks.
     fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>>;

@@ -45,8 +45,8 @@ use self::frame::{DocId, Frame, Hello, PROTOCOL, PeerAddr, WireCallError, WireMe
 use self::link::{Inbound, PeerLink, close};
 use self::members::{Members, PeerReport};
 use self::presence::Presence;
-use crate::bindings::{CallError, Message, NodeInfo};
-use crate::router::{CallFuture, PeerStatus, Remote, Router};
+use crate::bindings::{CallError, NodeInfo};
+use crate::router::{CallFuture, Message, PeerStatus, Remote, Router};
 
 /// Clustering settings, resolved from flags, environment and file.
 #[derive(Clone, Debug)]
@@ -495,7 +495,7 @@ impl Remote for Shared {
         }
     }
 
-    fn call(&self, node: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture {
+    fn call(&self, node: &str, msg: Message, timeout: Duration) -> CallFuture {
         let link = self.members.link(node);
         let node = node.to_string();
         Box::pin(async move {

@@ -355,8 +355,8 @@ impl Tap {
                     value: value.map(|v| Bytes::new(&v)),
                 }),
                 Delivery::Event { msg, .. } => TapItem::Event(EventItem {
-                    from: msg.from.clone(),
-                    name: msg.name.clone(),
+                    from: msg.from.to_string(),
+                    name: msg.name.to_string(),
                     timestamp_ms: msg.timestamp_ms,
                     payload: Bytes::new(&msg.payload),
                 }),

@@ -29,11 +29,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use self::registry::DeviceRegistry;
-use crate::bindings::{CallError, Message, SendError};
+use crate::bindings::{CallError, SendError};
 use crate::docstore::DocStore;
 use crate::lifecycle;
 use crate::pattern::Pattern;
-use crate::router::{CallFuture, Delivery, Devices, Router, SubKind};
+use crate::router::{CallFuture, Delivery, Devices, Message, Router, SubKind};
 
 /// Where the bridge listens; both off by default.
 #[derive(Clone, Debug, Default)]
@@ -346,13 +346,13 @@ impl Devices for BridgeDevices {
             Ok(()) => Ok(()),
             Err(DeviceError::TooLarge(n)) => Err(SendError::PayloadTooLarge(n as u64)),
             Err(_) if registered(&self.registry, device) => {
-                Err(SendError::NodeDown(msg.to.clone()))
+                Err(SendError::NodeDown(msg.to.to_string()))
             }
-            Err(_) => Err(SendError::UnknownNode(msg.to.clone())),
+            Err(_) => Err(SendError::UnknownNode(msg.to.to_string())),
         }
     }
 
-    fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture {
+    fn call(&self, device: &str, msg: Message, timeout: Duration) -> CallFuture {
         let bridge = self.bridge.clone();
         let registry = self.registry.clone();
         let device = device.to_string();
@@ -366,9 +366,9 @@ impl Devices for BridgeDevices {
                 DeviceError::Timeout => CallError::Timeout,
                 DeviceError::Gone(why) => CallError::NodeDown(format!("{}: {why}", msg.to)),
                 DeviceError::NotAttached(_) if registered(&registry, &device) => {
-                    CallError::NodeDown(msg.to.clone())
+                    CallError::NodeDown(msg.to.to_string())
                 }
-                DeviceError::NotAttached(_) => CallError::UnknownNode(msg.to.clone()),
+                DeviceError::NotAttached(_) => CallError::UnknownNode(msg.to.to_string()),
             })
         })
     }

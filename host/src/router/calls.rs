@@ -1,12 +1,12 @@
 //! Calls: request/reply to one handler, on this node or another.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::Message;
 use super::{Delivery, Outcome, PeerStatus, Router, split_target};
-use crate::bindings::{CallError, Message};
+use crate::bindings::CallError;
 
 impl Router {
     /// Request/reply: on `target`, the first handler (by script path)
@@ -41,7 +41,7 @@ impl Router {
         }
         self.check_payload(&payload)
             .map_err(CallError::PayloadTooLarge)?;
-        let msg = Arc::new(self.message(target, name, payload));
+        let msg = self.message(target, name, payload);
         let node = split_target(target).0;
         if node == &*self.node {
             return self.call_local(caller, msg, timeout).await;
@@ -58,7 +58,7 @@ impl Router {
     pub async fn call_local(
         &self,
         caller: Option<&str>,
-        msg: Arc<Message>,
+        msg: Message,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
         if let Some(answer) = self
@@ -71,7 +71,7 @@ impl Router {
         if let Some(device) = self.local_device(&msg.to) {
             return match self.devices.get() {
                 Some(d) => d.call(device, msg.clone(), timeout).await,
-                None => Err(CallError::UnknownNode(msg.to.clone())),
+                None => Err(CallError::UnknownNode(msg.to.to_string())),
             };
         }
         let (tx, rx) = oneshot::channel();

@@ -15,6 +15,8 @@
 //! System events (`covey.*`, see `lifecycle`) enter only through
 //! [`Router::emit_system`]; every other sender is refused the prefix.
 //!
+//! - `message` — the message as it is carried (shared strings, a
+//!   refcounted payload).
 //! - `peers` — the traits through which it reaches other nodes, devices
 //!   and the node's own answers.
 //! - `table` — the registered scripts and the index over their
@@ -26,16 +28,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use smol_str::SmolStr;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bindings::{CallError, Message, SendError};
+use crate::bindings::{CallError, SendError};
 use crate::lifecycle;
 use crate::pattern::Pattern;
 
 mod calls;
+mod message;
 mod peers;
 mod stats;
 mod table;
+pub use message::Message;
 pub use peers::{
     CallFuture, Devices, PeerStatus, Remote, SYSTEM_LOGS, SYSTEM_SCRIPTS, SystemCalls, split_target,
 };
@@ -51,10 +56,10 @@ pub type Reply = oneshot::Sender<Result<Vec<u8>, CallError>>;
 /// Something for a script to handle, queued in its mailbox.
 pub enum Delivery {
     /// An event; `generation` is the generation whose subscription matched.
-    Event { msg: Arc<Message>, generation: u64 },
+    Event { msg: Message, generation: u64 },
     /// A command, or a call when `reply` is set.
     Command {
-        msg: Arc<Message>,
+        msg: Message,
         generation: u64,
         reply: Option<Reply>,
     },
@@ -94,7 +99,7 @@ impl SubKind {
 /// Routes messages among the scripts of this node and, through
 /// [`Remote`], to other nodes; through [`Devices`], to its devices.
 pub struct Router {
-    node: Arc<str>,
+    node: SmolStr,
     max_payload: usize,
     remote: OnceLock<Arc<dyn Remote>>,
     devices: OnceLock<Arc<dyn Devices>>,
@@ -162,7 +167,7 @@ impl Router {
     fn device_command(&self, device: &str, msg: &Message) -> Result<(), SendError> {
         match self.devices.get() {
             Some(d) => d.command(device, msg),
-            None => Err(SendError::UnknownNode(msg.to.clone())),
+            None => Err(SendError::UnknownNode(msg.to.to_string())),
         }
     }
 
@@ -232,12 +237,12 @@ impl Router {
         Message {
             id: self.msg_seq.fetch_add(1, Ordering::Relaxed),
             from: match device {
-                Some(d) => format!("{}/{d}", self.node),
-                None => self.node.to_string(),
+                Some(d) => smol_str::format_smolstr!("{}/{d}", self.node),
+                None => self.node.clone(),
             },
-            to: to.to_string(),
-            name: name.to_string(),
-            payload,
+            to: to.into(),
+            name: name.into(),
+            payload: payload.into(),
             timestamp_ms: now_ms(),
         }
     }
@@ -291,11 +296,10 @@ impl Router {
     /// `to_peers`, and queue it for this node's subscribers (how many).
     fn publish(&self, msg: Message, to_peers: bool) -> usize {
         self.stats.events.count(Outcome::Ok);
-        let msg = Arc::new(msg);
         if to_peers && let Some(remote) = self.remote.get() {
             remote.broadcast_event(&msg);
         }
-        self.deliver_event(&msg)
+        self.deliver_event(msg)
     }
 
     /// Queue a `covey.node.up` for every node up now, to one generation of
@@ -307,7 +311,7 @@ impl Router {
             return;
         };
         remote.replay_up(&mut |payload| {
-            let msg = Arc::new(self.message("*", lifecycle::NODE_UP, payload));
+            let msg = self.message("*", lifecycle::NODE_UP, payload);
             let table = self.table.read().unwrap();
             if let Some(mailbox) = table.mailbox(script) {
                 self.offer(mailbox, Delivery::Event { msg, generation });
@@ -316,19 +320,35 @@ impl Router {
     }
 
     /// Queue `msg` for every local script with a matching event subscription.
-    pub fn deliver_event(&self, msg: &Arc<Message>) -> usize {
+    pub fn deliver_event(&self, msg: Message) -> usize {
         let table = self.table.read().unwrap();
         // The newest matching generation decides; the instance re-checks
         // against its own subscriptions if that is not the live one.
+        let subs = table.event_subscribers(&msg);
+        self.offer_each(&subs, msg, |msg, generation| Delivery::Event {
+            msg,
+            generation,
+        })
+    }
+
+    /// Offer `msg` to each of `subs`, made a delivery by `delivery` (with
+    /// the subscription's generation): clones for all but the last, which
+    /// takes `msg` itself. How many were queued.
+    fn offer_each(
+        &self,
+        subs: &[&Arc<table::Sub>],
+        msg: Message,
+        delivery: impl Fn(Message, u64) -> Delivery,
+    ) -> usize {
+        let Some((last, others)) = subs.split_last() else {
+            return 0;
+        };
         let mut queued = 0;
-        for sub in table.event_subscribers(msg) {
-            let d = Delivery::Event {
-                msg: msg.clone(),
-                generation: sub.generation,
-            };
+        for sub in others {
+            let d = delivery(msg.clone(), sub.generation);
             queued += self.offer(&sub.mailbox, d) as usize;
         }
-        queued
+        queued + self.offer(&last.mailbox, delivery(msg, last.generation)) as usize
     }
 
     /// Send a command to `target` (a node or `*`); every matching handler
@@ -365,18 +385,18 @@ impl Router {
     ) -> Result<usize, SendError> {
         self.check_payload(&payload)
             .map_err(SendError::PayloadTooLarge)?;
-        let msg = Arc::new(self.message_from(device, target, name, payload));
+        let msg = self.message_from(device, target, name, payload);
         if target == "*" {
             if let Some(remote) = self.remote.get() {
                 remote.send_command(None, &msg);
             }
-            return Ok(self.deliver_command(&msg));
+            return Ok(self.deliver_command(msg));
         }
         let (node, on_device) = split_target(target);
         if node == &*self.node {
             return match on_device {
                 Some(d) => self.device_command(d, &msg).map(|()| 0),
-                None => Ok(self.deliver_command(&msg)),
+                None => Ok(self.deliver_command(msg)),
             };
         }
         match self.route(node) {
@@ -391,24 +411,20 @@ impl Router {
 
     /// Queue a command for every local script with a matching handler, or
     /// hand it to the device it names.
-    pub fn deliver_command(&self, msg: &Arc<Message>) -> usize {
+    pub fn deliver_command(&self, msg: Message) -> usize {
         if let Some(device) = self.local_device(&msg.to) {
-            if let Err(e) = self.device_command(device, msg) {
+            if let Err(e) = self.device_command(device, &msg) {
                 tracing::debug!(to = for_log(&msg.to), "command for a device dropped: {e:?}");
             }
             return 0;
         }
         let table = self.table.read().unwrap();
-        let mut queued = 0;
-        for sub in table.command_handlers(msg) {
-            let d = Delivery::Command {
-                msg: msg.clone(),
-                generation: sub.generation,
-                reply: None,
-            };
-            queued += self.offer(&sub.mailbox, d) as usize;
-        }
-        queued
+        let subs = table.command_handlers(&msg);
+        self.offer_each(&subs, msg, |msg, generation| Delivery::Command {
+            msg,
+            generation,
+            reply: None,
+        })
     }
 
     /// Tell watchers of `key` that it changed.

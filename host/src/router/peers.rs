@@ -4,10 +4,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bindings::{CallError, Message, SendError};
+use super::Message;
+use crate::bindings::{CallError, SendError};
 
 /// How this node sees another one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub trait Remote: Send + Sync {
     /// Send a command to one peer, or to every peer that is up (`None`).
     fn send_command(&self, to: Option<&str>, msg: &Message);
     /// A call to the peer `node`, answered or failed within `timeout`.
-    fn call(&self, node: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
+    fn call(&self, node: &str, msg: Message, timeout: Duration) -> CallFuture;
     /// Every peer this node knows of (itself excluded).
     fn members(&self) -> Vec<crate::bindings::NodeInfo>;
     /// Hand `deliver` the payload of a `covey.node.up` for every node up
@@ -43,7 +43,7 @@ pub trait Devices: Send + Sync {
     /// A command for `device`, queued without waiting.
     fn command(&self, device: &str, msg: &Message) -> Result<(), SendError>;
     /// A call to `device`, answered or failed within `timeout`.
-    fn call(&self, device: &str, msg: Arc<Message>, timeout: Duration) -> CallFuture;
+    fn call(&self, device: &str, msg: Message, timeout: Duration) -> CallFuture;
 }
 
 /// Calls the node answers itself, before any script (names under

@@ -29,8 +29,8 @@ use std::sync::atomic::AtomicU64;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
+use super::Message;
 use super::{Delivery, ScriptId, SubKind};
-use crate::bindings::Message;
 use crate::pattern::Pattern;
 
 /// Where a script's deliveries go.

@@ -10,14 +10,14 @@
 //! cost per event to need at most an eighth of the budget, and runs under
 //! twice the budget: any one event of it may take a whole budget.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::{Func, Instance};
 use wasmtime::{Result, Store};
 
-use crate::bindings::covey::script::types::{EventHead, Message};
+use crate::bindings::covey::script::types::EventHead;
 use crate::capabilities::ScriptState;
+use crate::router::Message;
 
 /// The most events one `on-events` call carries.
 pub const MAX_BATCH: usize = 256;
@@ -91,7 +91,7 @@ pub struct Buffers {
 
 impl Buffers {
     /// Lay `msgs` out; the buffers keep their capacity, up to a bound.
-    fn fill(&mut self, msgs: &[Arc<Message>]) -> Result<()> {
+    fn fill(&mut self, msgs: &[Message]) -> Result<()> {
         if self.bytes.capacity() > 4 * MAX_BATCH_BYTES {
             self.bytes = Vec::new();
         }
@@ -131,7 +131,7 @@ fn len32(n: usize) -> Result<u32> {
 pub async fn call_on_events(
     store: &mut Store<ScriptState>,
     func: Func,
-    msgs: &[Arc<Message>],
+    msgs: &[Message],
     buffers: &mut Buffers,
 ) -> Result<()> {
     buffers.fill(msgs)?;
@@ -171,15 +171,15 @@ mod tests {
 
     use super::split;
 
-    fn message(id: u64, from: &str, name: &str, payload: &[u8]) -> Arc<Message> {
-        Arc::new(Message {
+    fn message(id: u64, from: &str, name: &str, payload: &[u8]) -> Message {
+        Message {
             id,
             from: from.into(),
             to: "*".into(),
             name: name.into(),
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             timestamp_ms: 1_700_000_000_000 ^ id,
-        })
+        }
     }
 
     #[test]
@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(bufs.heads.len(), msgs.len());
         let mut reader = split::Split::new(&bufs.bytes);
         for (h, m) in bufs.heads.iter().zip(&msgs) {
-            assert_eq!(reader.next(h).unwrap(), split::Event::from(&**m));
+            assert_eq!(reader.next(h).unwrap(), split::Event::from(m));
         }
         // Nothing left over: the next read of even one byte fails.
         assert!(reader.next(&[0, 0, 0, 1]).is_err());

@@ -18,14 +18,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use wasmtime::{Result, Store, StoreContextMut, Trap, UpdateDeadline};
 
-use crate::bindings::covey::script::types::Message;
 use crate::bindings::{CallError, Script, ScriptPre};
 use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{CpuBudget, ScriptEnv, ScriptState};
 use crate::engine::EPOCH_TICK;
 use crate::lifecycle::{self, ScriptEvent, StartKind};
-use crate::router::{Delivery, ScriptId};
+use crate::router::{Delivery, Message, ScriptId};
 use crate::services::Services;
 
 use super::batch::{self, BatchSize};
@@ -326,10 +325,10 @@ impl ScriptInstance {
     /// skipped). A delivery that is not an event ends the run and is held.
     fn collect_events(
         &mut self,
-        first: Arc<Message>,
+        first: Message,
         generation: u64,
         room: usize,
-    ) -> (Vec<Arc<Message>>, usize) {
+    ) -> (Vec<Message>, usize) {
         let Some(live) = self.live.as_ref() else {
             return (Vec::new(), 1);
         };
@@ -357,7 +356,7 @@ impl ScriptInstance {
     }
 
     /// Hand `batch` to the script: `on-event` for one, `on-events` for more.
-    async fn deliver_events(&mut self, mut batch: Vec<Arc<Message>>, skipped: usize) {
+    async fn deliver_events(&mut self, mut batch: Vec<Message>, skipped: usize) {
         let started = std::time::Instant::now();
         let n = batch.len();
         let result = match (n, self.live.as_mut()) {
@@ -422,7 +421,10 @@ impl ScriptInstance {
                 }
                 let store = &mut live.store;
                 arm(store, budget);
-                let r = live.bindings.call_on_event(&mut *store, &msg).await;
+                let r = live
+                    .bindings
+                    .call_on_event(&mut *store, &msg.to_wit())
+                    .await;
                 ("on-event", r)
             }
             Delivery::Command {
@@ -441,7 +443,10 @@ impl ScriptInstance {
                     return None;
                 }
                 arm(store, budget);
-                let r = live.bindings.call_on_command(&mut *store, &msg).await;
+                let r = live
+                    .bindings
+                    .call_on_command(&mut *store, &msg.to_wit())
+                    .await;
                 let outcome = match &r {
                     Ok(Some(p)) => Ok(p.clone()),
                     Ok(None) => Err(CallError::NoReply),
