@@ -19,7 +19,6 @@ use covey::cluster::ClusterConfig;
 use covey::cluster::credentials::ClusterToken;
 use covey::router::{Delivery, PeerStatus, SubKind};
 use covey::{Node, NodeConfig};
-use tokio::sync::mpsc;
 
 mod support;
 use support::{ms, pct, sample, us};
@@ -69,7 +68,7 @@ async fn set_to_watch(rounds: usize) {
     linked(&a, &b).await;
     // A watcher on B, registered like a script's: the figure stops where a
     // script's `on-kv-change` would be called.
-    let (tx, mut rx) = mpsc::channel(1024);
+    let (tx, mut rx) = covey::router::mailbox(1024);
     b.router().register("bench-watch".into(), tx);
     b.router().subscribe(
         "bench-watch",

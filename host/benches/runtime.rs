@@ -149,7 +149,7 @@ fn subscription_costs(n: usize) {
     use covey::pattern::Pattern;
     use covey::router::{Router, SubKind};
     let router = Router::new("bench", 1 << 20);
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let (tx, _rx) = covey::router::mailbox(1);
     router.register("many.lua".into(), tx);
     let t = Instant::now();
     let ids: Vec<u64> = (0..n)
@@ -295,7 +295,7 @@ async fn instantiations(
     code: &covey::script::LoadedScript,
     rounds: usize,
 ) -> Vec<Duration> {
-    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let (tx, _rx) = covey::router::mailbox(16);
     let mut times = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let env = ScriptEnv {

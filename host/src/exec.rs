@@ -64,7 +64,7 @@ pub async fn exec(file: &Path, opts: ExecOptions) -> Result<()> {
     let supervisor = ScriptSupervisor::new(services.clone(), cache, dir)?;
     let hash = blake3::hash(&bytes);
     let code = supervisor.prepare(&name, bytes, hash).await?;
-    let (mailbox_tx, _mailbox) = tokio::sync::mpsc::channel(16);
+    let (mailbox_tx, _mailbox) = crate::router::mailbox(16);
     router.register(name.clone(), mailbox_tx.clone());
     let env = ScriptEnv {
         script: name.clone(),

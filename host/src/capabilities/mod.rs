@@ -8,12 +8,11 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use tokio::sync::mpsc;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::router::{Delivery, ScriptId};
+use crate::router::{MailboxTx, ScriptId};
 use crate::services::Services;
 
 pub mod config;
@@ -36,7 +35,7 @@ pub struct ScriptEnv {
     /// Node-wide services (router, key-value store, config).
     pub services: Arc<Services>,
     /// The script's own mailbox, for timers.
-    pub mailbox: mpsc::Sender<Delivery>,
+    pub mailbox: MailboxTx,
     /// For `.lua` scripts: the source the Lua guest runs.
     pub lua: Option<lua::LuaScript>,
     /// The script's log rate limit (outlives generations).

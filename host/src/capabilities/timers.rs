@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use wasmtime::component::{HasSelf, Linker};
@@ -17,14 +16,14 @@ use wasmtime::component::{HasSelf, Linker};
 use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::LimitExceeded;
 use crate::bindings::covey::script::timers as wit;
-use crate::router::Delivery;
+use crate::router::{Delivery, MailboxTx};
 
 /// Timers one script may have at once; more is almost certainly a leak.
 pub const MAX_TIMERS: usize = 10_000;
 
 pub struct TimersCtx {
     generation: u64,
-    mailbox: mpsc::Sender<Delivery>,
+    mailbox: MailboxTx,
     next_id: u64,
     timers: HashMap<u64, Timer>,
 }
@@ -70,17 +69,13 @@ impl TimersCtx {
                 interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 loop {
                     interval.tick().await;
-                    if mailbox
-                        .send(Delivery::Timer { generation, id })
-                        .await
-                        .is_err()
-                    {
+                    if !mailbox.send(Delivery::Timer { generation, id }).await {
                         break;
                     }
                 }
             } else {
                 tokio::time::sleep(period).await;
-                let _ = mailbox.send(Delivery::Timer { generation, id }).await;
+                mailbox.send(Delivery::Timer { generation, id }).await;
             }
         });
         self.timers.insert(id, Timer { task, repeating });

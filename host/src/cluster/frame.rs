@@ -359,6 +359,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether the next frame is already in the buffer, whole (or its
+    /// length is refused): `next` then returns without reading.
+    pub fn has_frame(&self) -> bool {
+        let avail = &self.buf[self.pos..];
+        avail.first_chunk::<4>().is_some_and(|prefix| {
+            let len = u32::from_le_bytes(*prefix) as usize;
+            len > self.max || avail.len() >= 4 + len
+        })
+    }
+
     /// Where the body of the next frame lies in the buffer, if all of it
     /// has arrived (and the frame is then counted as read).
     fn whole(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use super::*;
 
 impl Inbound for Shared {
-    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'_>) {
+    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'_>, events: &mut Vec<Message>) {
+        if !matches!(frame, Frame::Event(_)) {
+            self.events(events);
+        }
         let limit = self.router.max_payload();
         match frame {
             // A peer with a larger limit (or none) cannot push past ours.
@@ -46,9 +49,7 @@ impl Inbound for Shared {
                     "dropped an event from a peer: a system event only this node emits"
                 );
             }
-            Frame::Event(w) => {
-                self.router.deliver_event(w.to_message(&link.node));
-            }
+            Frame::Event(w) => events.push(w.to_message(&link.node)),
             Frame::Command(w) => {
                 self.router.deliver_command(w.to_message(&link.node));
             }
@@ -86,6 +87,12 @@ impl Inbound for Shared {
             Frame::Hello(_) => {
                 link.close(close::PROTOCOL, "a second hello on a link");
             }
+        }
+    }
+
+    fn events(&self, events: &mut Vec<Message>) {
+        if !events.is_empty() {
+            self.router.deliver_events(events);
         }
     }
 

@@ -60,9 +60,18 @@ pub struct PeerLink {
     pub stats: LinkStats,
 }
 
+/// The most events a link's reader hands over at once.
+const EVENT_RUN: usize = 1024;
+
 /// What the link's tasks hand inbound frames to.
 pub trait Inbound: Send + Sync + 'static {
-    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'_>);
+    /// A frame off `link`. An event is added to `events`, to be handed
+    /// over with the others of the same read (by [`Inbound::events`]);
+    /// any other frame hands over the events before it first, so order
+    /// holds.
+    fn frame(self: &Arc<Self>, link: &Arc<PeerLink>, frame: Frame<'_>, events: &mut Vec<Message>);
+    /// Deliver `events` (a run off one link, in order), leaving it empty.
+    fn events(&self, events: &mut Vec<Message>);
     fn link_closed(&self, link: &Arc<PeerLink>, why: String);
     /// A blob (script file contents) by hash, for a peer that asks.
     fn blob(&self, hash: &[u8; 32]) -> Option<Vec<u8>>;
@@ -222,11 +231,21 @@ impl PeerLink {
         mut reader: FrameReader<RecvStream>,
         inbound: &Arc<I>,
     ) -> String {
+        let mut events = Vec::new();
         loop {
-            match reader.next().await {
+            // Events go on once the read they came in is decoded, before
+            // the loop may wait for the next.
+            if !events.is_empty() && (!reader.has_frame() || events.len() >= EVENT_RUN) {
+                inbound.events(&mut events);
+            }
+            let next = reader.next().await;
+            if next.is_err() {
+                inbound.events(&mut events);
+            }
+            match next {
                 Ok(frame) => {
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
-                    inbound.frame(self, frame);
+                    inbound.frame(self, frame, &mut events);
                 }
                 Err(FrameError::Closed) => return closed_reason(&self.conn),
                 Err(FrameError::Io(e)) => {

@@ -205,13 +205,12 @@ mod tests {
     use super::*;
     use crate::lifecycle::SystemEvent;
     use crate::pattern::Pattern;
-    use crate::router::{Delivery, SubKind};
-    use tokio::sync::mpsc;
+    use crate::router::{Delivery, MailboxRx, SubKind, mailbox};
 
     /// A presence whose events land in the returned mailbox.
-    fn watched(window: Duration) -> (Arc<Presence>, mpsc::Receiver<Delivery>) {
+    fn watched(window: Duration) -> (Arc<Presence>, MailboxRx) {
         let router = Arc::new(Router::new("me", 1 << 20));
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mailbox(64);
         router.register("watch.lua".into(), tx);
         let kind = SubKind::Event {
             from: Pattern::new("*"),
@@ -221,9 +220,9 @@ mod tests {
         (Presence::new(router, window), rx)
     }
 
-    fn events(rx: &mut mpsc::Receiver<Delivery>) -> Vec<SystemEvent> {
+    fn events(rx: &mut MailboxRx) -> Vec<SystemEvent> {
         let mut out = Vec::new();
-        while let Ok(Delivery::Event { msg, .. }) = rx.try_recv() {
+        while let Some(Delivery::Event { msg, .. }) = rx.try_recv() {
             out.push(SystemEvent::parse(&msg.name, &msg.payload).unwrap());
         }
         out

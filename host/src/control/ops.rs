@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use super::StatusSource;
 use super::fleet::{self, FleetLogs, Nodes};
@@ -26,7 +26,9 @@ use super::proto::{
 use crate::kvdoc::KvError;
 use crate::logring::{LOGS, LogLine, LogQuery};
 use crate::pattern::Pattern;
-use crate::router::{Delivery, PeerStatus, Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SubKind};
+use crate::router::{
+    Delivery, MailboxRx, PeerStatus, Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SubKind, mailbox,
+};
 use futures_util::{Stream, StreamExt};
 
 /// Longest call timeout an operator may ask for.
@@ -305,7 +307,7 @@ pub(crate) fn nodes(source: &StatusSource) -> Vec<NodeRow> {
 pub(crate) struct Tap {
     router: Arc<Router>,
     name: Arc<str>,
-    rx: mpsc::Receiver<Delivery>,
+    rx: MailboxRx,
 }
 
 /// What a tap yields.
@@ -319,7 +321,7 @@ pub(crate) enum TapItem {
 impl Tap {
     pub(crate) fn open(router: Arc<Router>, kind: SubKind) -> Tap {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        let (tx, rx) = mpsc::channel(TAP_MAILBOX);
+        let (tx, rx) = mailbox(TAP_MAILBOX);
         let name: Arc<str> = format!("tap:{}", NEXT.fetch_add(1, Ordering::Relaxed)).into();
         router.register(name.clone(), tx);
         router.subscribe(&name, 0, kind);

@@ -25,7 +25,6 @@ use anyhow::{Context, Result};
 use covey_firmware_bridge::mqtt::MqttConfig;
 use covey_firmware_bridge::serial::SerialPort;
 use covey_firmware_bridge::{Bridge, BridgeConfig, Bus, BusError, DeviceError, WeakBridge};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use self::registry::DeviceRegistry;
@@ -235,7 +234,7 @@ impl Bus for RouterBus {
     }
 
     fn attach(&self, device: &str) {
-        let (tx, mut rx) = mpsc::channel(DEVICE_MAILBOX);
+        let (tx, mut rx) = crate::router::mailbox(DEVICE_MAILBOX);
         self.router.register(router_id(device), tx);
         let bridge = self.bridge.get().expect("bridge set at start").clone();
         let name = device.to_string();

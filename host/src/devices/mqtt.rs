@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use covey_firmware_bridge::mqtt::{Mqtt, MqttBus, MqttConfig};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::registry::DeviceRegistry;
@@ -69,7 +68,7 @@ pub fn start(
         registry,
     });
     let (mqtt, task) = Mqtt::start(cfg, bus.clone());
-    let (tx, mut rx) = mpsc::channel(MAILBOX);
+    let (tx, mut rx) = crate::router::mailbox(MAILBOX);
     router.register(ROUTER_ID.into(), tx);
     let all = SubKind::Event {
         from: Pattern::new("*"),

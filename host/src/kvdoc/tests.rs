@@ -7,21 +7,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use automerge::sync;
-use tokio::sync::mpsc;
 
 use super::{KvDoc, KvLimits};
 use crate::docsync::SyncTarget;
 use crate::pattern::Pattern;
-use crate::router::{Delivery, Router, SubKind};
+use crate::router::{Delivery, MailboxRx, Router, SubKind, mailbox};
 
 struct Replica {
     kv: KvDoc,
-    rx: mpsc::Receiver<Delivery>,
+    rx: MailboxRx,
 }
 
 fn replica(name: &str) -> Replica {
     let router = Arc::new(Router::new(name, 1 << 20));
-    let (tx, rx) = mpsc::channel(100_000);
+    let (tx, rx) = mailbox(100_000);
     router.register("watcher".into(), tx);
     router.subscribe("watcher", 1, SubKind::Watch { prefix: "".into() });
     let conflicts = SubKind::Event {
@@ -46,7 +45,7 @@ fn contents(kv: &KvDoc) -> BTreeMap<String, Vec<u8>> {
 /// Keys reported to watchers, and conflict events, since the last call.
 fn reported(r: &mut Replica) -> (Vec<String>, usize) {
     let (mut keys, mut conflicts) = (Vec::new(), 0);
-    while let Ok(d) = r.rx.try_recv() {
+    while let Some(d) = r.rx.try_recv() {
         match d {
             Delivery::KvChange { key, .. } => keys.push(key.to_string()),
             Delivery::Event { .. } => conflicts += 1,

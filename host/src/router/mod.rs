@@ -15,6 +15,7 @@
 //! System events (`covey.*`, see `lifecycle`) enter only through
 //! [`Router::emit_system`]; every other sender is refused the prefix.
 //!
+//! - `mailbox` — a script's queue of deliveries, filled a run at a time.
 //! - `message` — the message as it is carried (shared strings, a
 //!   refcounted payload).
 //! - `peers` — the traits through which it reaches other nodes, devices
@@ -28,18 +29,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use smallvec::SmallVec;
 use smol_str::SmolStr;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::bindings::{CallError, SendError};
 use crate::lifecycle;
 use crate::pattern::Pattern;
 
 mod calls;
+mod mailbox;
 mod message;
 mod peers;
 mod stats;
 mod table;
+pub use mailbox::{MailboxRx, MailboxTx, mailbox};
 pub use message::Message;
 pub use peers::{
     CallFuture, Devices, PeerStatus, Remote, SYSTEM_LOGS, SYSTEM_SCRIPTS, SystemCalls, split_target,
@@ -186,7 +190,7 @@ impl Router {
     }
 
     /// Make a script reachable. Its subscriptions start empty.
-    pub fn register(&self, script: ScriptId, mailbox: mpsc::Sender<Delivery>) {
+    pub fn register(&self, script: ScriptId, mailbox: MailboxTx) {
         self.table.write().unwrap().register(script, mailbox);
     }
 
@@ -331,24 +335,49 @@ impl Router {
         })
     }
 
-    /// Offer `msg` to each of `subs`, made a delivery by `delivery` (with
-    /// the subscription's generation): clones for all but the last, which
-    /// takes `msg` itself. How many were queued.
+    /// Queue a run of events (one read off a link) for the local scripts
+    /// subscribed to each, in order: the table is locked once for the run
+    /// and each mailbox is filled once. How many deliveries were queued.
+    pub fn deliver_events(&self, msgs: &mut Vec<Message>) -> usize {
+        let table = self.table.read().unwrap();
+        let mut runs: SmallVec<[(&Arc<table::Mailbox>, Vec<Delivery>); 2]> = SmallVec::new();
+        let each = msgs.len();
+        for msg in msgs.drain(..) {
+            let subs = table.event_subscribers(&msg);
+            let event = |msg, generation| Delivery::Event { msg, generation };
+            each_delivery(&subs, msg, event, |sub, d| {
+                let i = (runs.iter().position(|(m, _)| Arc::ptr_eq(m, &sub.mailbox)))
+                    .unwrap_or_else(|| {
+                        runs.push((&sub.mailbox, Vec::with_capacity(each)));
+                        runs.len() - 1
+                    });
+                runs[i].1.push(d);
+            });
+        }
+        let mut queued = 0;
+        for (mailbox, mut run) in runs {
+            let n = mailbox.tx.send_many(&mut run);
+            self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+            if !run.is_empty() {
+                self.count_dropped(mailbox, run.len() as u64);
+            }
+            queued += n;
+        }
+        queued
+    }
+
+    /// Offer `msg` to each of `subs`; how many were queued.
     fn offer_each(
         &self,
         subs: &[&Arc<table::Sub>],
         msg: Message,
         delivery: impl Fn(Message, u64) -> Delivery,
     ) -> usize {
-        let Some((last, others)) = subs.split_last() else {
-            return 0;
-        };
         let mut queued = 0;
-        for sub in others {
-            let d = delivery(msg.clone(), sub.generation);
+        each_delivery(subs, msg, delivery, |sub, d| {
             queued += self.offer(&sub.mailbox, d) as usize;
-        }
-        queued + self.offer(&last.mailbox, delivery(msg, last.generation)) as usize
+        });
+        queued
     }
 
     /// Send a command to `target` (a node or `*`); every matching handler
@@ -449,20 +478,24 @@ impl Router {
     /// Queue without waiting: a full mailbox (a stuck or crashed script)
     /// never blocks the sender or other scripts; the drop is counted.
     fn offer(&self, mailbox: &table::Mailbox, d: Delivery) -> bool {
-        match mailbox.tx.try_send(d) {
-            Ok(()) => {
-                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(_) => {
-                mailbox.dropped.fetch_add(1, Ordering::Relaxed);
-                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    let script = &*mailbox.script;
-                    tracing::warn!(script, dropped_total = n, "mailbox full, message dropped");
-                }
-                false
-            }
+        let queued = mailbox.tx.try_send(d);
+        if queued {
+            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.count_dropped(mailbox, 1);
+        }
+        queued
+    }
+
+    /// `n` deliveries to `mailbox` did not fit.
+    fn count_dropped(&self, mailbox: &table::Mailbox, n: u64) {
+        mailbox.dropped.fetch_add(n, Ordering::Relaxed);
+        let before = self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+        // Logged at each power of two passed, so a flood logs rarely.
+        if (before + n).ilog2() != before.checked_ilog2().unwrap_or(u32::MAX) {
+            let script = &*mailbox.script;
+            let dropped_total = before + n;
+            tracing::warn!(script, dropped_total, "mailbox full, message dropped");
         }
     }
 
@@ -482,6 +515,24 @@ impl Router {
             .cloned()
             .collect()
     }
+}
+
+/// `msg` made a delivery by `delivery` (with the subscription's
+/// generation) for each of `subs`, handed to `to`: clones for all but the
+/// last, which takes `msg` itself.
+fn each_delivery<'t>(
+    subs: &[&'t Arc<table::Sub>],
+    msg: Message,
+    delivery: impl Fn(Message, u64) -> Delivery,
+    mut to: impl FnMut(&'t Arc<table::Sub>, Delivery),
+) {
+    let Some((last, others)) = subs.split_last() else {
+        return;
+    };
+    for sub in others {
+        to(sub, delivery(msg.clone(), sub.generation));
+    }
+    to(last, delivery(msg, last.generation));
 }
 
 pub fn now_ms() -> u64 {

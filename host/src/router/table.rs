@@ -27,16 +27,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use smallvec::SmallVec;
-use tokio::sync::mpsc;
 
-use super::Message;
-use super::{Delivery, ScriptId, SubKind};
+use super::{MailboxTx, Message, ScriptId, SubKind};
 use crate::pattern::Pattern;
 
 /// Where a script's deliveries go.
 pub(super) struct Mailbox {
     pub script: ScriptId,
-    pub tx: mpsc::Sender<Delivery>,
+    pub tx: MailboxTx,
     /// Deliveries dropped because this mailbox was full.
     pub dropped: AtomicU64,
 }
@@ -68,7 +66,7 @@ pub(super) struct Table {
 }
 
 impl Table {
-    pub fn register(&mut self, script: ScriptId, tx: mpsc::Sender<Delivery>) {
+    pub fn register(&mut self, script: ScriptId, tx: MailboxTx) {
         self.unregister(&script);
         let mailbox = Arc::new(Mailbox {
             script: script.clone(),
@@ -396,7 +394,7 @@ mod tests {
     fn table_with(scripts: usize) -> Table {
         let mut t = Table::default();
         for i in 0..scripts {
-            t.register(format!("s{i}.lua").into(), mpsc::channel(1).0);
+            t.register(format!("s{i}.lua").into(), super::super::mailbox(1).0);
         }
         t
     }

@@ -24,7 +24,7 @@ use crate::capabilities::lua::LuaScript;
 use crate::capabilities::{CpuBudget, ScriptEnv, ScriptState};
 use crate::engine::EPOCH_TICK;
 use crate::lifecycle::{self, ScriptEvent, StartKind};
-use crate::router::{Delivery, Message, ScriptId};
+use crate::router::{Delivery, MailboxRx, MailboxTx, Message, ScriptId};
 use crate::services::Services;
 
 use super::batch::{self, BatchSize};
@@ -111,11 +111,8 @@ pub struct Live {
 pub struct ScriptInstance {
     script: ScriptId,
     services: Arc<Services>,
-    mailbox_tx: mpsc::Sender<Delivery>,
-    mailbox: mpsc::Receiver<Delivery>,
-    /// A delivery taken from the mailbox to end a batch of events, handled
-    /// before the mailbox's next.
-    held: Option<Delivery>,
+    mailbox_tx: MailboxTx,
+    mailbox: MailboxRx,
     batch_size: BatchSize,
     /// `on-events`' two buffers, reused.
     batch_buffers: batch::Buffers,
@@ -140,7 +137,7 @@ impl ScriptInstance {
         script: ScriptId,
         services: Arc<Services>,
         code: Arc<LoadedScript>,
-        mailbox: (mpsc::Sender<Delivery>, mpsc::Receiver<Delivery>),
+        mailbox: (MailboxTx, MailboxRx),
         control: mpsc::UnboundedReceiver<Control>,
         status: (Arc<Mutex<ScriptStatus>>, Arc<ScriptCounters>),
         log_rate: Arc<LogRate>,
@@ -151,7 +148,6 @@ impl ScriptInstance {
             services,
             mailbox_tx: mailbox.0,
             mailbox: mailbox.1,
-            held: None,
             batch_size,
             batch_buffers: batch::Buffers::default(),
             control,
@@ -196,7 +192,7 @@ impl ScriptInstance {
                         self.schedule_restart("init", &e);
                     }
                 }
-                d = held_or_next(&mut self.held, &mut self.mailbox), if self.live.is_some() => {
+                d = self.mailbox.recv(), if self.live.is_some() => {
                     let Some(d) = d else { break };
                     self.drain(d).await;
                 }
@@ -315,14 +311,14 @@ impl ScriptInstance {
             if self.live.is_none() || !self.control.is_empty() || taken >= PER_WAKEUP {
                 return;
             }
-            next = self.held.take().or_else(|| self.mailbox.try_recv().ok());
+            next = self.mailbox.try_recv();
         }
     }
 
     /// `first` and the events right behind it in the mailbox, as many as
     /// the batch size and `room` allow, without those for an older
     /// generation's subscription the live one no longer has (counted as
-    /// skipped). A delivery that is not an event ends the run and is held.
+    /// skipped). A delivery that is not an event ends the run, still queued.
     fn collect_events(
         &mut self,
         first: Message,
@@ -333,25 +329,29 @@ impl ScriptInstance {
             return (Vec::new(), 1);
         };
         let limit = self.batch_size.limit().min(room);
+        let mut bytes = batch::laid_out_len(&first);
         let mut batch = Vec::with_capacity(limit);
-        let (mut skipped, mut bytes) = (0, 0);
-        let mut next = Some((first, generation));
-        while let Some((msg, generation)) = next.take() {
-            if live.wants_event(&msg, generation) {
-                bytes += batch::laid_out_len(&msg);
-                batch.push(msg);
-            } else {
-                skipped += 1;
+        let mut skipped = 0;
+        let mut add = |d| match d {
+            Delivery::Event { msg, generation } if live.wants_event(&msg, generation) => {
+                batch.push(msg)
             }
-            if batch.len() + skipped >= limit || bytes >= batch::MAX_BATCH_BYTES {
-                break;
+            _ => skipped += 1,
+        };
+        add(Delivery::Event {
+            msg: first,
+            generation,
+        });
+        // The run ends at the first delivery that is not an event, which
+        // stays queued for `drain`.
+        let wanted = |d: &Delivery| match d {
+            Delivery::Event { msg, .. } if bytes < batch::MAX_BATCH_BYTES => {
+                bytes += batch::laid_out_len(msg);
+                true
             }
-            match self.mailbox.try_recv() {
-                Ok(Delivery::Event { msg, generation }) => next = Some((msg, generation)),
-                Ok(other) => self.held = Some(other),
-                Err(_) => {}
-            }
-        }
+            _ => false,
+        };
+        self.mailbox.take_while(limit - 1, wanted, &mut add);
         (batch, skipped)
     }
 
@@ -535,17 +535,6 @@ impl Live {
     /// for this generation (its own, or one it subscribes to as well).
     fn wants_event(&self, msg: &Message, generation: u64) -> bool {
         generation == self.generation || self.store.data().events.wants_event(msg)
-    }
-}
-
-/// The next delivery: the one held back from a batch, else the mailbox's.
-async fn held_or_next(
-    held: &mut Option<Delivery>,
-    mailbox: &mut mpsc::Receiver<Delivery>,
-) -> Option<Delivery> {
-    match held.take() {
-        Some(d) => Some(d),
-        None => mailbox.recv().await,
     }
 }
 

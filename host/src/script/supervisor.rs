@@ -21,7 +21,7 @@ use crate::capabilities::log::LogRate;
 use crate::capabilities::lua::{self, LuaScript};
 use crate::capabilities::{self, ScriptState};
 use crate::engine::ComponentCache;
-use crate::router::ScriptId;
+use crate::router::{self, ScriptId};
 use crate::scriptdir::is_ignored_name;
 use crate::services::Services;
 
@@ -286,7 +286,7 @@ impl ScriptSupervisor {
         code: Arc<LoadedScript>,
         hash: blake3::Hash,
     ) -> (Handle, oneshot::Receiver<Result<(), String>>) {
-        let (mailbox_tx, mailbox_rx) = mpsc::channel(self.services.limits.mailbox);
+        let (mailbox_tx, mailbox_rx) = router::mailbox(self.services.limits.mailbox);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(ScriptStatus::default()));
         let counters = Arc::new(ScriptCounters::default());
