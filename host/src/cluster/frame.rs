@@ -362,25 +362,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Whether the next frame is already in the buffer, whole (or its
     /// length is refused): `next` then returns without reading.
     pub fn has_frame(&self) -> bool {
-        let avail = &self.buf[self.pos..];
-        avail.first_chunk::<4>().is_some_and(|prefix| {
-            let len = u32::from_le_bytes(*prefix) as usize;
-            len > self.max || avail.len() >= 4 + len
-        })
+        self.next_len()
+            .is_some_and(|len| len > self.max || self.buf.len() - self.pos >= 4 + len)
+    }
+
+    /// The next frame's length, once its prefix has arrived.
+    fn next_len(&self) -> Option<usize> {
+        let prefix = self.buf[self.pos..].first_chunk::<4>()?;
+        Some(u32::from_le_bytes(*prefix) as usize)
     }
 
     /// Where the body of the next frame lies in the buffer, if all of it
     /// has arrived (and the frame is then counted as read).
     fn whole(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {
-        let avail = &self.buf[self.pos..];
-        let Some(prefix) = avail.first_chunk::<4>() else {
+        let Some(len) = self.next_len() else {
             return Ok(None);
         };
-        let len = u32::from_le_bytes(*prefix) as usize;
         if len > self.max {
             return Err(FrameError::TooLarge(len, self.max));
         }
-        if avail.len() < 4 + len {
+        if self.buf.len() - self.pos < 4 + len {
             return Ok(None);
         }
         let body = self.pos + 4..self.pos + 4 + len;

@@ -16,7 +16,7 @@
 //! [`Router::emit_system`]; every other sender is refused the prefix.
 //!
 //! - `mailbox` — a script's queue of deliveries, filled a run at a time.
-//! - `message` — the message as it is carried (shared strings, a
+//! - `message` — the message as it is carried (strings inline, a
 //!   refcounted payload).
 //! - `peers` — the traits through which it reaches other nodes, devices
 //!   and the node's own answers.
