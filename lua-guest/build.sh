@@ -10,23 +10,12 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
-tools="$root/target/lua-toolchain"
 rustup target add wasm32-wasip2 >/dev/null
 
 # -mexception-handling: Lua's setjmp/longjmp become wasm exceptions.
 # -fno-sanitize=undefined: zig enables UBSan in debug builds, whose runtime
 # the component would then import.
 zig="$(bash "$root/dist/zig.sh" wasm32-wasi "" -mexception-handling -fno-sanitize=undefined)"
-mkdir -p "$tools/lib"
-
-# Runtime pieces nothing in the Rust link provides: the setjmp/longjmp
-# runtime and the (empty) emulated-signal library lua-src asks for.
-"$zig/cc" -O2 -c "$here/support/wasm_sjlj.c" -o "$tools/lib/wasm_sjlj.o"
-"$zig/cc" -O2 -c "$here/support/empty.c" -o "$tools/lib/empty.o"
-rm -f "$tools/lib/libsetjmp.a" "$tools/lib/libwasi-emulated-signal.a"
-"$zig/ar" rcs "$tools/lib/libsetjmp.a" "$tools/lib/wasm_sjlj.o"
-"$zig/ar" rcs "$tools/lib/libwasi-emulated-signal.a" "$tools/lib/empty.o"
-
 # Paths embedded in the component (panic locations) must not depend on the
 # machine: the checkout and home directories are remapped, and so is the
 # standard library's source. Its paths are /rustc/<commit>/... as shipped,
@@ -38,8 +27,16 @@ remap="--remap-path-prefix=$root=/covey --remap-path-prefix=$HOME=/home"
 remap="$remap --remap-path-prefix=$sysroot/lib/rustlib/src/rust=/rustc/$commit"
 
 cd "$here"
+# Lua's sources: lua-src's (Lua 5.4.9 with the patches WASI needs), which
+# build.rs compiles as one translation unit (support/onelua.c).
+cargo fetch --locked --target wasm32-wasip2 >/dev/null
+COVEY_LUA_SRC="$(cargo metadata --locked --offline --format-version 1 | python3 -c '
+import json, os, sys
+pkg = [p for p in json.load(sys.stdin)["packages"] if p["name"] == "lua-src"]
+print(os.path.join(os.path.dirname(pkg[0]["manifest_path"]), "lua-5.4.9"))')"
+export COVEY_LUA_SRC
 export CC_wasm32_wasip2="$zig/cc" AR_wasm32_wasip2="$zig/ar"
-export CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L $tools/lib $remap"
+export CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="$remap"
 cargo build --locked --release --target wasm32-wasip2 --target-dir "$root/target"
 if [ "${1:-}" = "--check" ]; then
   # The guest is outside the workspace: the workspace's clippy skips it.

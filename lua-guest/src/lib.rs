@@ -1,4 +1,4 @@
-//! Covey's Lua guest: real Lua 5.4 (PUC-Rio, vendored by mlua) running one
+//! Covey's Lua guest: real Lua 5.4 (PUC-Rio, compiled by build.rs as one unit) running one
 //! `.lua` script per instance. The host hands the script's text over the
 //! `lua-source` import; everything else is the ordinary `script` world.
 //!
