@@ -82,10 +82,11 @@ impl Drop for MailboxTx {
 }
 
 impl MailboxTx {
-    /// Queue `d`; false (and `d` dropped) when the mailbox is full.
+    /// Queue `d`; false (and `d` dropped) when the mailbox is full or its
+    /// receiver is gone (the script stopped and is not yet unregistered).
     pub fn try_send(&self, d: Delivery) -> bool {
         let q = self.shared.queue.lock().unwrap();
-        if q.items.len() >= self.shared.capacity {
+        if q.receiver_gone || q.items.len() >= self.shared.capacity {
             return false;
         }
         self.push(q, d);
@@ -123,9 +124,13 @@ impl MailboxTx {
         }
     }
 
-    /// Queue as many of `ds` as fit, in order; how many did.
+    /// Queue as many of `ds` as fit, in order; how many did (none once the
+    /// receiver is gone).
     pub fn send_many(&self, ds: &mut Vec<Delivery>) -> usize {
         let mut q = self.shared.queue.lock().unwrap();
+        if q.receiver_gone {
+            return 0;
+        }
         let room = self.shared.capacity.saturating_sub(q.items.len());
         let n = room.min(ds.len());
         let was_empty = q.items.is_empty();
@@ -197,8 +202,15 @@ impl MailboxRx {
 }
 
 impl Drop for MailboxRx {
+    /// What was queued is dropped now, not when the router unregisters the
+    /// script: a caller waiting on a queued call's reply hears at once.
     fn drop(&mut self) {
-        self.shared.queue.lock().unwrap().receiver_gone = true;
+        let unread = {
+            let mut q = self.shared.queue.lock().unwrap();
+            q.receiver_gone = true;
+            std::mem::take(&mut q.items)
+        };
+        drop(unread);
         self.shared.room.notify_waiters();
     }
 }
@@ -246,6 +258,35 @@ mod tests {
         rx.take_while(10, |d| id_of(d) != 4, |d| out.push(id_of(&d)));
         assert_eq!(out, [1, 2, 3]);
         assert_eq!(rx.try_recv().map(|d| id_of(&d)), Some(4));
+    }
+
+    #[tokio::test]
+    async fn once_the_receiver_is_gone_nothing_queues_and_queued_calls_hear() {
+        let (tx, rx) = mailbox(4);
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let msg = crate::router::Message {
+            id: 1,
+            from: "a".into(),
+            to: "b".into(),
+            name: "call".into(),
+            payload: Default::default(),
+            timestamp_ms: 0,
+        };
+        let call = Delivery::Command {
+            msg,
+            generation: 1,
+            reply: Some(reply),
+        };
+        assert!(tx.try_send(call));
+        drop(rx);
+        assert_eq!(
+            answer.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+            "the queued call's reply is dropped with the receiver"
+        );
+        assert!(!tx.try_send(timer(1)));
+        assert_eq!(tx.send_many(&mut vec![timer(2)]), 0);
+        assert!(!tx.send(timer(3)).await);
     }
 
     #[tokio::test]

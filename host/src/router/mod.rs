@@ -495,7 +495,11 @@ impl Router {
         if (before + n).ilog2() != before.checked_ilog2().unwrap_or(u32::MAX) {
             let script = &*mailbox.script;
             let dropped_total = before + n;
-            tracing::warn!(script, dropped_total, "mailbox full, message dropped");
+            tracing::warn!(
+                script,
+                dropped_total,
+                "mailbox full (or script stopping), message dropped"
+            );
         }
     }
 
