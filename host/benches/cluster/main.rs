@@ -149,7 +149,8 @@ async fn covey_bench(calls: usize, events: u64) -> Duration {
             let base = rb.stats.handled.load(Ordering::Relaxed);
             let started = Instant::now();
             let mut sent = 0u64;
-            let body = vec![7u8; 64];
+            // Shared, as the NATS half shares its payload: a clone is a count.
+            let body = bytes::Bytes::from(vec![7u8; 64]);
             while sent < count {
                 let handled = || rb.stats.handled.load(Ordering::Relaxed) - base;
                 support::wait_for_room(|| sent.saturating_sub(handled()), 8000).await;

@@ -192,7 +192,7 @@ fn check_name(name: &str) -> std::result::Result<(), Failure> {
     Ok(())
 }
 
-pub(crate) fn emit(source: &StatusSource, name: &str, payload: Vec<u8>) -> Outcome {
+pub(crate) fn emit(source: &StatusSource, name: &str, payload: impl Into<bytes::Bytes>) -> Outcome {
     check_name(name)?;
     let n = source.router.emit(name, payload)?;
     Ok((json!({ "local_scripts": n }), vec![]))

@@ -99,9 +99,9 @@ fn answer(outcome: ops::Outcome, raw: bool) -> Response {
 }
 
 /// The body, or why it was refused (over the payload limit, unreadable).
-fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Vec<u8>, Failure> {
+fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
     match body {
-        Ok(b) => Ok(b.to_vec()),
+        Ok(b) => Ok(b),
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let max = state.source.router.max_payload() as u64;
             Err(payload_too_large(max))
@@ -159,7 +159,7 @@ async fn send(
     payload: Result<Bytes, BytesRejection>,
 ) -> Response {
     match body(&s, payload) {
-        Ok(p) => answer(ops::send(&s.source, &target, &name, p), false),
+        Ok(p) => answer(ops::send(&s.source, &target, &name, p.into()), false),
         Err(f) => failure(f),
     }
 }
@@ -182,7 +182,7 @@ async fn call(
     };
     match body(&s, payload) {
         Ok(p) => answer(
-            ops::call(&s.source, &target, &name, p, timeout_ms).await,
+            ops::call(&s.source, &target, &name, p.into(), timeout_ms).await,
             true,
         ),
         Err(f) => failure(f),

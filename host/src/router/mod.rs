@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use smallvec::SmallVec;
 use smol_str::SmolStr;
 use tokio::sync::oneshot;
@@ -226,18 +227,12 @@ impl Router {
     }
 
     /// A new message from this node.
-    pub fn message(&self, to: &str, name: &str, payload: Vec<u8>) -> Message {
-        self.message_from(None, to, name, payload)
+    pub fn message(&self, to: &str, name: &str, payload: impl Into<Bytes>) -> Message {
+        self.message_from(None, to, name, payload.into())
     }
 
     /// A new message from this node, or from one of its devices.
-    fn message_from(
-        &self,
-        device: Option<&str>,
-        to: &str,
-        name: &str,
-        payload: Vec<u8>,
-    ) -> Message {
+    fn message_from(&self, device: Option<&str>, to: &str, name: &str, payload: Bytes) -> Message {
         Message {
             id: self.msg_seq.fetch_add(1, Ordering::Relaxed),
             from: match device {
@@ -246,7 +241,7 @@ impl Router {
             },
             to: to.into(),
             name: name.into(),
-            payload: payload.into(),
+            payload,
             timestamp_ms: now_ms(),
         }
     }
@@ -260,8 +255,9 @@ impl Router {
     }
 
     /// Broadcast an event to local scripts and every peer. Returns how many
-    /// local scripts it was queued for.
-    pub fn emit(&self, name: &str, payload: Vec<u8>) -> Result<usize, SendError> {
+    /// local scripts it was queued for. The payload is taken as it is
+    /// (a `Vec` or a shared `Bytes`): a host sender's buffer is not copied.
+    pub fn emit(&self, name: &str, payload: impl Into<Bytes>) -> Result<usize, SendError> {
         self.emit_from(None, name, payload)
     }
 
@@ -270,8 +266,9 @@ impl Router {
         &self,
         device: Option<&str>,
         name: &str,
-        payload: Vec<u8>,
+        payload: impl Into<Bytes>,
     ) -> Result<usize, SendError> {
+        let payload = payload.into();
         if lifecycle::is_reserved(name) {
             self.stats.events.count(Outcome::ReservedName);
             return Err(SendError::ReservedName(name.to_string()));
@@ -414,7 +411,7 @@ impl Router {
     ) -> Result<usize, SendError> {
         self.check_payload(&payload)
             .map_err(SendError::PayloadTooLarge)?;
-        let msg = self.message_from(device, target, name, payload);
+        let msg = self.message_from(device, target, name, payload.into());
         if target == "*" {
             if let Some(remote) = self.remote.get() {
                 remote.send_command(None, &msg);

@@ -385,7 +385,7 @@ covey.handle("*", "seen", function() return tostring(seen) end)
     // script's events have shown they are quick and go in batches.
     for i in 0..3000 {
         let payload = if i == 1500 { "spin" } else { "x" };
-        router.emit("tick", payload.into()).unwrap();
+        router.emit("tick", payload.as_bytes().to_vec()).unwrap();
     }
     eventually(30, "the script failed and came back", || async {
         let list = t.node().supervisor().list().await;
