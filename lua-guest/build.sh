@@ -28,9 +28,11 @@ remap="$remap --remap-path-prefix=$sysroot/lib/rustlib/src/rust=/rustc/$commit"
 
 cd "$here"
 # Lua's sources: lua-src's (Lua 5.4.9 with the patches WASI needs), which
-# build.rs compiles as one translation unit (support/onelua.c).
+# build.rs compiles as one translation unit (support/onelua.c). Metadata
+# for the wasm target only: offline, it may read just what the fetch got.
 cargo fetch --locked --target wasm32-wasip2 >/dev/null
-COVEY_LUA_SRC="$(cargo metadata --locked --offline --format-version 1 | python3 -c '
+COVEY_LUA_SRC="$(cargo metadata --locked --offline --format-version 1 \
+  --filter-platform wasm32-wasip2 | python3 -c '
 import json, os, sys
 pkg = [p for p in json.load(sys.stdin)["packages"] if p["name"] == "lua-src"]
 print(os.path.join(os.path.dirname(pkg[0]["manifest_path"]), "lua-5.4.9"))')"
