@@ -86,11 +86,20 @@ impl MailboxTx {
     /// receiver is gone (the script stopped and is not yet unregistered).
     pub fn try_send(&self, d: Delivery) -> bool {
         let q = self.shared.queue.lock().unwrap();
-        if q.receiver_gone || q.items.len() >= self.shared.capacity {
+        if self.room(&q) == 0 {
             return false;
         }
         self.push(q, d);
         true
+    }
+
+    /// How many more deliveries `q` takes without waiting: none once the
+    /// receiver is gone.
+    fn room(&self, q: &Queue) -> usize {
+        if q.receiver_gone {
+            return 0;
+        }
+        self.shared.capacity.saturating_sub(q.items.len())
     }
 
     /// Queue `d` (there is room), waking the receiver if it may wait.
@@ -115,7 +124,7 @@ impl MailboxTx {
                 if q.receiver_gone {
                     return false;
                 }
-                if q.items.len() < self.shared.capacity {
+                if self.room(&q) > 0 {
                     self.push(q, d);
                     return true;
                 }
@@ -128,11 +137,7 @@ impl MailboxTx {
     /// receiver is gone).
     pub fn send_many(&self, ds: &mut Vec<Delivery>) -> usize {
         let mut q = self.shared.queue.lock().unwrap();
-        if q.receiver_gone {
-            return 0;
-        }
-        let room = self.shared.capacity.saturating_sub(q.items.len());
-        let n = room.min(ds.len());
+        let n = self.room(&q).min(ds.len());
         let was_empty = q.items.is_empty();
         q.items.extend(ds.drain(..n));
         drop(q);
