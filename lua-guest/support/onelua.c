@@ -18,7 +18,7 @@
  * A bigger inline threshold everywhere (-mllvm -inline-threshold=600) was
  * measured and not kept: it also inlined the debug hooks into the
  * interpreter loop, which doubled in size and ran fib ~10 % slower.
- * See docs/benchmarks.md ("Lua CPU").
+ * See docs/benchmarks.md ("Lua CPU-bound").
  */
 
 /* ltablib.c declares arc4random through <stdlib.h> included before
