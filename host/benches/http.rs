@@ -137,7 +137,7 @@ fn idle_rss() -> (f64, f64) {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             write!(
                 s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
             )
             .unwrap();
             let mut answer = String::new();
@@ -153,6 +153,7 @@ fn idle_rss() -> (f64, f64) {
 struct Client {
     io: BufReader<TcpStream>,
     line: String,
+    addr: SocketAddr,
 }
 
 impl Client {
@@ -162,12 +163,14 @@ impl Client {
         Client {
             io: BufReader::new(s),
             line: String::new(),
+            addr,
         }
     }
 
     async fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
         let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: b\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
             body.len()
         )
         .into_bytes();

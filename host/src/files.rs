@@ -14,10 +14,58 @@ use cap_std::fs::{Dir, OpenOptions};
 /// Who may read the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The process umask decides (usually everyone may read).
+    /// The process umask decides (usually everyone may read): the scripts
+    /// directory, `covey compile` output.
     Shared,
-    /// This user only (0600): secrets.
+    /// This user only (0600): everything in a node's data directory.
     Private,
+}
+
+/// Create `dir` (and missing parents) and make it this user's only
+/// (0700): a node's data directory holds device keys, tokens and the
+/// store.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+    }
+    Ok(())
+}
+
+/// Take group and other permissions off everything under `dir` (made by an
+/// older Covey, or by hand); symlinks are left alone. How many entries
+/// changed.
+pub fn make_private(dir: &Path) -> io::Result<usize> {
+    let mut changed = 0;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let meta = entry.path().symlink_metadata()?;
+                if meta.file_type().is_symlink() {
+                    continue;
+                }
+                if meta.is_dir() {
+                    pending.push(entry.path());
+                }
+                let mode = meta.permissions().mode();
+                if mode & 0o077 != 0 {
+                    let private = std::fs::Permissions::from_mode(mode & 0o700);
+                    std::fs::set_permissions(entry.path(), private)?;
+                    changed += 1;
+                }
+            }
+        }
+    }
+    Ok(changed)
 }
 
 /// Replace `path` with `bytes` (see the module comment); its directory is

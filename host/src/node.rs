@@ -43,15 +43,17 @@ impl Node {
     /// Start a node: open the store, load every script, start watching.
     pub async fn start(cfg: NodeConfig) -> Result<Node> {
         memory::tune();
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+        open_data_dir(&cfg.data_dir)?;
         std::fs::create_dir_all(&cfg.scripts_dir)
             .with_context(|| format!("creating scripts directory {}", cfg.scripts_dir.display()))?;
         // First, so a second node on the same data directory stops here,
         // before it touches the store.
         let control = ControlSocket::bind(&cfg.data_dir)?;
         let http = match cfg.http {
-            Some(addr) => Some(crate::http::HttpServer::bind(addr, &cfg.data_dir).await?),
+            Some(addr) => {
+                let hosts = cfg.http_hosts.clone();
+                Some(crate::http::HttpServer::bind(addr, hosts, &cfg.data_dir).await?)
+            }
             None => None,
         };
         let scripts_dir = cfg.scripts_dir.canonicalize()?;
@@ -289,4 +291,22 @@ impl Node {
         tracing::info!("node stopped");
         Ok(())
     }
+}
+
+/// Create the data directory owner-only, and take other accounts' access
+/// off what an older Covey (or a hand) left readable in it: it holds the
+/// device keys, the tokens and the whole store.
+fn open_data_dir(dir: &std::path::Path) -> Result<()> {
+    crate::files::create_private_dir(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    let changed = crate::files::make_private(dir)
+        .with_context(|| format!("making {} owner-only", dir.display()))?;
+    if changed > 0 {
+        tracing::warn!(
+            "data directory {}: {changed} files and directories were readable by other \
+             accounts; they are owner-only now",
+            dir.display()
+        );
+    }
+    Ok(())
 }

@@ -102,7 +102,7 @@ impl ClusterToken {
 
     /// Save the token in `data_dir`, readable by this user only.
     pub fn save(&self, data_dir: &Path) -> Result<PathBuf> {
-        std::fs::create_dir_all(data_dir)
+        files::create_private_dir(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let path = token_path(data_dir);
         let text = format!("{}\n", self.encode());

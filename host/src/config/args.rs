@@ -183,7 +183,8 @@ pub struct RunArgs {
     /// listen, peers,
     /// peer_timeout_ms, flap_window_ms, trust_precompiled, bridge_udp, bridge_serial,
     /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http,
-    /// grants: script path patterns to granted capabilities)
+    /// http_hosts: other names the HTTP API answers to, grants: script path
+    /// patterns to granted capabilities)
     #[arg(long, env = "COVEY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Memory cap per script in MiB [default: 64]

@@ -79,6 +79,10 @@ pub struct FileConfig {
     pub mqtt_prefix: Option<String>,
     /// The HTTP API's address (off when absent).
     pub http: Option<std::net::SocketAddr>,
+    /// Names the HTTP API answers to besides its own addresses (a reverse
+    /// proxy's, e.g. `covey.lan`).
+    #[serde(default)]
+    pub http_hosts: Vec<String>,
     /// Capabilities granted to scripts by path pattern (see `grants`).
     #[serde(default)]
     pub grants: serde_json::Value,
@@ -110,6 +114,8 @@ pub struct NodeConfig {
     pub bridge: crate::devices::BridgeSettings,
     /// The HTTP API's address (off by default).
     pub http: Option<std::net::SocketAddr>,
+    /// Other names the HTTP API answers to (`Host`); none by default.
+    pub http_hosts: Vec<crate::http::HostName>,
     /// Capabilities granted to scripts (none by default).
     pub grants: Grants,
 }
@@ -133,6 +139,7 @@ impl NodeConfig {
             engine_target: Target::Host,
             bridge: Default::default(),
             http: None,
+            http_hosts: Vec::new(),
             grants: Grants::default(),
         }
     }
@@ -215,6 +222,9 @@ impl NodeConfig {
         }
         cfg.bridge = crate::devices::BridgeSettings::resolve(args, file_bridge)?;
         cfg.http = args.http.or(file.http);
+        cfg.http_hosts = (file.http_hosts.iter())
+            .map(|h| crate::http::HostName::parse(h))
+            .collect::<Result<_>>()?;
         cfg.grants = Grants::parse(&file.grants, crate::capabilities::check_grant)?;
         Ok(cfg)
     }
@@ -464,6 +474,10 @@ mod tests {
             ["http [\"api.example.com\"]"]
         );
         assert!(c.grants.describe("t.lua").is_empty());
+        let c = resolve("http_hosts: [covey.lan, \"pi.lan:8080\"]\n").unwrap();
+        assert_eq!(c.http_hosts.len(), 2);
+        let err = resolve("http_hosts: [\"http://covey.lan\"]\n").unwrap_err();
+        assert!(err.contains("http_hosts: `http://covey.lan`"), "{err}");
         let err = resolve("grants:\n  \"*\": { shell: true }\n").unwrap_err();
         assert!(
             err.contains("*: shell: unknown capability `shell`") && err.contains("http"),

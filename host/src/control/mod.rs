@@ -208,6 +208,10 @@ impl ControlSocket {
         }
         let listener = UnixListener::bind(&path)
             .with_context(|| format!("binding control socket {}", path.display()))?;
+        // Owner-only, like everything in the data directory.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} owner-only", path.display()))?;
         Ok(ControlBinding { listener, path })
     }
 }

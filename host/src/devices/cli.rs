@@ -99,7 +99,7 @@ pub fn run(cmd: DeviceCommand) -> Result<()> {
 
 /// Through the running node, or on the file when none runs.
 async fn ask(dir: &Path, verb: &str, name: &str) -> Result<Value> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::files::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     match ControlSocket::bind(dir) {
         // No node runs here: hold its lock while working on the file.
         Ok(_lock) => {

@@ -79,9 +79,12 @@ fn chunk_len(bytes: &[u8]) -> Option<usize> {
 }
 
 pub fn append_chunk(path: &Path, chunk: &[u8]) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
+    let mut opts = OpenOptions::new();
+    opts.create(true).append(true);
+    // Owner-only, like everything in the data directory.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     f.write_all(chunk)?;
@@ -90,6 +93,6 @@ pub fn append_chunk(path: &Path, chunk: &[u8]) -> Result<()> {
 }
 
 pub fn write_snapshot(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::files::write_atomic(path, bytes, crate::files::Mode::Shared)
+    crate::files::write_atomic(path, bytes, crate::files::Mode::Private)
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -221,7 +221,7 @@ impl ComponentCache {
 /// never leaves a truncated artifact under the final name.
 fn store_artifact(path: &Path, component: &Component) -> Result<()> {
     let bytes = component.serialize()?;
-    crate::files::write_atomic(path, &bytes, crate::files::Mode::Shared)?;
+    crate::files::write_atomic(path, &bytes, crate::files::Mode::Private)?;
     Ok(())
 }
 

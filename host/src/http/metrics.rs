@@ -7,12 +7,13 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::guard::Guard;
 use crate::control::StatusSource;
 use crate::router::{Outcome, RouterStats, now_ms};
 use crate::script::instance::DURATION_BUCKETS;
 
 /// The exposition text.
-pub async fn render(source: &StatusSource) -> String {
+pub async fn render(source: &StatusSource, guard: &Guard) -> String {
     let mut m = Metrics::default();
     let report = source.report();
     m.family("covey_build_info", "gauge", "Covey's version (value 1).");
@@ -71,7 +72,25 @@ pub async fn render(source: &StatusSource) -> String {
         }
     }
     devices(&mut m, &report.devices);
+    refused(&mut m, guard);
     m.text
+}
+
+/// Requests refused as a browser's (see [`super::guard`]): someone's page
+/// tried this node.
+fn refused(m: &mut Metrics, guard: &Guard) {
+    let name = "covey_http_refused_total";
+    m.family(
+        name,
+        "counter",
+        "HTTP requests refused: a Host this API does not answer to, or from a page of another origin.",
+    );
+    for (rule, n) in [
+        ("host", &guard.refused_host),
+        ("origin", &guard.refused_origin),
+    ] {
+        m.sample(name, &[("rule", rule)], n.load(Ordering::Relaxed) as f64);
+    }
 }
 
 /// The key-value store, replication and scripts sync.

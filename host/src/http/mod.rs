@@ -7,6 +7,8 @@
 //! it needs no credentials (like the control socket: whoever is on this
 //! machine); on any other address every request needs the bearer token
 //! from `covey http token`, and the node refuses to start without one.
+//! Either way, what a web page could make a browser send is refused first
+//! ([`guard`]: a foreign `Host`, a request from another origin).
 //! Bodies are capped at the cluster's payload limit, and a request that
 //! takes longer than [`REQUEST_TIMEOUT`] to answer is cut off (streams are
 //! not: their answer starts at once).
@@ -23,8 +25,11 @@ use tokio::task::JoinHandle;
 use crate::control::StatusSource;
 use crate::files;
 
+pub mod guard;
 mod metrics;
 mod routes;
+
+pub use guard::HostName;
 
 pub const TOKEN_FILE: &str = "http-token";
 /// Longest time to answer a request (a call's own timeout is capped below
@@ -38,6 +43,7 @@ pub const MAX_CALL_TIMEOUT_MS: u64 = 60_000;
 pub struct HttpBinding {
     listener: TcpListener,
     token: Option<String>,
+    hosts: Vec<HostName>,
 }
 
 /// An answering HTTP API; stops when dropped.
@@ -47,7 +53,13 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    pub async fn bind(addr: SocketAddr, data_dir: &Path) -> Result<HttpBinding> {
+    /// Bind `addr`; besides its own addresses the API answers to `hosts`
+    /// (names a reverse proxy forwards).
+    pub async fn bind(
+        addr: SocketAddr,
+        hosts: Vec<HostName>,
+        data_dir: &Path,
+    ) -> Result<HttpBinding> {
         let token = load_token(data_dir)?;
         if !addr.ip().is_loopback() && token.is_none() {
             bail!(
@@ -61,7 +73,11 @@ impl HttpServer {
             .with_context(|| format!("binding the HTTP API to {addr}"))?;
         // On loopback the token is not asked for, even when one exists.
         let token = token.filter(|_| !addr.ip().is_loopback());
-        Ok(HttpBinding { listener, token })
+        Ok(HttpBinding {
+            listener,
+            token,
+            hosts,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -73,7 +89,8 @@ impl HttpBinding {
     /// Answer for the node behind `source`.
     pub fn serve(self, source: Arc<StatusSource>) -> Result<HttpServer> {
         let addr = self.listener.local_addr()?;
-        let app = routes::router(source, self.token);
+        let guard = guard::Guard::new(addr, self.hosts);
+        let app = routes::router(source, self.token, guard);
         let listener = self.listener;
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -115,7 +132,7 @@ pub fn token_command(data_dir: &Path) -> Result<String> {
     if let Some(token) = load_token(data_dir)? {
         return Ok(token);
     }
-    std::fs::create_dir_all(data_dir)
+    files::create_private_dir(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = files::hex(&crate::random::bytes::<32>());
     let path = token_path(data_dir);

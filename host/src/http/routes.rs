@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use futures_util::Stream;
 use serde_json::json;
 
+use super::guard::Guard;
 use super::{MAX_CALL_TIMEOUT_MS, REQUEST_TIMEOUT};
 use crate::control::StatusSource;
 use crate::control::fleet::{self, Nodes};
@@ -36,15 +37,18 @@ struct AppState {
     source: Arc<StatusSource>,
     /// BLAKE3 of the bearer token, when one is required.
     token: Option<blake3::Hash>,
+    /// What browsers can be made to send, refused.
+    guard: Arc<Guard>,
 }
 
 type Params = Query<HashMap<String, String>>;
 
-pub(super) fn router(source: Arc<StatusSource>, token: Option<String>) -> Router {
+pub(super) fn router(source: Arc<StatusSource>, token: Option<String>, guard: Guard) -> Router {
     let max_body = source.router.max_payload();
     let state = AppState {
         source,
         token: token.map(|t| blake3::hash(t.as_bytes())),
+        guard: Arc::new(guard),
     };
     Router::new()
         .route("/v1/events", get(events))
@@ -63,6 +67,10 @@ pub(super) fn router(source: Arc<StatusSource>, token: Option<String>) -> Router
         .fallback(|| async { failure(Failure::new(FailureKind::NotFound, "no such route")) })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_browsers,
+        ))
         .layer(middleware::from_fn(deadline))
         .with_state(state)
 }
@@ -107,6 +115,24 @@ fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, 
             Err(payload_too_large(max))
         }
         Err(r) => Err(Failure::new(FailureKind::BadRequest, r.body_text())),
+    }
+}
+
+/// Before anything else: a request a browser was made to send is refused
+/// (see [`super::guard`]).
+async fn refuse_browsers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match state.guard.check(req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => {
+            tracing::debug!(
+                "HTTP API: {} {} refused: {}",
+                req.method(),
+                req.uri().path(),
+                r.message
+            );
+            let body = json!({ "error": { "kind": r.kind, "message": r.message } });
+            (r.status, axum::Json(body)).into_response()
+        }
     }
 }
 
@@ -250,7 +276,7 @@ async fn scripts(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let text = super::metrics::render(&s.source).await;
+    let text = super::metrics::render(&s.source, &s.guard).await;
     let kind = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
     ([(header::CONTENT_TYPE, kind)], text).into_response()
 }

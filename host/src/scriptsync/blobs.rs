@@ -72,7 +72,7 @@ impl BlobStore {
         if path.exists() {
             return Ok(());
         }
-        crate::files::write_atomic(&path, bytes, crate::files::Mode::Shared)
+        crate::files::write_atomic(&path, bytes, crate::files::Mode::Private)
             .with_context(|| format!("writing {}", path.display()))
     }
 }

@@ -581,6 +581,6 @@ fn live_losers<'a>(winner: &'a Entry, losers: &'a [Entry]) -> impl Iterator<Item
 
 fn save_applied(path: &Path, applied: &BTreeMap<String, Applied>) -> Result<()> {
     let bytes = serde_json::to_vec(applied)?;
-    crate::files::write_atomic(path, &bytes, crate::files::Mode::Shared)
+    crate::files::write_atomic(path, &bytes, crate::files::Mode::Private)
         .with_context(|| format!("saving {}", path.display()))
 }

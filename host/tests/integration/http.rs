@@ -32,7 +32,7 @@ impl Response {
 }
 
 /// Send raw bytes, read the whole answer (the connection is closed).
-async fn raw(addr: SocketAddr, request: &[u8]) -> Response {
+pub(crate) async fn raw(addr: SocketAddr, request: &[u8]) -> Response {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     // Up to the head, then `Content-Length` bytes, or to the end (some
@@ -205,7 +205,7 @@ async fn bus_routes_and_their_status_codes() {
     let r = req(a, "POST", "/v1/events/%FF%FE", b"").await;
     assert_eq!(r.status, 400, "{}", r.text());
     let huge = format!(
-        "GET /v1/status HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "GET /v1/status HTTP/1.1\r\nHost: {a}\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "x".repeat(1 << 20)
     );
     let r = raw(a, huge.as_bytes()).await;
@@ -367,7 +367,7 @@ async fn sse_until(s: &mut TcpStream, want: &str, seen: &mut String) -> Value {
 /// first event).
 async fn stream_until(a: SocketAddr, path: &str, want: &str, payload: &[u8]) -> Value {
     let mut s = TcpStream::connect(a).await.unwrap();
-    let head = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {a}\r\n\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     let mut seen = String::new();
     loop {
@@ -441,9 +441,8 @@ async fn off_loopback_it_needs_the_token() {
 async fn a_stream_reader_that_never_reads_costs_a_bounded_queue() {
     let (t, a) = node().await;
     let mut s = TcpStream::connect(a).await.unwrap();
-    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let head = format!("GET /v1/events HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
     // Wait for its tap, then flood it without ever reading the socket:
     // the tap's queue and the socket buffers fill, the rest is dropped
     // and counted, and the node goes on answering.

@@ -26,3 +26,4 @@ mod pulley;
 mod reload;
 mod replication;
 mod sdk;
+mod trust;
