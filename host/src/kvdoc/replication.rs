@@ -191,8 +191,11 @@ impl KvDoc {
         if members.first().is_some_and(|m| *m < self.node) {
             return None;
         }
+        // Reading the heads closes the open transaction: the writes made
+        // since the last flush count as the change they become.
+        let heads = self.store.heads();
         let len = self.history_len();
-        (len >= self.limits.compact_after.max(2)).then(|| self.store.heads())
+        (len >= self.limits.compact_after.max(2)).then_some(heads)
     }
 
     /// Compact the history at `heads` if every other member is among
@@ -231,6 +234,10 @@ impl KvDoc {
     {
         let kv = self.clone();
         let mut version = self.store.watch_version();
+        // The first look is unconditional: what the scripts wrote while the
+        // node started (before this subscription), or a history left long
+        // at the last stop, would otherwise wait for the next write.
+        version.mark_changed();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(COMPACT_CHECK).await;

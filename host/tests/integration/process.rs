@@ -280,3 +280,64 @@ fn exec_reads_beside_the_file_like_lua() {
          2\t255\t./?.lua;./?/init.lua;lib/?.lua;lib/?/init.lua\n"
     );
 }
+
+/// A burst of writes, then quiet: a Lua script writes 3,000 keys while the
+/// node starts (before the compactor's first look) and never writes again.
+/// The history is compacted all the same, without another write — in a real
+/// `covey run` process, as an operator would see it in the log.
+#[test]
+fn a_burst_then_quiet_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::write(
+        scripts.join("burst.lua"),
+        "for i = 1, 3000 do covey.kv.set('k/' .. i, 'v' .. i) end\ncovey.log.info('burst done')\n",
+    )
+    .unwrap();
+    let config = dir.path().join("covey.yaml");
+    std::fs::write(&config, "kv_compact_after: 1000\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_covey"))
+        .args([
+            "run", "--node", "burst", "--log", "info", "--cpu-ms", "60000",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--scripts")
+        .arg(&scripts)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the log as it comes, until the compaction line (or a minute).
+    let mut err = child.stdout.take().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let compacted = || seen.lock().unwrap().contains("key-value history compacted");
+    while !compacted() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { kill(child.id() as i32, 15) };
+    child.wait().unwrap();
+    reader.join().unwrap();
+    let log = seen.lock().unwrap().clone();
+    assert!(log.contains("burst done"), "{log}");
+    assert!(compacted(), "no compaction after the burst:\n{log}");
+}
