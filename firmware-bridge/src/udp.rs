@@ -27,10 +27,40 @@ pub async fn serve(
     bridge: Bridge,
     addr: SocketAddr,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let socket = Arc::new(UdpSocket::bind(addr).await?);
-    let local = socket.local_addr()?;
-    tracing::info!(%local, "device bridge listening on UDP");
-    let task = tokio::spawn(async move {
+    let bound = UdpBound::bind(addr).await?;
+    let local = bound.local_addr();
+    Ok((local, bound.serve(bridge)))
+}
+
+/// A bound socket not read yet: datagrams that arrive wait in the
+/// kernel's buffer until [`UdpBound::serve`] (a node binds first, so a
+/// taken port stops it at once, and reads once its scripts are running).
+pub struct UdpBound {
+    socket: UdpSocket,
+    local: SocketAddr,
+}
+
+impl UdpBound {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<UdpBound> {
+        let socket = UdpSocket::bind(addr).await?;
+        let local = socket.local_addr()?;
+        Ok(UdpBound { socket, local })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Feed the bridge from the socket; the receiving task.
+    pub fn serve(self, bridge: Bridge) -> JoinHandle<()> {
+        let socket = Arc::new(self.socket);
+        tracing::info!(local = %self.local, "device bridge listening on UDP");
+        receive(bridge, socket)
+    }
+}
+
+fn receive(bridge: Bridge, socket: Arc<UdpSocket>) -> JoinHandle<()> {
+    tokio::spawn(async move {
         // Datagrams larger than the bridge's frame size are read whole
         // (and refused by length), never split.
         let mut buf = vec![0u8; 65_536];
@@ -58,6 +88,5 @@ pub async fn serve(
             });
             bridge.receive(peer, &buf[..n]);
         }
-    });
-    Ok((local, task))
+    })
 }

@@ -71,7 +71,7 @@ impl Node {
             router.clone(),
         )?);
         let flusher = kv.spawn_flusher();
-        let devices = DeviceService::start(
+        let mut devices = DeviceService::start(
             router.clone(),
             Arc::new(DocStore::open(
                 Some(cfg.data_dir.join(crate::devices::cli::REGISTRY_FILE)),
@@ -110,6 +110,9 @@ impl Node {
             None
         };
         supervisor.scan().await;
+        // Devices are heard from once the scripts that listen to them run
+        // (a device's first events are not dropped with nobody subscribed).
+        devices.open_transports(&services.router);
         // Join after the first scan: peers' calls find the handlers ready.
         let mut tasks = vec![memory::spawn_trimmer()];
         let mut scripts_sync_handle = None;

@@ -94,11 +94,23 @@ pub struct DeviceService {
     pub udp: Option<SocketAddr>,
     mqtt: Option<covey_firmware_bridge::mqtt::Mqtt>,
     tasks: Vec<JoinHandle<()>>,
+    /// The transports, until [`DeviceService::open_transports`].
+    closed: Option<Transports>,
+}
+
+/// Transports configured but not yet read from: the UDP socket is bound
+/// (a taken port stops the node at once; datagrams wait in its buffer).
+struct Transports {
+    udp: Option<covey_firmware_bridge::udp::UdpBound>,
+    serial: Vec<covey_firmware_bridge::serial::SerialPort>,
+    mqtt: Option<MqttConfig>,
 }
 
 impl DeviceService {
-    /// Open the registry, connect the bridge to the router, and start the
-    /// configured transports.
+    /// Open the registry, connect the bridge to the router, and bind the
+    /// configured transports; devices are heard from once
+    /// [`DeviceService::open_transports`] is called (after the scripts
+    /// that subscribe to them have started).
     pub async fn start(
         router: Arc<Router>,
         store: Arc<DocStore>,
@@ -134,31 +146,43 @@ impl DeviceService {
         tasks.push(report_attached(bridge.clone(), registry.clone()));
         let mut udp = None;
         if let Some(addr) = settings.udp {
-            let (bound, task) = covey_firmware_bridge::udp::serve(bridge.clone(), addr)
+            let bound = covey_firmware_bridge::udp::UdpBound::bind(addr)
                 .await
                 .with_context(|| format!("binding the device bridge to UDP {addr}"))?;
             udp = Some(bound);
-            tasks.push(task);
-        }
-        for port in &settings.serial {
-            tasks.push(covey_firmware_bridge::serial::serve(
-                bridge.clone(),
-                port.clone(),
-            ));
-        }
-        let mut mqtt = None;
-        if let Some(cfg) = &settings.mqtt {
-            let (m, t) = mqtt::start(cfg.clone(), router.clone(), registry.clone());
-            mqtt = Some(m);
-            tasks.extend(t);
         }
         Ok(DeviceService {
             registry,
             bridge,
-            udp,
-            mqtt,
+            udp: udp.as_ref().map(|u| u.local_addr()),
+            mqtt: None,
             tasks,
+            closed: Some(Transports {
+                udp,
+                serial: settings.serial.clone(),
+                mqtt: settings.mqtt.clone(),
+            }),
         })
+    }
+
+    /// Start reading from devices (once; later calls do nothing).
+    pub fn open_transports(&mut self, router: &Arc<Router>) {
+        let Some(t) = self.closed.take() else {
+            return;
+        };
+        if let Some(udp) = t.udp {
+            self.tasks.push(udp.serve(self.bridge.clone()));
+        }
+        for port in t.serial {
+            let bridge = self.bridge.clone();
+            self.tasks
+                .push(covey_firmware_bridge::serial::serve(bridge, port));
+        }
+        if let Some(cfg) = t.mqtt {
+            let (m, tasks) = mqtt::start(cfg, router.clone(), self.registry.clone());
+            self.mqtt = Some(m);
+            self.tasks.extend(tasks);
+        }
     }
 
     /// Stop the transports; the registry is flushed to disk.

@@ -359,3 +359,61 @@ async fn a_device_on_a_serial_line_survives_resets_noise_and_a_node_restart() {
     })
     .await;
 }
+
+/// A device that talks as soon as the node starts is not talking to
+/// nobody: the bridge is heard from only once the scripts have started.
+/// The witness script takes a while in `init` before it subscribes (as a
+/// script loading a large table would); the device, already waiting when
+/// the node starts, emits at once when welcomed, fire-and-forget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_events_sent_while_the_node_starts_reach_its_scripts() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let udp: SocketAddr = ([127, 0, 0, 1], port).into();
+    let with_bridge = |c: &mut covey::config::NodeConfig| {
+        c.bridge.udp = Some(udp);
+        c.limits.cpu_budget = Duration::from_secs(30);
+    };
+    let mut t = crate::common::start_with(&[], with_bridge).await;
+    let key = covey::files::hex(&t.node().devices().registry.add("esp-1").unwrap());
+    let slow = r#"
+local t0 = os.clock()
+while os.clock() - t0 < 2 do end
+covey.on("*", "temp", function(msg) covey.kv.set("early/" .. msg.from, msg.payload) end)
+"#;
+    std::fs::write(t.scripts.join("witness.lua"), slow).unwrap();
+    t.stop().await;
+
+    let addr = udp.to_string();
+    let args = [
+        "--udp",
+        &addr,
+        "--name",
+        "esp-1",
+        "--wait-ms",
+        "30000",
+        "emit",
+        "temp",
+        "7",
+    ];
+    let device = tokio::spawn({
+        let key = key.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&key, &args).await
+        }
+    });
+    let mut cfg = t.config();
+    with_bridge(&mut cfg);
+    t.restart(cfg).await;
+    let (ok, out) = device.await.unwrap();
+    assert!(ok, "{out}");
+    eventually(10, "the witness got the device's first event", || async {
+        t.kv_string("early/n1/esp-1").as_deref() == Some("7")
+    })
+    .await;
+}
