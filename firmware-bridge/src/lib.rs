@@ -22,6 +22,7 @@ pub mod proto;
 pub mod serial;
 pub mod serial_codec;
 pub mod session;
+mod tls;
 pub mod udp;
 
 use std::collections::BTreeMap;

@@ -44,40 +44,64 @@ pub struct MqttConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub prefix: String,
+    /// TLS to the broker (`mqtts://`): whom to trust, and this node's
+    /// certificate if the broker asks for one.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl MqttConfig {
-    /// `mqtt://HOST[:PORT]` (1883 by default).
+    /// `mqtt://HOST[:PORT]` (1883 by default) or `mqtts://HOST[:PORT]`
+    /// (8883, trusting the system's roots).
     pub fn parse(url: &str) -> Result<MqttConfig, String> {
-        if url.starts_with("mqtts://") {
-            return Err(format!(
-                "{url}: TLS to the broker is not supported yet; use mqtt:// on a trusted network \
-                 (or a local broker bridged to the remote one over TLS)"
-            ));
-        }
-        let rest = url
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| format!("{url}: expected mqtt://HOST[:PORT]"))?;
+        MqttConfig::parse_with(url, &TlsFiles::default())
+    }
+
+    /// The same, with TLS from PEM files (`mqtts://` only): `ca` instead of
+    /// the system's roots, a client certificate and key.
+    pub fn parse_with(url: &str, files: &TlsFiles) -> Result<MqttConfig, String> {
+        let (rest, tls, default_port) = match url.strip_prefix("mqtts://") {
+            Some(rest) => (rest, true, 8883),
+            None => match url.strip_prefix("mqtt://") {
+                Some(rest) => (rest, false, 1883),
+                None => return Err(format!("{url}: expected mqtt://HOST[:PORT] or mqtts://")),
+            },
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
                 h.trim_matches(['[', ']']),
                 p.parse().map_err(|_| format!("{url}: bad port"))?,
             ),
-            _ => (rest, 1883),
+            _ => (rest, default_port),
         };
         if host.is_empty() {
             return Err(format!("{url}: no host"));
         }
-        Ok(MqttConfig {
+        MqttConfig {
             host: host.to_string(),
             port,
             username: None,
             password: None,
             prefix: "covey".into(),
-        })
+            tls: None,
+        }
+        .with_tls(tls, files)
+    }
+
+    fn with_tls(mut self, on: bool, files: &TlsFiles) -> Result<MqttConfig, String> {
+        let any = files.ca.is_some() || files.cert.is_some() || files.key.is_some();
+        self.tls = match on {
+            true => Some(Arc::new(crate::tls::client_config(files)?)),
+            false if any => {
+                return Err("mqtt_ca, mqtt_cert and mqtt_key need an mqtts:// broker".into());
+            }
+            false => None,
+        };
+        Ok(self)
     }
 }
+
+pub use crate::tls::TlsFiles;
 
 /// A running MQTT connection (clones share it).
 #[derive(Clone)]
@@ -105,6 +129,11 @@ impl Mqtt {
         if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
             opts.set_credentials(u, p);
         }
+        if let Some(tls) = &cfg.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, eventloop) = AsyncClient::new(opts, 1024);
         let mqtt = Mqtt {
             client,
@@ -130,6 +159,7 @@ impl Mqtt {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let e = explain(&e);
                     tracing::warn!(broker = %self.cfg.host, "MQTT: {e}; reconnecting in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -218,6 +248,19 @@ impl Mqtt {
     }
 }
 
+/// A connection error, with what to do about the TLS ones.
+fn explain(e: &rumqttc::ConnectionError) -> String {
+    let text = e.to_string();
+    if text.contains("invalid peer certificate") {
+        format!(
+            "{text} (the broker's certificate is not one this node trusts for that name: \
+             name the broker's CA with mqtt_ca, or connect by the name it was issued for)"
+        )
+    } else {
+        text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +275,10 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("::1", 1885));
         assert!(MqttConfig::parse("http://x").is_err());
         assert!(MqttConfig::parse("mqtt://").is_err());
-        assert!(MqttConfig::parse("mqtts://x").unwrap_err().contains("TLS"));
+        // TLS on 8883 by default; the system's roots (Debian's
+        // ca-certificates here) unless a CA is named.
+        let c = MqttConfig::parse("mqtts://broker.lan").unwrap();
+        assert_eq!((c.port, c.tls.is_some()), (8883, true));
+        assert!(MqttConfig::parse("mqtt://x").unwrap().tls.is_none());
     }
 }

@@ -21,12 +21,25 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
         lua.create_function(|_, args: Variadic<Value>| esc_log(&args))?,
     )?;
     g.set("self", lua.create_function(|_, ()| Ok(node::name()))?)?;
-    for (global, command) in [("onEvent", false), ("on", false), ("onCommand", true)] {
+    for (global, command) in [("onEvent", false), ("onCommand", true)] {
         let h = h.clone();
         g.set(
             global,
             lua.create_function(move |_, (from, name, f): (String, String, Function)| {
                 subscribe(&h, from, name, f, command)
+            })?,
+        )?;
+    }
+    // esc's later API has one kind of message: `on(from, name, f)` hears
+    // what `send` sends, to this node or to every node (`*`), and what
+    // `sendEvent`/`sendCommand` send.
+    {
+        let h = h.clone();
+        g.set(
+            "on",
+            lua.create_function(move |_, (from, name, f): (String, String, Function)| {
+                subscribe(&h, from.clone(), name.clone(), f.clone(), false)?;
+                subscribe(&h, from, name, f, true)
             })?,
         )?;
     }
@@ -43,7 +56,21 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
             Ok(())
         })?,
     )?;
-    for global in ["sendCommand", "send", "sendC", "sendCommandC"] {
+    // `send(to, name, payload)`: to node `to`, or to every node (this one
+    // included) when `to` is `*`.
+    g.set(
+        "send",
+        lua.create_function(|lua, (to, name, payload): (String, String, Value)| {
+            let payload = payload_bytes(lua, payload)?;
+            let sent = match to.as_str() {
+                "*" => events::emit(&name, &payload),
+                _ => events::send_command(&to, &name, &payload),
+            };
+            esc_sent("send", sent);
+            Ok(())
+        })?,
+    )?;
+    for global in ["sendCommand", "sendC", "sendCommandC"] {
         // sendC's fourth argument (esc's `coalesce`) is accepted; Covey
         // delivers every command.
         g.set(

@@ -182,7 +182,8 @@ pub struct RunArgs {
     /// log_rate, kv_quota_keys, kv_quota_bytes, kv_compact_after, cluster_token,
     /// listen, peers,
     /// peer_timeout_ms, flap_window_ms, trust_precompiled, bridge_udp, bridge_serial,
-    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, http,
+    /// bridge_rate, mqtt, mqtt_username, mqtt_password, mqtt_prefix, mqtt_ca,
+    /// mqtt_cert, mqtt_key, http,
     /// http_hosts: other names the HTTP API answers to, grants: script path
     /// patterns to granted capabilities)
     #[arg(long, env = "COVEY_CONFIG")]

@@ -77,6 +77,11 @@ pub struct FileConfig {
     pub mqtt_username: Option<String>,
     pub mqtt_password: Option<String>,
     pub mqtt_prefix: Option<String>,
+    /// `mqtts://`: the broker's CA instead of the system's roots, and a
+    /// client certificate and key (PEM files).
+    pub mqtt_ca: Option<PathBuf>,
+    pub mqtt_cert: Option<PathBuf>,
+    pub mqtt_key: Option<PathBuf>,
     /// The HTTP API's address (off when absent).
     pub http: Option<std::net::SocketAddr>,
     /// Names the HTTP API answers to besides its own addresses (a reverse
@@ -196,6 +201,11 @@ impl NodeConfig {
             mqtt_username: file.mqtt_username,
             mqtt_password: file.mqtt_password,
             mqtt_prefix: file.mqtt_prefix,
+            mqtt_tls: covey_firmware_bridge::mqtt::TlsFiles {
+                ca: file.mqtt_ca.map(in_file),
+                cert: file.mqtt_cert.map(in_file),
+                key: file.mqtt_key.map(in_file),
+            },
         };
         let file_cluster = FileCluster {
             token: file.cluster_token,

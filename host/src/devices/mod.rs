@@ -54,6 +54,8 @@ pub struct FileBridge {
     pub mqtt_username: Option<String>,
     pub mqtt_password: Option<String>,
     pub mqtt_prefix: Option<String>,
+    /// PEM files for `mqtts://`: a private CA, a client certificate and key.
+    pub mqtt_tls: covey_firmware_bridge::mqtt::TlsFiles,
 }
 
 impl BridgeSettings {
@@ -66,7 +68,8 @@ impl BridgeSettings {
         let mqtt = match args.mqtt.clone().or(file.mqtt) {
             None => None,
             Some(url) => {
-                let mut m = MqttConfig::parse(&url).map_err(|e| anyhow::anyhow!("mqtt: {e}"))?;
+                let mut m = MqttConfig::parse_with(&url, &file.mqtt_tls)
+                    .map_err(|e| anyhow::anyhow!("mqtt: {e}"))?;
                 (m.username, m.password) = (file.mqtt_username, file.mqtt_password);
                 m.prefix = file.mqtt_prefix.unwrap_or(m.prefix);
                 Some(m)
@@ -410,6 +413,7 @@ mod tests {
             mqtt_username: Some("u".into()),
             mqtt_password: Some("p".into()),
             mqtt_prefix: Some("home".into()),
+            mqtt_tls: Default::default(),
         }
     }
 
@@ -446,5 +450,21 @@ mod tests {
         f.mqtt = Some("http://x".into());
         let e = BridgeSettings::resolve(&args, f).unwrap_err().to_string();
         assert!(e.contains("mqtt://"), "{e}");
+        // TLS files on a plain broker, a CA that is not there, half a
+        // client identity.
+        let mut f = file();
+        f.mqtt_tls.ca = Some("/nonexistent/ca.pem".into());
+        let e = BridgeSettings::resolve(&args, f).unwrap_err().to_string();
+        assert!(e.contains("need an mqtts:// broker"), "{e}");
+        let mut f = file();
+        f.mqtt = Some("mqtts://broker.lan".into());
+        f.mqtt_tls.ca = Some("/nonexistent/ca.pem".into());
+        let e = BridgeSettings::resolve(&args, f).unwrap_err().to_string();
+        assert!(e.contains("mqtt_ca /nonexistent/ca.pem"), "{e}");
+        let mut f = file();
+        f.mqtt = Some("mqtts://broker.lan".into());
+        f.mqtt_tls.cert = Some("/x.pem".into());
+        let e = BridgeSettings::resolve(&args, f).unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
     }
 }

@@ -10,6 +10,7 @@ mod cluster;
 mod dashboard;
 mod durability;
 mod egress;
+mod esc;
 mod hostile;
 mod http;
 mod isolation;

@@ -121,3 +121,80 @@ async fn the_last_will_marks_a_killed_node_offline() {
     })
     .await;
 }
+
+#[path = "../support/pki.rs"]
+mod pki;
+
+/// `mqtts://` against Debian's mosquitto with a TLS listener on loopback:
+/// a CA made here (`mqtt_ca`), a client certificate the broker requires
+/// (`mqtt_cert`, `mqtt_key`); events cross both ways. A node that trusts
+/// another CA never connects, and says why in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_private_ca_and_a_client_certificate() {
+    super::http::covey_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = pki::Ca::new("covey test broker CA");
+    let ca_file = ca.write(d, "ca.pem");
+    let server = ca.leaf(d, "broker", &["127.0.0.1", "localhost"]);
+    let node = ca.leaf(d, "node", &["node-a"]);
+    let tools = ca.leaf(d, "tools", &["mosquitto-clients"]);
+    let extra = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        ca_file.display(),
+        server.cert.display(),
+        server.key.display()
+    );
+    let client_tls = [
+        "--cafile",
+        &ca_file.display().to_string(),
+        "--cert",
+        &tools.cert.display().to_string(),
+        "--key",
+        &tools.key.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let broker = Broker::start_tls(d, &extra, client_tls).await;
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let files = covey_firmware_bridge::mqtt::TlsFiles {
+        ca: Some(ca_file.clone()),
+        cert: Some(node.cert.clone()),
+        key: Some(node.key.clone()),
+    };
+    let cfg = MqttConfig::parse_with(&url, &files).unwrap();
+    let a = start_named("a", &[], |c| c.bridge.mqtt = Some(cfg)).await;
+    load(&a, "m.lua", SCRIPT).await;
+    eventually(10, "status online over TLS", || async {
+        broker.retained("covey/a/status").await == "online"
+    })
+    .await;
+    assert!(broker.publish("covey/sensor9/event/temp", "19").await);
+    eventually(10, "the script saw the MQTT event", || async {
+        a.kv_string("mqtt/last").as_deref() == Some("a/sensor9|19")
+    })
+    .await;
+
+    // The wrong CA: the broker's certificate is refused.
+    let other = pki::Ca::new("someone else's CA");
+    let files = covey_firmware_bridge::mqtt::TlsFiles {
+        ca: Some(other.write(d, "other-ca.pem")),
+        ..files
+    };
+    let cfg = MqttConfig::parse_with(&url, &files).unwrap();
+    let b = start_named("b", &[], |c| c.bridge.mqtt = Some(cfg)).await;
+    eventually(10, "the wrong CA reported", || async {
+        let all = covey::logring::LogQuery {
+            script: None,
+            since_ms: None,
+        };
+        (covey::logring::LOGS.recent(&all).iter()).any(|l| {
+            l.message.contains("MQTT")
+                && l.message.contains("UnknownIssuer")
+                && l.message.contains("mqtt_ca")
+        })
+    })
+    .await;
+    assert_eq!(broker.retained("covey/b/status").await, "");
+    drop(b);
+}

@@ -14,10 +14,27 @@ use tokio::process::{Child, Command};
 pub struct Broker {
     _process: Child,
     pub port: u16,
+    /// `mosquitto_pub`/`_sub` arguments for a TLS listener.
+    client_tls: Vec<String>,
 }
 
 impl Broker {
     pub async fn start(dir: &Path, port: Option<u16>) -> Broker {
+        Broker::start_with(dir, port, "", Vec::new()).await
+    }
+
+    /// A TLS listener (`extra` holds its `cafile`, `certfile`, ...
+    /// lines); the clients connect with `client_tls`.
+    pub async fn start_tls(dir: &Path, extra: &str, client_tls: Vec<String>) -> Broker {
+        Broker::start_with(dir, None, extra, client_tls).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        port: Option<u16>,
+        extra: &str,
+        client_tls: Vec<String>,
+    ) -> Broker {
         let port = port.unwrap_or_else(|| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -28,7 +45,7 @@ impl Broker {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
         )
         .unwrap();
         let child = Command::new("mosquitto")
@@ -48,6 +65,7 @@ impl Broker {
         Broker {
             _process: child,
             port,
+            client_tls,
         }
     }
 
@@ -59,6 +77,7 @@ impl Broker {
     fn client(&self, program: &str, topic: &str) -> Command {
         let mut c = Command::new(program);
         c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic]);
+        c.args(&self.client_tls);
         c
     }
 
