@@ -286,3 +286,121 @@ async fn slow_and_huge_responses_fail_cleanly_and_waiting_is_not_cpu() {
             .starts_with("200|")
     );
 }
+
+#[path = "../support/pki.rs"]
+mod pki;
+
+/// An HTTPS server on 127.0.0.1 with a certificate for `localhost` from
+/// `ca`: `/hello` answers, `/down` redirects to `plain` over http.
+async fn tls_server(dir: &std::path::Path, ca: &pki::Ca, plain: SocketAddr) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let leaf = ca.leaf(dir, "server", &["localhost"]);
+    let chain = CertificateDer::pem_file_iter(&leaf.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&leaf.key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let port = plain.port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                // A client that refuses the certificate ends here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // One request per connection, answered by hand.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = if head.starts_with(b"GET /down ") {
+                    format!(
+                        "HTTP/1.1 302 Found\r\nlocation: http://localhost:{port}/hello\r\n\
+                         content-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                } else {
+                    "HTTP/1.1 200 OK\r\nx-test: tls\r\ncontent-length: 6\r\n\
+                     connection: close\r\n\r\nsecret"
+                        .to_string()
+                };
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The `https` path: a private CA given to the grant (`ca:`), a
+/// certificate for another name refused, and a redirect from https down to
+/// plain http refused unless the host is granted as `http://HOST`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_grant_ca_names_and_no_silent_downgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new("covey test web CA");
+    let ca_file = ca.write(dir.path(), "ca.pem").display().to_string();
+    let plain = server().await;
+    let tls = tls_server(dir.path(), &ca, plain).await;
+    let (tp, pp) = (tls.port(), plain.port());
+    let t = start_with(&[], |c| {
+        c.grants = Grants::parse(
+            &json!({
+                // The CA, the TLS server by name and by address, the plain
+                // server granted for either scheme.
+                "tls.lua": { "http": { "hosts": [format!("localhost:{tp}"),
+                    format!("127.0.0.1:{tp}"), format!("localhost:{pp}")], "ca": ca_file } },
+                // The plain server granted as http://: a downgrade is fine.
+                "down.lua": { "http": { "hosts": [format!("localhost:{tp}"),
+                    format!("http://localhost:{pp}")], "ca": ca_file } },
+                // No CA: the system's roots do not know this one.
+                "noca.lua": { "http": [format!("localhost:{tp}")] },
+            }),
+            covey::capabilities::check_grant,
+        )
+        .unwrap();
+    })
+    .await;
+    for name in ["tls.lua", "down.lua", "noca.lua"] {
+        let text = FETCH.replace("\"fetch\"", &format!("{:?}", name.trim_end_matches(".lua")));
+        load(&t, name, &text).await;
+    }
+    let hello = format!("https://localhost:{tp}/hello");
+    assert_eq!(
+        fetch(&t, "tls", &hello, None).await,
+        format!("200|tls|{hello}|secret")
+    );
+    let r = fetch(&t, "noca", &hello, None).await;
+    assert!(r.starts_with("nil|") && r.contains("UnknownIssuer"), "{r}");
+    // The certificate names localhost, not 127.0.0.1.
+    let r = fetch(&t, "tls", &format!("https://127.0.0.1:{tp}/hello"), None).await;
+    assert!(
+        r.starts_with("nil|") && r.contains("not valid for name \"127.0.0.1\""),
+        "{r}"
+    );
+    // https -> http: refused, and the error names the entry that allows it.
+    let down = format!("https://localhost:{tp}/down");
+    let r = fetch(&t, "tls", &down, None).await;
+    assert!(
+        r.starts_with("nil|") && r.contains(&format!("\"http://localhost:{pp}\"")),
+        "{r}"
+    );
+    let r = fetch(&t, "down", &down, None).await;
+    assert_eq!(r, format!("200|yes|http://localhost:{pp}/hello|hi"));
+}

@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use rustls::pki_types::CertificateDer;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -143,7 +145,12 @@ impl Exchange {
     }
 
     /// One exchange with `t`, the response body read up to `max` bytes.
-    pub async fn send(&self, t: &Target, max: u64) -> Result<Answer, HttpError> {
+    pub async fn send(
+        &self,
+        t: &Target,
+        tls: &Arc<rustls::ClientConfig>,
+        max: u64,
+    ) -> Result<Answer, HttpError> {
         let tcp = TcpStream::connect((t.host.as_str(), t.port))
             .await
             .map_err(|e| HttpError::Connect(format!("connecting to {}: {e}", t.authority())))?;
@@ -151,7 +158,7 @@ impl Exchange {
         if t.https {
             let name = rustls::pki_types::ServerName::try_from(t.host.clone())
                 .map_err(|e| HttpError::Connect(format!("{}: {e}", t.host)))?;
-            let tls = tokio_rustls::TlsConnector::from(tls_config())
+            let tls = tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(name, tcp)
                 .await
                 .map_err(|e| HttpError::Connect(format!("TLS with {}: {e}", t.authority())))?;
@@ -278,29 +285,45 @@ fn host_header(t: &Target) -> String {
     }
 }
 
-/// Client TLS with the system's trusted roots, loaded once.
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                tracing::warn!("http capability: reading the system's certificates: {e}");
-            }
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                tracing::warn!("http capability: no trusted roots found; https requests will fail");
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Arc::new(config)
-        })
-        .clone()
+/// The system's trusted roots, loaded once.
+fn system_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: OnceLock<rustls::RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!("http capability: reading the system's certificates: {e}");
+        }
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!("http capability: no trusted roots found; https requests will fail");
+        }
+        roots
+    })
+}
+
+/// Client TLS trusting the system's roots and `extra` (a grant's `ca`);
+/// the one without extras is made once.
+pub fn tls_config(extra: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    static PLAIN: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    let make = || {
+        let mut roots = system_roots().clone();
+        let (_, ignored) = roots.add_parsable_certificates(extra.iter().cloned());
+        if ignored > 0 {
+            tracing::warn!("http capability: {ignored} grant CA certificates could not be used");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    };
+    match extra.is_empty() {
+        true => PLAIN.get_or_init(make).clone(),
+        false => make(),
+    }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

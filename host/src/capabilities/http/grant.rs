@@ -2,12 +2,20 @@
 //! URLs), ports, a timeout and a response size limit.
 //!
 //! Parameters are a list of host entries, or a map with `hosts` and the
-//! optional `timeout_ms` and `max_response_bytes`. Several rules granting
-//! `http` to one script add their hosts up and take the largest limits.
+//! optional `timeout_ms`, `max_response_bytes` and `ca` (PEM files of CAs
+//! trusted besides the system's, for hosts with a private CA). Several
+//! rules granting `http` to one script add their hosts and CAs up and take
+//! the largest limits.
+//!
+//! An entry allows both schemes when the script asks, but a redirect from
+//! `https` down to plain `http` only to a host granted as `http://HOST`
+//! (an entry `https://HOST` allows only `https`).
 
 use std::time::Duration;
 
 use serde_json::Value;
+
+use rustls::pki_types::CertificateDer;
 
 use super::client::Target;
 use crate::pattern::Pattern;
@@ -25,15 +33,21 @@ pub struct HttpGrant {
     hosts: Vec<HostRule>,
     pub timeout: Duration,
     pub max_response: u64,
+    /// CAs trusted besides the system's (`ca`).
+    ca: Vec<CertificateDer<'static>>,
 }
 
-/// One entry: `host`, `host:port`, `[v6]:port`, `*.example.com`.
+/// One entry: `host`, `host:port`, `[v6]:port`, `*.example.com`, each
+/// optionally with `http://` or `https://` before it.
 #[derive(Clone, Debug, PartialEq)]
 struct HostRule {
     /// Lower case, IPv6 without brackets.
     host: Pattern,
     /// `None`: the scheme's default port only.
     port: Option<u16>,
+    /// `Some(true)`: `https` only; `Some(false)`: `http` only, and a
+    /// redirect down to it allowed; `None`: both, no downgrade.
+    https: Option<bool>,
 }
 
 impl HttpGrant {
@@ -42,12 +56,10 @@ impl HttpGrant {
         let (hosts, timeout, max) = match params {
             Value::Array(hosts) => (hosts, None, None),
             Value::Object(m) => {
-                if let Some(k) = m
-                    .keys()
-                    .find(|k| !["hosts", "timeout_ms", "max_response_bytes"].contains(&k.as_str()))
-                {
+                let known = ["hosts", "timeout_ms", "max_response_bytes", "ca"];
+                if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
                     return Err(format!(
-                        "unknown key `{k}` (expected hosts, timeout_ms, max_response_bytes)"
+                        "unknown key `{k}` (expected hosts, timeout_ms, max_response_bytes, ca)"
                     ));
                 }
                 let Some(Value::Array(hosts)) = m.get("hosts") else {
@@ -82,11 +94,32 @@ impl HttpGrant {
                 format!("max_response_bytes: expected a positive number, got {v}")
             })?,
         };
+        let ca = match params.get("ca") {
+            None => Vec::new(),
+            Some(Value::String(path)) => read_ca(path)?,
+            Some(Value::Array(paths)) => {
+                let mut all = Vec::new();
+                for p in paths {
+                    let Value::String(p) = p else {
+                        return Err(format!("ca: expected PEM file paths, got {p}"));
+                    };
+                    all.extend(read_ca(p)?);
+                }
+                all
+            }
+            Some(other) => return Err(format!("ca: expected a PEM file path, got {other}")),
+        };
         Ok(HttpGrant {
             hosts,
             timeout,
             max_response,
+            ca,
         })
+    }
+
+    /// The TLS configuration for this grant's `https` requests.
+    pub fn tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        super::client::tls_config(&self.ca)
     }
 
     /// Every rule's parameters for one script, added up; `None` if there
@@ -99,6 +132,7 @@ impl HttpGrant {
                 None => g,
                 Some(mut m) => {
                     m.hosts.extend(g.hosts);
+                    m.ca.extend(g.ca);
                     m.timeout = m.timeout.max(g.timeout);
                     m.max_response = m.max_response.max(g.max_response);
                     m
@@ -108,16 +142,40 @@ impl HttpGrant {
         Ok(merged)
     }
 
-    pub fn allows(&self, t: &Target) -> bool {
-        self.hosts
-            .iter()
-            .any(|r| r.port.unwrap_or(t.default_port()) == t.port && r.host.matches(&t.host))
+    /// Whether the script may reach `t`; `downgrade`: `t` is plain `http`
+    /// reached by a redirect from `https`.
+    pub fn allows(&self, t: &Target, downgrade: bool) -> bool {
+        self.hosts.iter().any(|r| {
+            let scheme = match r.https {
+                None => !downgrade,
+                Some(https) => https == t.https,
+            };
+            scheme && r.port.unwrap_or(t.default_port()) == t.port && r.host.matches(&t.host)
+        })
     }
+}
+
+/// The certificates in the PEM file at `path` (a grant's `ca`).
+fn read_ca(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("ca {path}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("ca {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("ca {path}: no PEM certificate in it"));
+    }
+    Ok(certs)
 }
 
 impl HostRule {
     fn parse(entry: &str) -> Result<Self, String> {
         let bad = |why: &str| Err(format!("host {entry:?}: {why}"));
+        let (https, entry) = match entry.split_once("://") {
+            Some(("https", rest)) => (Some(true), rest),
+            Some(("http", rest)) => (Some(false), rest),
+            _ => (None, entry),
+        };
         if entry.contains("://") || entry.contains('/') {
             return bad("expected a host (and port), not a URL");
         }
@@ -153,6 +211,7 @@ impl HostRule {
         Ok(HostRule {
             host: Pattern::new(&host.to_ascii_lowercase()),
             port,
+            https,
         })
     }
 }
@@ -168,7 +227,22 @@ mod tests {
     }
 
     fn allows(g: &HttpGrant, url: &str) -> bool {
-        g.allows(&Target::of(&url.parse().unwrap()).unwrap())
+        g.allows(&Target::of(&url.parse().unwrap()).unwrap(), false)
+    }
+
+    #[test]
+    fn schemes_and_redirects_down_to_plain_http() {
+        let g = grant(json!([
+            "both.example",
+            "https://tls.example",
+            "http://plain.example"
+        ]));
+        let down = |url: &str| g.allows(&Target::of(&url.parse().unwrap()).unwrap(), true);
+        assert!(allows(&g, "http://both.example/") && allows(&g, "https://both.example/"));
+        assert!(!down("http://both.example/"), "a downgrade needs http://");
+        assert!(allows(&g, "https://tls.example/") && !allows(&g, "http://tls.example/"));
+        assert!(allows(&g, "http://plain.example/") && down("http://plain.example/"));
+        assert!(!allows(&g, "https://plain.example/"));
     }
 
     #[test]
@@ -216,7 +290,13 @@ mod tests {
         assert!(err(json!("a.example")).contains("expected a list"));
         assert!(err(json!(["a.example:0"])).contains("port"));
         assert!(err(json!(["a.example:http"])).contains("port"));
-        assert!(err(json!(["http://a.example"])).contains("not a URL"));
+        assert!(err(json!(["http://a.example/x"])).contains("not a URL"));
+        assert!(err(json!(["ftp://a.example"])).contains("not a URL"));
+        assert!(
+            err(json!({ "hosts": ["a"], "ca": "/nonexistent.pem" }))
+                .contains("ca /nonexistent.pem")
+        );
+        assert!(err(json!({ "hosts": ["a"], "ca": 3 })).contains("ca: expected"));
         assert!(err(json!(["a b"])).contains("host"));
         assert!(err(json!(["[::1"])).contains("]"));
         assert!(err(json!({ "hosts": ["a"], "timeout": 3 })).contains("unknown key `timeout`"));

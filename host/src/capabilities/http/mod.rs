@@ -83,17 +83,27 @@ impl HttpCtx {
             .parse()
             .map_err(|e| HttpError::InvalidRequest(format!("url {:?}: {e}", req.url)))?;
         let mut ex = Exchange::new(req.method, req.headers, req.body)?;
+        let tls = grant.tls();
+        let mut from_https = false;
         for _ in 0..=MAX_REDIRECTS {
             let target = client::Target::of(&url)?;
-            if !grant.allows(&target) {
+            let downgrade = from_https && !target.https;
+            if !grant.allows(&target, downgrade) {
+                let (what, entry) = match downgrade {
+                    true => (
+                        "be redirected from https to",
+                        format!("http://{}", target.grant_entry()),
+                    ),
+                    false => ("reach", target.grant_entry()),
+                };
                 return Err(HttpError::NotGranted(format!(
-                    "script `{}` may not reach {}: its http grant would need {:?}",
+                    "script `{}` may not {what} {}: its http grant would need {entry:?}",
                     self.script,
                     target.authority(),
-                    target.grant_entry()
                 )));
             }
-            let answer = ex.send(&target, grant.max_response).await?;
+            from_https = target.https;
+            let answer = ex.send(&target, &tls, grant.max_response).await?;
             let Some(next) = answer.redirect(&url)? else {
                 return Ok(answer.into_response(url.to_string()));
             };
