@@ -287,8 +287,7 @@ async fn slow_and_huge_responses_fail_cleanly_and_waiting_is_not_cpu() {
     );
 }
 
-#[path = "../support/pki.rs"]
-mod pki;
+use crate::pki;
 
 /// An HTTPS server on 127.0.0.1 with a certificate for `localhost` from
 /// `ca`: `/hello` answers, `/down` redirects to `plain` over http.

@@ -2,6 +2,8 @@
 //! guest components from `guest-examples`.
 
 mod common;
+#[path = "../support/pki.rs"]
+mod pki;
 
 mod bridge;
 mod bus;

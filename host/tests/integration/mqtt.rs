@@ -122,8 +122,7 @@ async fn the_last_will_marks_a_killed_node_offline() {
     .await;
 }
 
-#[path = "../support/pki.rs"]
-mod pki;
+use crate::pki;
 
 /// `mqtts://` against Debian's mosquitto with a TLS listener on loopback:
 /// a CA made here (`mqtt_ca`), a client certificate the broker requires
