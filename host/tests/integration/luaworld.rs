@@ -4,7 +4,7 @@
 //! `/usr/share/lua` at test time (nothing of theirs is in this repository)
 //! — driven by `fixtures/lua-world/suite.lua`, and dkjson's own test
 //! program. `bash .ci/test` installs them; without them the tests say
-//! SKIPPED.
+//! SKIPPED (and fail under `CI=true`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,9 +38,9 @@ fn libraries(dir: &Path) -> Option<()> {
         .filter(|l| !Path::new("/usr/share/lua").join(l).exists())
         .collect();
     if !have_lua || !missing.is_empty() || !Path::new(JSONTEST).exists() {
-        eprintln!(
-            "SKIPPED: real-world Lua: install {PACKAGES} (bash .ci/test does); missing: {missing:?}"
-        );
+        crate::skip::missing(&format!(
+            "real-world Lua: install {PACKAGES} (bash .ci/test does); missing: {missing:?}"
+        ));
         return None;
     }
     for l in LIBRARIES {

@@ -4,6 +4,8 @@
 mod common;
 #[path = "../support/pki.rs"]
 mod pki;
+#[path = "../support/skip.rs"]
+mod skip;
 
 mod bridge;
 mod bus;

@@ -32,10 +32,10 @@ async fn hello_built_with_cargo_component_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let wasm = root.join("target/wasm32-wasip1/release/hello.wasm");
     if !wasm.exists() {
-        eprintln!(
-            "SKIPPED: {} not found; `bash .ci/test` builds it with `cargo component build`",
+        crate::skip::missing(&format!(
+            "{} not found; `bash .ci/test` builds it with `cargo component build`",
             wasm.display()
-        );
+        ));
         return;
     }
     hello_emits_and_hears_itself(&wasm).await;

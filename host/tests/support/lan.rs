@@ -1,7 +1,7 @@
 //! `Lan`: covey processes in network namespaces on one bridge, for the
 //! tests that need separate processes and a real network (`netns`,
 //! `chaos`). Needs root and `ip` (iproute2); `Lan::new_or_skip` prints
-//! SKIPPED when they are missing.
+//! SKIPPED when they are missing (failed under `CI=true`, `skip.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,7 +124,7 @@ impl Lan {
         match Lan::new(n, tag) {
             Ok(lan) => Some(lan),
             Err(e) => {
-                eprintln!("SKIPPED {test}: {e}");
+                crate::skip::missing(&format!("{test}: {e}"));
                 None
             }
         }
