@@ -14,9 +14,10 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::capabilities::ScriptEnv;
 use crate::capabilities::log::LogRate;
+use crate::clock::now_ms;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::{KvDoc, KvLimits};
-use crate::router::{Router, ScriptId, now_ms};
+use crate::router::{Router, ScriptId};
 use crate::script::ScriptSupervisor;
 use crate::script::instance::{describe_failure, instantiate};
 use crate::services::{Console, ScriptLimits, Services};

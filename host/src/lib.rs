@@ -47,7 +47,9 @@
 //! - [`docsync`] — `DocReplicator`: a document kept in sync with every peer.
 //! - [`kvdoc`] — the key-value store (keys, counters, limits) on a `DocStore`.
 //! - [`pattern`] — esc-style `*` patterns.
-//! - [`files`] — crash-safe whole-file writes; hex.
+//! - [`files`] — crash-safe whole-file writes; owner-only directories; hex.
+//! - [`clock`] — wall-clock milliseconds (`now_ms`), a leaf.
+//! - [`logtext`] — outside text made safe for a log line (`for_log`), a leaf.
 //! - [`random`] — random bytes and ids, from the system's source.
 //! - `fuzz` — fuzz targets (peer frames, manifest entries, sync messages,
 //!   config files, the WIT boundary), shared by `host/fuzz` and the corpus
@@ -56,6 +58,7 @@
 
 pub mod bindings;
 pub mod capabilities;
+pub mod clock;
 pub mod cluster;
 pub mod compile;
 pub mod config;
@@ -72,6 +75,7 @@ pub mod grants;
 pub mod http;
 pub mod kvdoc;
 pub mod logring;
+pub mod logtext;
 pub mod memory;
 pub mod node;
 pub mod pattern;

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
 
-use crate::router::now_ms;
+use crate::clock::now_ms;
 
 /// Lines kept.
 pub const CAPACITY: usize = 4096;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
 
+use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::cluster::frame::DocId;
 use crate::config::NodeConfig;
@@ -16,7 +17,7 @@ use crate::docsync::DocReplicator;
 use crate::engine::{ComponentCache, EngineLimits, ScriptEngine};
 use crate::kvdoc::KvDoc;
 use crate::memory;
-use crate::router::{Router, now_ms};
+use crate::router::Router;
 use crate::script::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
 use crate::services::Services;

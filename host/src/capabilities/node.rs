@@ -6,7 +6,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 use super::{Capability, ScriptEnv, ScriptState};
 use crate::bindings::covey::script::node::{self as wit, NodeInfo};
-use crate::router::now_ms;
+use crate::clock::now_ms;
 use crate::services::Services;
 
 pub struct NodeCtx {

@@ -21,7 +21,7 @@ impl Inbound for Shared {
             Frame::Event(w) | Frame::Command(w) | Frame::Call { msg: w, .. } if !w.via_ok() => {
                 tracing::warn!(
                     peer = %link.node,
-                    via = crate::router::for_log(&w.via),
+                    via = crate::logtext::for_log(&w.via),
                     "dropped a message from a peer: not a device name"
                 );
             }
@@ -45,7 +45,7 @@ impl Inbound for Shared {
             {
                 tracing::warn!(
                     peer = %link.node,
-                    name = crate::router::for_log(&w.name),
+                    name = crate::logtext::for_log(&w.name),
                     "dropped an event from a peer: a system event only this node emits"
                 );
             }
@@ -124,7 +124,7 @@ impl Inbound for Shared {
 fn oversized(link: &PeerLink, name: &str, len: usize, limit: usize) {
     tracing::warn!(
         peer = %link.node,
-        name = crate::router::for_log(name),
+        name = crate::logtext::for_log(name),
         "dropped a {len}-byte message from a peer: over this node's payload limit of {limit}"
     );
 }

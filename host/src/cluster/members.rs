@@ -12,7 +12,8 @@ use tokio::sync::watch;
 
 use super::link::PeerLink;
 use crate::bindings::NodeInfo;
-use crate::router::{PeerStatus, now_ms};
+use crate::clock::now_ms;
+use crate::router::PeerStatus;
 
 /// Most nodes remembered (a "small fleet" is far below this).
 pub const MAX_NODES: usize = 1024;

@@ -19,8 +19,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::clock::now_ms;
 use crate::lifecycle::{self, DownReason, NodeEvent};
-use crate::router::{Router, now_ms};
+use crate::router::Router;
 
 /// How long a dropped link may stay down before it is reported, unless
 /// configured (`cluster.flap_window_ms`).

@@ -493,7 +493,7 @@ mod tests {
             err.contains("*: shell: unknown capability `shell`") && err.contains("http"),
             "{err}"
         );
-        let err = resolve("grants:\n  a.lua: { http: [\"https://x\"] }\n").unwrap_err();
+        let err = resolve("grants:\n  a.lua: { http: [\"https://x/api\"] }\n").unwrap_err();
         assert!(err.contains("a.lua: http: host"), "{err}");
     }
 

@@ -309,7 +309,7 @@ async fn once(out: &Out, req: Request, payload: &[u8], print: Print) -> Result<i
 }
 
 fn print_nodes(out: &mut impl Write, value: &serde_json::Value) -> Result<()> {
-    let now = crate::router::now_ms();
+    let now = crate::clock::now_ms();
     writeln!(
         out,
         "{:<24} {:<5} {:>9} {:>9}  {:<28} VERSION",
@@ -351,7 +351,7 @@ fn print_scripts(out: &mut impl Write, value: serde_json::Value) -> Result<i32> 
         serde_json::Value::Array(_) => serde_json::from_value(value)?,
         one => vec![serde_json::from_value(one)?],
     };
-    let now = crate::router::now_ms();
+    let now = crate::clock::now_ms();
     writeln!(
         out,
         "{:<28} {:<8} {:<7} {:<16} {:>8} {:>8} {:>9} {:>9} {:>10} {:>8}",
@@ -475,7 +475,7 @@ fn print_log(l: &LogLine) -> String {
 
 async fn logs(args: LogsArgs) -> Result<i32> {
     let since_ms = match &args.since {
-        Some(s) => Some(crate::router::now_ms().saturating_sub(parse_age(s)?)),
+        Some(s) => Some(crate::clock::now_ms().saturating_sub(parse_age(s)?)),
         None => None,
     };
     let req = Request::Logs {

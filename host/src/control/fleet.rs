@@ -19,8 +19,9 @@ use serde_json::{Value, json};
 
 use super::StatusSource;
 use super::proto::{Failure, FailureKind};
+use crate::clock::now_ms;
 use crate::logring::{LOGS, LogLine, LogQuery};
-use crate::router::{Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SystemCalls, now_ms};
+use crate::router::{Router, SYSTEM_LOGS, SYSTEM_SCRIPTS, SystemCalls};
 use crate::script::supervisor::ScriptSupervisor;
 
 /// How long a peer has to answer.

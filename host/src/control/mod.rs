@@ -24,11 +24,12 @@ use tokio::task::JoinHandle;
 
 use covey_firmware_bridge::{Bridge, BridgeStatus};
 
+use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::cluster::members::PeerReport;
 use crate::devices::registry::{AttachedDevice, DeviceRegistry};
 use crate::kvdoc::KvDoc;
-use crate::router::{Router, now_ms};
+use crate::router::Router;
 use crate::script::supervisor::ScriptSupervisor;
 use crate::scriptsync::ScriptsSync;
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::StatusReport;
-use crate::router::now_ms;
+use crate::clock::now_ms;
 
 /// The human form of a status report.
 pub fn render(r: &StatusReport) -> String {

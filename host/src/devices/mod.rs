@@ -336,7 +336,7 @@ impl RouterBus {
         let event = lifecycle::DeviceEvent {
             node: self.router.node_name().to_string(),
             device: device.to_string(),
-            since_ms: crate::router::now_ms(),
+            since_ms: crate::clock::now_ms(),
         };
         self.router.emit_system(name, lifecycle::payload(&event));
     }

@@ -21,9 +21,9 @@ use covey_firmware_bridge::proto::{KEY_LEN, valid_device_name};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::docstore::DocStore;
 use crate::docsync::{Received, SyncTarget};
-use crate::router::now_ms;
 
 /// A device attached to some node, as that node last reported it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use automerge::{AutoCommit, LoadOptions, OnPartialLoad, ROOT, ReadDoc};
 
-use crate::router::now_ms;
+use crate::clock::now_ms;
 
 /// Load the document; on corruption keep the valid prefix, move the bad file
 /// aside (never delete it) and write the salvaged state as a new snapshot.

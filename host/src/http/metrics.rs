@@ -8,8 +8,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::guard::Guard;
+use crate::clock::now_ms;
 use crate::control::StatusSource;
-use crate::router::{Outcome, RouterStats, now_ms};
+use crate::router::{Outcome, RouterStats};
 use crate::script::instance::DURATION_BUCKETS;
 
 /// The exposition text.

@@ -302,7 +302,7 @@ async fn events(State(s): State<AppState>, Query(q): Params) -> Response {
 async fn logs(Query(q): Params) -> Response {
     let since_ms = match q.get("since").map(|s| crate::control::cli::parse_age(s)) {
         None => None,
-        Some(Ok(age)) => Some(crate::router::now_ms().saturating_sub(age)),
+        Some(Ok(age)) => Some(crate::clock::now_ms().saturating_sub(age)),
         Some(Err(e)) => return failure(Failure::new(FailureKind::BadRequest, format!("{e:#}"))),
     };
     let tail = match q.get("tail").map(|t| t.parse::<u64>()) {

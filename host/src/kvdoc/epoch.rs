@@ -387,7 +387,7 @@ fn state_at(doc: &AutoCommit, at: &[ChangeHash]) -> BTreeMap<String, ScalarValue
             }
             Value::Object(_) => {
                 tracing::warn!(
-                    key = crate::router::for_log(&key),
+                    key = crate::logtext::for_log(&key),
                     "compaction: an object in the key-value store is dropped"
                 );
             }

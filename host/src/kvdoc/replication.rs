@@ -375,7 +375,7 @@ impl KvDoc {
                 copy: None,
             };
             tracing::info!(
-                key = crate::router::for_log(&event.key),
+                key = crate::logtext::for_log(&event.key),
                 winner = event.winner,
                 "key-value conflict: concurrent writes merged, one kept"
             );

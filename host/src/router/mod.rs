@@ -27,7 +27,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use smallvec::SmallVec;
@@ -35,7 +34,9 @@ use smol_str::SmolStr;
 use tokio::sync::oneshot;
 
 use crate::bindings::{CallError, SendError};
+use crate::clock::now_ms;
 use crate::lifecycle;
+use crate::logtext::for_log;
 use crate::pattern::Pattern;
 
 mod calls;
@@ -534,26 +535,4 @@ fn each_delivery<'t>(
         to(sub, delivery(msg.clone(), sub.generation));
     }
     to(last, delivery(msg, last.generation));
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// `text` from a peer or a script, for a log line: at most 120 characters, control characters
-/// escaped.
-pub fn for_log(text: &str) -> String {
-    let mut s: String = text
-        .chars()
-        .take(120)
-        .collect::<String>()
-        .escape_debug()
-        .collect();
-    if text.chars().count() > 120 {
-        s.push('…');
-    }
-    s
 }

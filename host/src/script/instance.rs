@@ -268,7 +268,7 @@ impl ScriptInstance {
                     let mut st = self.status.lock().unwrap();
                     st.running = true;
                     st.generation = generation;
-                    st.started_ms = crate::router::now_ms();
+                    st.started_ms = crate::clock::now_ms();
                 }
                 let event = self.event(&code, Some(start));
                 (self.services.router)

@@ -72,7 +72,7 @@ pub fn all(doc: &AutoCommit) -> Manifest {
                 out.entries.insert(path, versions);
             }
             Err((reason, why, origin)) => out.refused.push(Refused {
-                key: crate::router::for_log(&key),
+                key: crate::logtext::for_log(&key),
                 origin,
                 reason,
                 why,

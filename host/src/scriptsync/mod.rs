@@ -36,7 +36,8 @@ use crate::docstore::DocStore;
 use crate::docsync::{Received, SyncTarget};
 use crate::files::hex;
 use crate::lifecycle;
-use crate::router::{Router, for_log};
+use crate::logtext::for_log;
+use crate::router::Router;
 use crate::scriptdir::{self, FileStat, ScriptDir, ScriptPath};
 
 /// Largest file synced (bigger ones stay local, with a warning): the

@@ -277,7 +277,7 @@ async fn five_nodes_survive_a_minute_of_faults_and_converge() {
     let seed = std::env::var("COVEY_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(covey::router::now_ms);
+        .unwrap_or_else(covey::clock::now_ms);
     let secs = std::env::var("COVEY_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -113,12 +113,12 @@ async fn call_latencies(lan: &Lan, from: usize, to: usize, calls: usize) -> (Vec
             None => answered.push(took),
             Some(why) => {
                 failed += 1;
-                let at = covey::router::now_ms();
+                let at = covey::clock::now_ms();
                 println!("call n{from} → n{to} failed after {took:?} (unix ms {at}): {why}");
             }
         }
         if took > Duration::from_millis(500) {
-            let at = covey::router::now_ms();
+            let at = covey::clock::now_ms();
             println!("slow call n{from} → n{to}: {took:?}, ended at unix ms {at}");
         }
     }
