@@ -19,6 +19,7 @@
 pub mod bridge;
 pub mod mqtt;
 pub mod proto;
+pub mod seal;
 pub mod serial;
 pub mod serial_codec;
 pub mod session;
@@ -41,6 +42,11 @@ pub trait Bus: Send + Sync + 'static {
     fn max_payload(&self) -> usize;
     /// The device's key, if it is registered (and not removed).
     fn key(&self, device: &str) -> Option<[u8; proto::KEY_LEN]>;
+    /// Must the device's sessions be sealed ([`seal`])? A hello that does
+    /// not offer sealing is then refused.
+    fn seal_required(&self, _device: &str) -> bool {
+        false
+    }
     /// A session started: make `NODE/DEVICE` reachable.
     fn attach(&self, device: &str);
     /// Its session ended: its subscriptions go.
@@ -102,6 +108,9 @@ pub struct DeviceStatus {
     pub frames_in: u64,
     pub frames_out: u64,
     pub subscriptions: usize,
+    /// The session's frames are sealed (encrypted), not only tagged.
+    #[serde(default)]
+    pub sealed: bool,
     /// Frames refused, by reason (see `proto::Reject::name`).
     pub errors: BTreeMap<String, u64>,
 }

@@ -31,7 +31,7 @@ pub enum Dir {
 }
 
 impl Dir {
-    fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         match self {
             Dir::DeviceToBridge => b'D',
             Dir::BridgeToDevice => b'B',
@@ -78,6 +78,8 @@ pub enum Body<'a> {
         max_frame: u16,
         ping_interval_s: u16,
         name: &'a str,
+        /// What the device can do beyond version 1 ([`crate::seal`]).
+        features: u8,
     },
     Welcome {
         client_nonce: [u8; NONCE_LEN],
@@ -85,6 +87,8 @@ pub enum Body<'a> {
         max_frame: u16,
         session_timeout_s: u16,
         node: &'a str,
+        /// What this session uses: the hello's features the bridge took.
+        features: u8,
     },
     Subscribe {
         from: &'a str,
@@ -176,6 +180,8 @@ pub enum Reject {
     Framing,
     #[error("frame type not valid in this direction")]
     WrongDirection,
+    #[error("the device must seal its frames and its hello did not offer it")]
+    Unsealed,
 }
 
 impl Reject {
@@ -190,6 +196,7 @@ impl Reject {
             Reject::BadTag => "bad-tag",
             Reject::UnknownDevice => "unknown-device",
             Reject::NoSession => "no-session",
+            Reject::Unsealed => "unsealed",
             Reject::Replay => "replay",
             Reject::RateLimited => "rate-limited",
             Reject::Crc => "crc",
@@ -263,6 +270,7 @@ pub fn body(frame: &[u8]) -> Result<Body<'_>, Reject> {
             max_frame: r.u16()?,
             ping_interval_s: r.u16()?,
             name: r.str8()?,
+            features: r.features()?,
         },
         T_WELCOME => Body::Welcome {
             client_nonce: r.nonce()?,
@@ -270,6 +278,7 @@ pub fn body(frame: &[u8]) -> Result<Body<'_>, Reject> {
             max_frame: r.u16()?,
             session_timeout_s: r.u16()?,
             node: r.str8()?,
+            features: r.features()?,
         },
         T_SUBSCRIBE => Body::Subscribe {
             from: r.str8()?,
@@ -351,6 +360,14 @@ impl<'a> Reader<'a> {
         let n = self.u8()? as usize;
         std::str::from_utf8(self.take(n)?).map_err(|_| Reject::Malformed)
     }
+    /// The features byte that ends a hello or welcome; absent (a version
+    /// 1 device or bridge) reads as none.
+    fn features(&mut self) -> Result<u8, Reject> {
+        match self.0.is_empty() {
+            true => Ok(0),
+            false => self.u8(),
+        }
+    }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
@@ -394,11 +411,15 @@ pub fn encode(
             max_frame,
             ping_interval_s,
             name,
+            features,
         } => {
             out.extend_from_slice(client_nonce);
             out.extend_from_slice(&max_frame.to_be_bytes());
             out.extend_from_slice(&ping_interval_s.to_be_bytes());
             str8(&mut out, name);
+            if *features != 0 {
+                out.push(*features);
+            }
         }
         Body::Welcome {
             client_nonce,
@@ -406,12 +427,16 @@ pub fn encode(
             max_frame,
             session_timeout_s,
             node,
+            features,
         } => {
             out.extend_from_slice(client_nonce);
             out.extend_from_slice(session_nonce);
             out.extend_from_slice(&max_frame.to_be_bytes());
             out.extend_from_slice(&session_timeout_s.to_be_bytes());
             str8(&mut out, node);
+            if *features != 0 {
+                out.push(*features);
+            }
         }
         Body::Subscribe { from, name } | Body::Unsubscribe { from, name } => {
             str8(&mut out, from);

@@ -5,7 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::borrow::Cow;
+
 use ring::hmac;
+
+use crate::seal::{FEATURE_SEAL, SealKeys};
 use tokio::sync::oneshot;
 
 use crate::proto::{self, Body, Dir, KEY_LEN, NONCE_LEN};
@@ -113,6 +117,8 @@ pub struct Session {
     pub created: Instant,
     pub last_seen: Instant,
     pub window: ReplayWindow,
+    /// Sealed session: the keys (none: tagged frames in clear).
+    seal: Option<SealKeys>,
     out_seq: u32,
     pub bucket: TokenBucket,
     /// `(from, name)` → the router's subscription id.
@@ -135,9 +141,11 @@ impl Session {
         nonce: [u8; NONCE_LEN],
         peer: Peer,
         p: SessionParams,
+        seal: Option<SealKeys>,
     ) -> Self {
         let now = Instant::now();
         Session {
+            seal,
             device,
             key: proto::key(&key_bytes),
             key_bytes,
@@ -157,16 +165,26 @@ impl Session {
         }
     }
 
-    /// Does this session's key and nonce authenticate `frame`?
-    pub fn verifies(&self, frame: &[u8]) -> bool {
-        proto::verify(&self.key, Dir::DeviceToBridge, &self.nonce, frame)
+    /// `frame` as this session authenticates it: as it is (tagged), or
+    /// opened (sealed); none if it does not authenticate.
+    pub fn open<'f>(&self, frame: &'f [u8]) -> Option<Cow<'f, [u8]>> {
+        match &self.seal {
+            Some(keys) => keys.open(Dir::DeviceToBridge, frame).map(Cow::Owned),
+            None => proto::verify(&self.key, Dir::DeviceToBridge, &self.nonce, frame)
+                .then_some(Cow::Borrowed(frame)),
+        }
+    }
+
+    /// Are this session's frames sealed?
+    pub fn sealed(&self) -> bool {
+        self.seal.is_some()
     }
 
     /// Encode a frame for the device, or none if it would not fit the
     /// device's frame size.
     pub fn encode(&mut self, body: &Body<'_>) -> Option<Vec<u8>> {
         self.out_seq = self.out_seq.wrapping_add(1).max(1);
-        let f = proto::encode(
+        let mut f = proto::encode(
             &self.key,
             Dir::BridgeToDevice,
             &self.nonce,
@@ -174,6 +192,10 @@ impl Session {
             self.out_seq,
             body,
         );
+        if let Some(keys) = &self.seal {
+            // The HMAC tag's place takes the Poly1305 tag.
+            keys.seal(Dir::BridgeToDevice, &mut f);
+        }
         (f.len() <= self.max_frame).then_some(f)
     }
 
@@ -191,6 +213,7 @@ impl Session {
                 max_frame: self.max_frame as u16,
                 session_timeout_s: self.timeout.as_secs().min(u16::MAX as u64) as u16,
                 node,
+                features: if self.sealed() { FEATURE_SEAL } else { 0 },
             },
         )
     }

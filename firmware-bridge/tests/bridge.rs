@@ -108,6 +108,7 @@ impl Dev {
             max_frame: 512,
             ping_interval_s: 1,
             name: self.name,
+            features: 0,
         };
         proto::encode(&self.key, Dir::DeviceToBridge, &[0; 8], 0, 0, &hello)
     }

@@ -15,6 +15,7 @@ fn every_body_round_trips_and_verifies() {
             max_frame: 512,
             ping_interval_s: 10,
             name: "esp-1",
+            features: 1,
         },
         Body::Welcome {
             client_nonce: [1; 8],
@@ -22,6 +23,7 @@ fn every_body_round_trips_and_verifies() {
             max_frame: 512,
             session_timeout_s: 30,
             node: "kitchen",
+            features: 1,
         },
         Body::Subscribe {
             from: "*",

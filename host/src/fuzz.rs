@@ -456,6 +456,7 @@ mod fuzz_device {
                 max_frame: 4096,
                 ping_interval_s: 10,
                 name: "esp-1",
+                features: 0,
             };
             bridge.receive(
                 &peer,
@@ -530,6 +531,7 @@ pub fn device_seeds() -> Vec<Vec<u8>> {
             max_frame: 512,
             ping_interval_s: 10,
             name: "esp-1",
+            features: 0,
         },
         Body::Subscribe {
             from: "*",

@@ -4,7 +4,7 @@
  *
  *   covey-device --udp HOST:PORT | --serial PATH[@BAUD]  --name NAME
  *                [--key HEX] [--qos 0|1] [--count N] [--drop PERCENT]
- *                [--ping SECONDS] [--wait-ms MS]
+ *                [--ping SECONDS] [--wait-ms MS] [--seal 0|1]
  *                emit EVENT PAYLOAD | send TARGET NAME PAYLOAD |
  *                listen PATTERN | serve | rtt | selftest
  *
@@ -13,7 +13,8 @@
  *
  * The key comes from --key or the COVEY_DEVICE_KEY environment variable
  * (better: it stays out of `ps`). Output, one line each, for scripts:
- *   connected NODE (at every new session) | event FROM NAME PAYLOAD | command FROM NAME PAYLOAD |
+ *   connected NODE (at every new session, then `mode sealed` or `mode tagged`) |
+ *   event FROM NAME PAYLOAD | command FROM NAME PAYLOAD |
  *   call FROM NAME PAYLOAD | acked N/M
  * `serve` answers calls with the payload (a call named `fail` gets an
  * error); `listen` does too, and subscribes to events named PATTERN.
@@ -186,6 +187,34 @@ static int open_serial(const char *spec) {
     return s;
 }
 
+/* RFC 8439 §2.8.2: ChaCha20-Poly1305 seals the sunscreen text to the
+   published ciphertext and tag, opens it back, and refuses a flipped bit. */
+static int aead_vector(void) {
+    static const char plain[] = "Ladies and Gentlemen of the class of '99: If I could offer you only "
+                                "one tip for the future, sunscreen would be it.";
+    static const uint8_t aad[12] = {0x50, 0x51, 0x52, 0x53, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7};
+    static const uint8_t nonce[12] = {0x07, 0, 0, 0, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47};
+    static const uint8_t ct_head[16] = {0xd3, 0x1a, 0x8d, 0x34, 0x64, 0x8e, 0x60, 0xdb,
+                                        0x7b, 0x86, 0xaf, 0xbc, 0x53, 0xef, 0x7e, 0xc2};
+    static const uint8_t ct_tail[2] = {0x61, 0x16};
+    static const uint8_t want_tag[16] = {0x1a, 0xe1, 0x0b, 0x59, 0x4f, 0x09, 0xe2, 0x6a,
+                                         0x7e, 0x90, 0x2e, 0xcb, 0xd0, 0x60, 0x06, 0x91};
+    uint8_t key[32], buf[sizeof plain - 1], tag[16];
+    size_t n = sizeof buf;
+    int i, bad = 0;
+    for (i = 0; i < 32; i++) key[i] = (uint8_t)(0x80 + i);
+    memcpy(buf, plain, n);
+    covey_aead_seal(key, nonce, aad, sizeof aad, buf, n, tag);
+    if (memcmp(buf, ct_head, 16) || memcmp(buf + n - 2, ct_tail, 2)) bad = 1, fprintf(stderr, "aead: ciphertext\n");
+    if (memcmp(tag, want_tag, 16)) bad = 1, fprintf(stderr, "aead: tag\n");
+    if (covey_aead_open(key, nonce, aad, sizeof aad, buf, n, tag) || memcmp(buf, plain, n))
+        bad = 1, fprintf(stderr, "aead: open\n");
+    covey_aead_seal(key, nonce, aad, sizeof aad, buf, n, tag);
+    buf[5] ^= 1;
+    if (!covey_aead_open(key, nonce, aad, sizeof aad, buf, n, tag)) bad = 1, fprintf(stderr, "aead: forgery\n");
+    return bad;
+}
+
 static int selftest(void) {
     /* FIPS 180-2 vectors: one block and two blocks. */
     static const char *msg[2] = {"abc", "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"};
@@ -204,6 +233,7 @@ static int selftest(void) {
         if (strcmp(hex, want[i]) != 0) bad = 1, fprintf(stderr, "sha256 vector %d: %s\n", i, hex);
     }
     if (covey_crc32((const uint8_t *)"123456789", 9) != 0xCBF43926u) bad = 1, fprintf(stderr, "crc32\n");
+    bad |= aead_vector();
     puts(bad ? "selftest FAILED" : "selftest ok");
     return bad;
 }
@@ -247,7 +277,7 @@ static int rtt(covey_device *d, unsigned long count) {
 static void usage(void) {
     fprintf(stderr,
             "usage: covey-device (--udp HOST:PORT | --serial PATH[@BAUD]) --name NAME [--key HEX]\n"
-            "                    [--qos 0|1] [--count N] [--drop PERCENT] [--ping S] [--wait-ms MS]\n"
+            "                    [--qos 0|1] [--count N] [--drop PERCENT] [--ping S] [--wait-ms MS] [--seal 0|1]\n"
             "                    emit EVENT PAYLOAD | send TARGET NAME PAYLOAD | listen PATTERN | serve | rtt\n"
             "       covey-device selftest\n");
     exit(2);
@@ -268,6 +298,7 @@ int main(int argc, char **argv) {
     uint8_t key[COVEY_KEY_LEN];
     uint32_t start, wait_ms = 15000;
     unsigned ping = 0;
+    int seal = 1;
 
     for (i = 1; i < argc && argv[i][0] == '-'; i++) {
         const char *a = argv[i];
@@ -281,6 +312,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--drop")) drop_percent = (unsigned)atoi(argv[++i]);
         else if (!strcmp(a, "--ping")) ping = (unsigned)atoi(argv[++i]);
         else if (!strcmp(a, "--wait-ms")) wait_ms = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else if (!strcmp(a, "--seal")) seal = atoi(argv[++i]);
         else usage();
     }
     if (i < argc && !strcmp(argv[i], "selftest")) return selftest();
@@ -303,6 +335,7 @@ int main(int argc, char **argv) {
     covey_on_call(&d, on_call);
     covey_on_ack(&d, on_ack);
     if (ping) covey_set_ping_interval(&d, (uint16_t)ping);
+    covey_set_sealing(&d, seal);
 
     if (!strcmp(argv[i], "listen") && i + 1 < argc) covey_subscribe(&d, "*", argv[i + 1]);
     start = io_millis(NULL);
@@ -310,7 +343,7 @@ int main(int argc, char **argv) {
         uint32_t was = d.sessions;
         poll_once(&d, 5);
         if (d.sessions != was) { /* a new session (the first, or after a reset) */
-            printf("connected %s\n", d.node);
+            printf("connected %s\nmode %s\n", d.node, covey_sealed(&d) ? "sealed" : "tagged");
             fflush(stdout);
             if (!strcmp(argv[i], "rtt")) return rtt(&d, count);
             if (strcmp(argv[i], "emit") && strcmp(argv[i], "send")) continue;

@@ -24,6 +24,7 @@ enum {
     T_PING = 0x0A,
     T_PONG = 0x0B,
     T_RESET = 0x0C,
+    FEATURE_SEAL = 0x01,
     DIR_DEVICE = 'D',
     DIR_BRIDGE = 'B',
     RETRY_FIRST_MS = 200,
@@ -106,19 +107,39 @@ void covey_sha256_final(covey_sha256 *s, uint8_t out[32]) {
     }
 }
 
+/* HMAC-SHA256(key, a | b | c) */
+static void hmac3(const covey_device *d, const uint8_t *a, size_t an, const uint8_t *b, size_t bn,
+                  const uint8_t *c, size_t cn, uint8_t out[32]) {
+    covey_sha256 s = d->inner;
+    covey_sha256_update(&s, a, an);
+    covey_sha256_update(&s, b, bn);
+    covey_sha256_update(&s, c, cn);
+    covey_sha256_final(&s, out);
+    s = d->outer;
+    covey_sha256_update(&s, out, 32);
+    covey_sha256_final(&s, out);
+}
+
 /* tag = HMAC-SHA256(key, dir | nonce | frame)[0..16] */
 static void tag(const covey_device *d, uint8_t dir, const uint8_t nonce[8], const uint8_t *frame,
                 size_t n, uint8_t out[TAG_LEN]) {
-    covey_sha256 s = d->inner;
-    uint8_t ih[32];
-    covey_sha256_update(&s, &dir, 1);
-    covey_sha256_update(&s, nonce, 8);
-    covey_sha256_update(&s, frame, n);
-    covey_sha256_final(&s, ih);
-    s = d->outer;
-    covey_sha256_update(&s, ih, 32);
-    covey_sha256_final(&s, ih);
-    memcpy(out, ih, TAG_LEN);
+    uint8_t full[32];
+    hmac3(d, &dir, 1, nonce, 8, frame, n, full);
+    memcpy(out, full, TAG_LEN);
+}
+
+/* A sealed session's key for `dir`: HMAC-SHA256(key, "covey-seal" | dir |
+   client nonce | session nonce). */
+static void seal_key(const covey_device *d, uint8_t dir, uint8_t out[32]) {
+    uint8_t label[11] = {'c', 'o', 'v', 'e', 'y', '-', 's', 'e', 'a', 'l', 0};
+    label[10] = dir;
+    hmac3(d, label, sizeof label, d->client_nonce, 8, d->nonce, 8, out);
+}
+
+/* A sealed frame's nonce: 0^8 | seq (the header's). */
+static void seal_nonce(const uint8_t *f, uint8_t nonce[12]) {
+    memset(nonce, 0, 8);
+    memcpy(nonce + 8, f + 3, 4);
 }
 
 static int tag_ok(const covey_device *d, const uint8_t nonce[8], const uint8_t *f, size_t n) {
@@ -239,9 +260,17 @@ static int put_bytes(covey_device *d, size_t *at, const uint8_t *p, size_t n) {
     return COVEY_OK;
 }
 
-/* Tag d->tx[0..n] and send it; a QoS 1 frame is kept for retries. */
+/* Tag (or, in a sealed session, seal) d->tx[0..n] and send it; a QoS 1
+   frame is kept for retries. */
 static int finish(covey_device *d, size_t n, const uint8_t nonce[8]) {
-    tag(d, DIR_DEVICE, nonce, d->tx, n, d->tx + n);
+    uint8_t iv[12];
+    if (d->sealed && d->tx[1] != T_HELLO) {
+        seal_nonce(d->tx, iv);
+        covey_aead_seal(d->seal_tx, iv, d->tx, HEADER_LEN, d->tx + HEADER_LEN, n - HEADER_LEN,
+                        d->tx + n);
+    } else {
+        tag(d, DIR_DEVICE, nonce, d->tx, n, d->tx + n);
+    }
     n += TAG_LEN;
     if (d->tx[2] & FLAG_ACK) {
         memcpy(d->pending, d->tx, n);
@@ -268,6 +297,7 @@ static void send_hello(covey_device *d) {
     d->tx[at++] = (uint8_t)(d->ping_interval_s >> 8), d->tx[at++] = (uint8_t)(d->ping_interval_s & 0xFF);
     d->max_frame = COVEY_MAX_FRAME;
     put_str(d, &at, d->name);
+    if (d->seal_offer) d->tx[at++] = FEATURE_SEAL;
     d->max_frame = mf;
     finish(d, at, zero);
     d->last_hello = d->t.millis(d->t.ctx);
@@ -321,6 +351,7 @@ int covey_init(covey_device *d, const covey_transport *t, const char *name,
     d->max_frame = 512 < COVEY_MAX_FRAME ? 512 : COVEY_MAX_FRAME;
     d->hello_gap = 0; /* first poll says hello at once */
     d->ping_interval_s = COVEY_PING_INTERVAL_S;
+    d->seal_offer = 1;
     return COVEY_OK;
 }
 
@@ -330,6 +361,8 @@ void covey_on_call(covey_device *d, covey_call_fn fn) { d->on_call = fn; }
 void covey_on_ack(covey_device *d, covey_ack_fn fn) { d->on_ack = fn; }
 void covey_set_user(covey_device *d, void *user) { d->user = user; }
 void covey_set_ping_interval(covey_device *d, uint16_t s) { d->ping_interval_s = s ? s : 1; }
+void covey_set_sealing(covey_device *d, int on) { d->seal_offer = on != 0; }
+int covey_sealed(const covey_device *d) { return d->connected && d->sealed; }
 int covey_connected(const covey_device *d) { return d->connected; }
 int covey_busy(const covey_device *d) { return d->pending_len != 0 || d->resub < d->nsubs; }
 
@@ -382,6 +415,9 @@ static void on_welcome(covey_device *d, const uint8_t *f, size_t end) {
     at += 20;
     if (get_str(f, end, &at, node, sizeof node)) return;
     memcpy(d->nonce, f + HEADER_LEN + 8, 8);
+    /* Sealed if both sides said so (the features byte is under the tag). */
+    d->sealed = d->seal_offer && at < end && (f[at] & FEATURE_SEAL);
+    if (d->sealed) seal_key(d, DIR_DEVICE, d->seal_tx), seal_key(d, DIR_BRIDGE, d->seal_rx);
     memcpy(d->node, node, sizeof node);
     d->max_frame = mf < COVEY_MAX_FRAME ? mf : COVEY_MAX_FRAME;
     d->connected = 1;
@@ -481,7 +517,14 @@ static void handle(covey_device *d, uint8_t *f, size_t n) {
         return;
     }
     if (!d->connected) return;
-    if (!tag_ok(d, d->nonce, f, n)) {
+    if (d->sealed) {
+        uint8_t iv[12];
+        seal_nonce(f, iv);
+        if (covey_aead_open(d->seal_rx, iv, f, HEADER_LEN, f + HEADER_LEN, end - HEADER_LEN, f + end)) {
+            d->bad_tag++;
+            return;
+        }
+    } else if (!tag_ok(d, d->nonce, f, n)) {
         d->bad_tag++;
         return;
     }

@@ -120,6 +120,9 @@ typedef struct {
     uint16_t max_frame;
     uint32_t out_seq;
     uint32_t in_highest, in_seen; /* replay window for the bridge's frames */
+    uint8_t seal_offer;           /* offer sealed sessions in hello (default 1) */
+    uint8_t sealed;               /* this session's frames are sealed */
+    uint8_t seal_tx[32], seal_rx[32]; /* its ChaCha20-Poly1305 keys */
     uint32_t last_rx, last_ping, last_hello, hello_gap;
     uint16_t ping_interval_s;
 
@@ -154,6 +157,12 @@ void covey_set_user(covey_device *d, void *user);
 /* Seconds between pings (before the first poll; default
    COVEY_PING_INTERVAL_S). The bridge expires a session after three. */
 void covey_set_ping_interval(covey_device *d, uint16_t seconds);
+/* Offer sealed sessions (ChaCha20-Poly1305: payloads encrypted) in hello:
+   on by default; 0 for tagged frames in clear (a bridge that requires
+   sealing then refuses the device). Before the first poll. */
+void covey_set_sealing(covey_device *d, int on);
+/* Is the current session sealed? */
+int covey_sealed(const covey_device *d);
 
 /* Subscribe to events (esc patterns: `*` matches any run). Remembered and
    re-sent after every (re)connection. */
@@ -177,6 +186,12 @@ void covey_sha256_init(covey_sha256 *s);
 void covey_sha256_update(covey_sha256 *s, const uint8_t *p, size_t n);
 void covey_sha256_final(covey_sha256 *s, uint8_t out[32]);
 uint32_t covey_crc32(const uint8_t *p, size_t n);
+/* ChaCha20-Poly1305 (RFC 8439) in place; open returns -1 (and leaves the
+   bytes as they were) if the tag does not match. */
+void covey_aead_seal(const uint8_t key[32], const uint8_t nonce[12], const uint8_t *aad,
+                     size_t aad_len, uint8_t *buf, size_t n, uint8_t tag[16]);
+int covey_aead_open(const uint8_t key[32], const uint8_t nonce[12], const uint8_t *aad,
+                    size_t aad_len, uint8_t *buf, size_t n, const uint8_t tag[16]);
 /* COBS-encode `n` bytes into `out` (capacity n + n/254 + 1); length. */
 size_t covey_cobs_encode(const uint8_t *in, size_t n, uint8_t *out);
 /* Decode in place; the decoded length, or -1 if malformed. */

@@ -360,6 +360,7 @@ impl Bridge {
                     frames_in: stats.map_or(0, |x| x.frames_in),
                     frames_out: stats.map_or(0, |x| x.frames_out),
                     subscriptions: s.subs.len(),
+                    sealed: s.sealed(),
                     errors: stats.map(|x| count(&x.errors)).unwrap_or_default(),
                 }
             })

@@ -9,6 +9,7 @@ use ring::rand::SecureRandom;
 
 use super::{After, HELLO_GAP, Inner, State, live_session, session_timeout};
 use crate::proto::{self, AckStatus, Body, FLAG_ACK, NONCE_LEN, Reject};
+use crate::seal::{FEATURE_SEAL, SealKeys};
 use crate::session::{Peer, SeqCheck, Session, SessionParams};
 use crate::{BusError, DeviceError};
 
@@ -32,17 +33,23 @@ impl Inner {
             self.reset(st, peer);
             return Err((Reject::NoSession, None));
         };
-        if !slot.active.as_ref().is_some_and(|s| s.verifies(frame)) {
-            if slot.pending.as_ref().is_some_and(|p| p.verifies(frame)) {
-                self.promote(st, &peer.address);
-            } else {
-                let device = slot.active.as_ref().map(|s| s.device.clone());
-                if device.is_none() {
-                    self.reset(st, peer);
+        let opened = match slot.active.as_ref().and_then(|s| s.open(frame)) {
+            Some(f) => f,
+            None => match slot.pending.as_ref().and_then(|p| p.open(frame)) {
+                Some(f) => {
+                    self.promote(st, &peer.address);
+                    f
                 }
-                return Err((Reject::BadTag, device));
-            }
-        }
+                None => {
+                    let device = slot.active.as_ref().map(|s| s.device.clone());
+                    if device.is_none() {
+                        self.reset(st, peer);
+                    }
+                    return Err((Reject::BadTag, device));
+                }
+            },
+        };
+        let frame = &opened[..];
         let session = st
             .slots
             .get_mut(&peer.address)
@@ -194,6 +201,7 @@ impl Inner {
             max_frame,
             ping_interval_s,
             name,
+            features,
         }) = proto::body(frame)
         else {
             return Err((Reject::Malformed, None));
@@ -230,7 +238,14 @@ impl Inner {
             rate: self.cfg.rate,
             burst: self.cfg.burst,
         };
-        let session = Session::new(name.into(), key, nonce, peer.clone(), params);
+        // Sealed whenever the device offers it; a device that must be
+        // sealed and does not offer it gets no welcome.
+        let offered = features & FEATURE_SEAL != 0;
+        if !offered && self.bus.seal_required(name) {
+            return Err((Reject::Unsealed, Some(name.into())));
+        }
+        let seal = offered.then(|| SealKeys::derive(&key, &client_nonce, &nonce));
+        let session = Session::new(name.into(), key, nonce, peer.clone(), params, seal);
         peer.tx
             .send(&session.welcome(client_nonce, self.bus.node()));
         slot.pending = Some(session);

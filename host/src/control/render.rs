@@ -102,8 +102,8 @@ fn render_devices(out: &mut String, r: &StatusReport) {
     let _ = writeln!(out, "devices ({}):", d.devices.len());
     let _ = writeln!(
         out,
-        "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  ERRORS",
-        "DEVICE", "VIA", "ADDRESS", "SINCE", "SEEN", "IN", "OUT"
+        "  {:<20} {:<7} {:<6} {:<24} {:>8} {:>8} {:>9} {:>9}  ERRORS",
+        "DEVICE", "VIA", "MODE", "ADDRESS", "SINCE", "SEEN", "IN", "OUT"
     );
     let errors = |m: &BTreeMap<String, u64>| {
         let v: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
@@ -116,9 +116,10 @@ fn render_devices(out: &mut String, r: &StatusReport) {
     for x in &d.devices {
         let _ = writeln!(
             out,
-            "  {:<20} {:<7} {:<24} {:>8} {:>8} {:>9} {:>9}  {}",
+            "  {:<20} {:<7} {:<6} {:<24} {:>8} {:>8} {:>9} {:>9}  {}",
             x.name,
             x.transport,
+            if x.sealed { "sealed" } else { "tagged" },
             x.address,
             human_duration(now.saturating_sub(x.since_ms)),
             human_duration(now.saturating_sub(x.last_seen_ms)),

@@ -27,6 +27,10 @@ pub enum DeviceCommand {
         /// Print JSON (`{"name", "key"}`)
         #[arg(long)]
         json: bool,
+        /// Also take the device's frames in clear (tagged, not sealed):
+        /// for firmware built with a library that cannot seal
+        #[arg(long)]
+        no_seal: bool,
     },
     /// List registered devices (never their keys).
     List {
@@ -54,7 +58,10 @@ pub async fn answer(registry: &Arc<DeviceRegistry>, verb: &str, name: &str) -> R
 
 fn apply(registry: &DeviceRegistry, verb: &str, name: &str) -> Result<Value> {
     Ok(match verb {
-        "add" => json!({ "name": name, "key": crate::files::hex(&registry.add(name)?) }),
+        "add" | "add-unsealed" => {
+            let key = registry.add_with(name, verb == "add")?;
+            json!({ "name": name, "key": crate::files::hex(&key) })
+        }
         "remove" => json!({ "name": name, "removed": registry.remove(name)? }),
         "list" => serde_json::to_value(registry.list())?,
         other => bail!("unknown device request {other:?}"),
@@ -64,7 +71,15 @@ fn apply(registry: &DeviceRegistry, verb: &str, name: &str) -> Result<Value> {
 /// Run a `covey device` command.
 pub fn run(cmd: DeviceCommand) -> Result<()> {
     let (verb, name, data, as_json) = match &cmd {
-        DeviceCommand::Add { name, data, json } => ("add", name.as_str(), data, *json),
+        DeviceCommand::Add {
+            name,
+            data,
+            json,
+            no_seal,
+        } => match no_seal {
+            false => ("add", name.as_str(), data, *json),
+            true => ("add-unsealed", name.as_str(), data, *json),
+        },
         DeviceCommand::List { data, json } => ("list", "", data, *json),
         DeviceCommand::Remove { name, data } => ("remove", name.as_str(), data, false),
     };
@@ -81,7 +96,7 @@ pub fn run(cmd: DeviceCommand) -> Result<()> {
         return Ok(());
     }
     match verb {
-        "add" => print_key(name, answer["key"].as_str().unwrap_or_default()),
+        "add" | "add-unsealed" => print_key(name, answer["key"].as_str().unwrap_or_default()),
         "remove" if answer["removed"] == json!(true) => println!("Device `{name}` removed."),
         "remove" => bail!("no device `{name}`"),
         _ => {
@@ -90,7 +105,11 @@ pub fn run(cmd: DeviceCommand) -> Result<()> {
                 println!("No devices (`covey device add NAME` registers one).");
             }
             for d in list {
-                println!("{:<24} added on {}", d.name, d.added_on);
+                let mode = match d.sealed {
+                    true => "sealed",
+                    false => "sealed or tagged in clear",
+                };
+                println!("{:<24} added on {:<20} {mode}", d.name, d.added_on);
             }
         }
     }

@@ -260,6 +260,10 @@ impl Bus for RouterBus {
         self.registry.key(device)
     }
 
+    fn seal_required(&self, device: &str) -> bool {
+        self.registry.sealed(device)
+    }
+
     fn attach(&self, device: &str) {
         let (tx, mut rx) = crate::router::mailbox(DEVICE_MAILBOX);
         self.router.register(router_id(device), tx);

@@ -35,6 +35,10 @@ pub struct AttachedDevice {
 }
 
 const ATTACHED_PREFIX: &str = "\0attached\0";
+/// `\0sealed\0NAME`: the device must seal its sessions. A key of its own
+/// (not in the device's record), so nodes of an older version read the
+/// record as before.
+const SEALED_PREFIX: &str = "\0sealed\0";
 /// Bounds on what a peer's report may hold.
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 const MAX_REPORT_DEVICES: usize = 256;
@@ -45,6 +49,10 @@ pub struct DeviceEntry {
     pub name: String,
     pub added_ms: u64,
     pub added_on: String,
+    /// Its sessions must be sealed (devices added before sealing existed,
+    /// or with `--no-seal`, may also use tagged frames in clear).
+    #[serde(default)]
+    pub sealed: bool,
 }
 
 pub struct DeviceRegistry {
@@ -93,8 +101,15 @@ impl DeviceRegistry {
         })
     }
 
-    /// Register `name` with a new random key; the key, to show once.
+    /// Register `name` with a new random key, its sessions sealed; the
+    /// key, to show once.
     pub fn add(&self, name: &str) -> Result<[u8; KEY_LEN]> {
+        self.add_with(name, true)
+    }
+
+    /// Register `name`; `sealed`: its sessions must be sealed (otherwise
+    /// tagged frames in clear are taken too, for firmware that cannot seal).
+    pub fn add_with(&self, name: &str, sealed: bool) -> Result<[u8; KEY_LEN]> {
         if !valid_device_name(name) {
             bail!(
                 "invalid device name {name:?}: use 1-63 letters, digits, '-', '_' or '.' (not first)"
@@ -107,8 +122,14 @@ impl DeviceRegistry {
         let mut rec = key.to_vec();
         rec.extend_from_slice(&now_ms().to_be_bytes());
         rec.extend_from_slice(self.node.as_bytes());
-        self.store
-            .write(|doc| doc.put(ROOT, name, ScalarValue::Bytes(rec)))?;
+        let policy = format!("{SEALED_PREFIX}{name}");
+        self.store.write(|doc| {
+            doc.put(ROOT, name, ScalarValue::Bytes(rec))?;
+            match sealed {
+                true => doc.put(ROOT, policy.as_str(), true),
+                false => doc.delete(ROOT, policy.as_str()),
+            }
+        })?;
         Ok(key)
     }
 
@@ -120,8 +141,19 @@ impl DeviceRegistry {
         {
             return Ok(false);
         }
-        self.store.write(|doc| doc.delete(ROOT, name))?;
+        let policy = format!("{SEALED_PREFIX}{name}");
+        self.store.write(|doc| {
+            doc.delete(ROOT, name)?;
+            doc.delete(ROOT, policy.as_str())
+        })?;
         Ok(true)
+    }
+
+    /// Must `name`'s sessions be sealed?
+    pub fn sealed(&self, name: &str) -> bool {
+        let policy = format!("{SEALED_PREFIX}{name}");
+        self.store
+            .read(|doc| doc.get(ROOT, policy.as_str()).ok().flatten().is_some())
     }
 
     /// The key of a registered device.
@@ -144,10 +176,12 @@ impl DeviceRegistry {
                         return None;
                     };
                     let r = parse(b)?;
+                    let policy = format!("{SEALED_PREFIX}{}", item.key);
                     Some(DeviceEntry {
                         name: item.key.to_string(),
                         added_ms: r.added_ms,
                         added_on: r.added_on.to_string(),
+                        sealed: doc.get(ROOT, policy.as_str()).ok().flatten().is_some(),
                     })
                 })
                 .collect()

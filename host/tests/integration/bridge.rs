@@ -417,3 +417,156 @@ covey.on("*", "temp", function(msg) covey.kv.set("early/" .. msg.from, msg.paylo
     })
     .await;
 }
+
+/// A UDP relay between a device and the bridge that keeps every datagram
+/// it carries: what someone on the device's Wi-Fi would see.
+async fn sniffing_relay(
+    bridge: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use std::sync::{Arc, Mutex};
+    let outside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let inside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = outside.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let device = Arc::new(Mutex::new(None::<SocketAddr>));
+    let (o, i, s, d) = (
+        outside.clone(),
+        inside.clone(),
+        seen.clone(),
+        device.clone(),
+    );
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = o.recv_from(&mut buf).await {
+            *d.lock().unwrap() = Some(from);
+            s.lock().unwrap().push(buf[..n].to_vec());
+            let _ = i.send_to(&buf[..n], bridge).await;
+        }
+    });
+    let (o, s) = (outside, seen.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, _)) = inside.recv_from(&mut buf).await {
+            s.lock().unwrap().push(buf[..n].to_vec());
+            let to = *device.lock().unwrap();
+            if let Some(to) = to {
+                let _ = o.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// Sealed sessions (new devices): the payloads never cross the network in
+/// clear, both ways — checked on the wire through a relay — while scripts
+/// and the device see them as before. A device added with `--no-seal`
+/// may still use tagged frames (and its payloads show); a device that must
+/// seal and does not offer it is refused. The mode is in `covey status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_sessions_hide_payloads_on_the_wire() {
+    let t = crate::common::start_with(&[], |c| {
+        c.bridge.udp = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let echo = r#"
+covey.on("*", "reading", function(msg)
+  covey.kv.set("got/" .. msg.from, msg.payload)
+  covey.command(msg.from, "reply", "answer-" .. msg.payload)
+end)
+"#;
+    load(&t, "echo.lua", echo).await;
+    let registry = &t.node().devices().registry;
+    let sealed_key = covey::files::hex(&registry.add("esp-s").unwrap());
+    let open_key = covey::files::hex(&registry.add_with("esp-o", false).unwrap());
+    let udp = t.node().devices().udp.unwrap();
+
+    for (name, key, seal, mode) in [
+        ("esp-s", &sealed_key, "1", "sealed"),
+        ("esp-o", &open_key, "0", "tagged"),
+    ] {
+        let (relay, seen) = sniffing_relay(udp).await;
+        let relay = relay.to_string();
+        let secret = format!("secret-{name}-42");
+        let args = [
+            "--udp", &relay, "--name", name, "--seal", seal, "listen", "nothing",
+        ];
+        let mut dev = Device::spawn(key, &args);
+        assert_eq!(dev.expect("connected", 10).await, "connected n1");
+        assert_eq!(dev.expect("mode", 5).await, format!("mode {mode}"));
+        attached(&t, name).await;
+        // The device's event reaches the script; the script's command
+        // reaches the device.
+        let (ok, out) = run(
+            key,
+            &[
+                "--udp", &relay, "--name", name, "--seal", seal, "--qos", "1", "emit", "reading",
+                &secret,
+            ],
+        )
+        .await;
+        assert!(ok, "{out}");
+        let from = format!("got/n1/{name}");
+        eventually(10, "the script got the reading", || async {
+            t.kv_string(&from).as_deref() == Some(secret.as_str())
+        })
+        .await;
+        dev.kill().await;
+        let wire: Vec<u8> = seen.lock().unwrap().concat();
+        let shows = |s: &str| wire.windows(s.len()).any(|w| w == s.as_bytes());
+        match mode {
+            "sealed" => {
+                assert!(
+                    !shows(&secret) && !shows("reading"),
+                    "{name}: in clear on the wire"
+                );
+                assert!(!shows(&format!("answer-{secret}")));
+            }
+            _ => assert!(
+                shows(&secret),
+                "{name}: tagged frames carry the payload in clear"
+            ),
+        }
+        let status = covey::control::fetch_status(&t.data).await.unwrap();
+        let d = status.devices.devices.iter().find(|d| d.name == name);
+        // Gone after the kill, or still listed: either way not the other mode.
+        assert!(d.is_none_or(|d| d.sealed == (mode == "sealed")), "{d:?}");
+    }
+
+    // A device that must seal, offering tagged frames only: no session.
+    let (ok, out) = run(
+        &sealed_key,
+        &[
+            "--udp",
+            &udp.to_string(),
+            "--name",
+            "esp-s",
+            "--seal",
+            "0",
+            "--wait-ms",
+            "1500",
+            "emit",
+            "reading",
+            "x",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let status = covey::control::fetch_status(&t.data).await.unwrap();
+    assert!(
+        status
+            .devices
+            .errors
+            .get("unsealed")
+            .is_some_and(|n| *n > 0)
+            || status
+                .devices
+                .devices
+                .iter()
+                .any(|d| d.errors.contains_key("unsealed")),
+        "{:?}",
+        status.devices
+    );
+    let list = registry.list();
+    let sealed: Vec<(&str, bool)> = list.iter().map(|d| (d.name.as_str(), d.sealed)).collect();
+    assert_eq!(sealed, [("esp-o", false), ("esp-s", true)]);
+}
