@@ -124,23 +124,67 @@ async fn device_side(sim: &std::path::Path, n: u64, rtt_n: u64) -> (f64, (f64, f
         100.0 * (n - last.1.min(n)) as f64 / n as f64
     );
 
+    // Round trips, sealed (the default) and tagged in clear (a device
+    // added with --no-seal), alternated in the same run.
+    let open_key = covey::files::hex(
+        &node
+            .devices()
+            .registry
+            .add_with("bench-open", false)
+            .unwrap(),
+    );
+    let (mut sealed, mut tagged) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        sealed.push(rtt(sim, &udp, "bench", &key, "1", rtt_n).await);
+        tagged.push(rtt(sim, &udp, "bench-open", &open_key, "0", rtt_n).await);
+    }
+    node.shutdown().await.unwrap();
+    let show = |v: &[(f64, f64)]| {
+        let p50: Vec<String> = v.iter().map(|r| format!("{:.0}", r.0)).collect();
+        let p99: Vec<String> = v.iter().map(|r| format!("{:.0}", r.1)).collect();
+        format!("p50 {} µs, p99 {} µs", p50.join("/"), p99.join("/"))
+    };
+    println!("round trip sealed (ChaCha20-Poly1305): {}", show(&sealed));
+    println!("round trip tagged (HMAC, in clear):    {}", show(&tagged));
+    let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let (s50, t50) = (median(&sealed, |r| r.0), median(&tagged, |r| r.0));
+    println!(
+        "sealed − tagged p50 (medians of 3 runs): {:+.0} µs  (goal: ≤ +20 µs)",
+        s50 - t50
+    );
+    (rate, (s50, median(&sealed, |r| r.1)))
+}
+
+/// `rtt_n` round trips of device `name` (`seal`: "1" or "0"): p50, p99 µs.
+async fn rtt(
+    sim: &std::path::Path,
+    udp: &str,
+    name: &str,
+    key: &str,
+    seal: &str,
+    rtt_n: u64,
+) -> (f64, f64) {
     let out = tokio::process::Command::new(sim)
-        .args([
-            "--udp",
-            &udp,
-            "--name",
-            "bench",
-            "--count",
-            &rtt_n.to_string(),
-            "rtt",
-        ])
-        .env("COVEY_DEVICE_KEY", &key)
+        .args(["--udp", udp, "--name", name, "--seal", seal])
+        .args(["--count", &rtt_n.to_string(), "rtt"])
+        .env("COVEY_DEVICE_KEY", key)
         .output()
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "rtt run failed: {text}");
-    println!("{}", text.trim());
+    assert!(
+        text.contains(if seal == "1" {
+            "mode sealed"
+        } else {
+            "mode tagged"
+        }),
+        "{text}"
+    );
     let field = |k: &str| -> f64 {
         text.split_whitespace()
             .find_map(|w| w.strip_prefix(k))
@@ -148,8 +192,7 @@ async fn device_side(sim: &std::path::Path, n: u64, rtt_n: u64) -> (f64, (f64, f
             .parse()
             .unwrap()
     };
-    node.shutdown().await.unwrap();
-    (rate, (field("p50_us="), field("p99_us=")))
+    (field("p50_us="), field("p99_us="))
 }
 
 async fn mosquitto_rtt(n: usize) -> Vec<Duration> {
