@@ -35,6 +35,8 @@ pub struct HttpGrant {
     pub max_response: u64,
     /// CAs trusted besides the system's (`ca`).
     ca: Vec<CertificateDer<'static>>,
+    /// The TLS configuration for them, made at the first `https` request.
+    tls: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// One entry: `host`, `host:port`, `[v6]:port`, `*.example.com`, each
@@ -114,12 +116,14 @@ impl HttpGrant {
             timeout,
             max_response,
             ca,
+            tls: Default::default(),
         })
     }
 
     /// The TLS configuration for this grant's `https` requests.
     pub fn tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
-        super::client::tls_config(&self.ca)
+        let make = || super::client::tls_config(&self.ca);
+        self.tls.get_or_init(make).clone()
     }
 
     /// Every rule's parameters for one script, added up; `None` if there
