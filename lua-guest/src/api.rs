@@ -177,7 +177,8 @@ pub(crate) fn install(lua: &Lua, handlers: &SharedHandlers) -> mlua::Result<()> 
             sent_or_error(lua, sent)
         })?,
     )?;
-    covey.set("on", g.get::<Function>("on")?)?;
+    // Events only (esc's later global `on` also hears commands).
+    covey.set("on", g.get::<Function>("onEvent")?)?;
     covey.set("handle", g.get::<Function>("onCommand")?)?;
     covey.set(
         "call",
