@@ -21,17 +21,6 @@ impl Transmit for UdpTx {
     }
 }
 
-/// Bind `addr` and feed the bridge; the bound address (port 0 picks one)
-/// and the receiving task.
-pub async fn serve(
-    bridge: Bridge,
-    addr: SocketAddr,
-) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let bound = UdpBound::bind(addr).await?;
-    let local = bound.local_addr();
-    Ok((local, bound.serve(bridge)))
-}
-
 /// A bound socket not read yet: datagrams that arrive wait in the
 /// kernel's buffer until [`UdpBound::serve`] (a node binds first, so a
 /// taken port stops it at once, and reads once its scripts are running).
