@@ -9,6 +9,7 @@
  */
 #define _DEFAULT_SOURCE
 #include "../src/covey_device.c"
+#include "../src/covey_sha256.c"
 #include "../src/covey_aead.c"
 
 #include <dirent.h>
