@@ -39,6 +39,11 @@ const ATTACHED_PREFIX: &str = "\0attached\0";
 /// (not in the device's record), so nodes of an older version read the
 /// record as before.
 const SEALED_PREFIX: &str = "\0sealed\0";
+
+/// The key holding `name`'s sealing policy.
+fn policy_key(name: &str) -> String {
+    format!("{SEALED_PREFIX}{name}")
+}
 /// Bounds on what a peer's report may hold.
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 const MAX_REPORT_DEVICES: usize = 256;
@@ -122,7 +127,7 @@ impl DeviceRegistry {
         let mut rec = key.to_vec();
         rec.extend_from_slice(&now_ms().to_be_bytes());
         rec.extend_from_slice(self.node.as_bytes());
-        let policy = format!("{SEALED_PREFIX}{name}");
+        let policy = policy_key(name);
         self.store.write(|doc| {
             doc.put(ROOT, name, ScalarValue::Bytes(rec))?;
             match sealed {
@@ -141,7 +146,7 @@ impl DeviceRegistry {
         {
             return Ok(false);
         }
-        let policy = format!("{SEALED_PREFIX}{name}");
+        let policy = policy_key(name);
         self.store.write(|doc| {
             doc.delete(ROOT, name)?;
             doc.delete(ROOT, policy.as_str())
@@ -151,7 +156,7 @@ impl DeviceRegistry {
 
     /// Must `name`'s sessions be sealed?
     pub fn sealed(&self, name: &str) -> bool {
-        let policy = format!("{SEALED_PREFIX}{name}");
+        let policy = policy_key(name);
         self.store
             .read(|doc| doc.get(ROOT, policy.as_str()).ok().flatten().is_some())
     }
@@ -176,7 +181,7 @@ impl DeviceRegistry {
                         return None;
                     };
                     let r = parse(b)?;
-                    let policy = format!("{SEALED_PREFIX}{}", item.key);
+                    let policy = policy_key(&item.key);
                     Some(DeviceEntry {
                         name: item.key.to_string(),
                         added_ms: r.added_ms,

@@ -92,22 +92,25 @@ end)
 
 async fn node(addr: SocketAddr) -> TestNode {
     let port = addr.port();
+    let grants = json!({
+        "web.lua": { "http": {
+            "hosts": [format!("127.0.0.1:{port}")],
+            "timeout_ms": 1500,
+            "max_response_bytes": 100_000,
+        }},
+        "named.lua": { "http": [format!("localhost:{port}")] },
+    });
+    with_fetchers(grants, &["web.lua", "named.lua", "none.lua"]).await
+}
+
+/// A node with `grants`, running [`FETCH`] as each of `scripts` (its
+/// handler named after the script).
+async fn with_fetchers(grants: serde_json::Value, scripts: &[&str]) -> TestNode {
     let t = start_with(&[], |c| {
-        c.grants = Grants::parse(
-            &json!({
-                "web.lua": { "http": {
-                    "hosts": [format!("127.0.0.1:{port}")],
-                    "timeout_ms": 1500,
-                    "max_response_bytes": 100_000,
-                }},
-                "named.lua": { "http": [format!("localhost:{port}")] },
-            }),
-            covey::capabilities::check_grant,
-        )
-        .unwrap();
+        c.grants = Grants::parse(&grants, covey::capabilities::check_grant).unwrap();
     })
     .await;
-    for name in ["web.lua", "named.lua", "none.lua"] {
+    for name in scripts {
         let text = FETCH.replace("\"fetch\"", &format!("{:?}", name.trim_end_matches(".lua")));
         load(&t, name, &text).await;
     }
@@ -358,28 +361,18 @@ async fn https_with_a_grant_ca_names_and_no_silent_downgrade() {
     let plain = server().await;
     let tls = tls_server(dir.path(), &ca, plain).await;
     let (tp, pp) = (tls.port(), plain.port());
-    let t = start_with(&[], |c| {
-        c.grants = Grants::parse(
-            &json!({
-                // The CA, the TLS server by name and by address, the plain
-                // server granted for either scheme.
-                "tls.lua": { "http": { "hosts": [format!("localhost:{tp}"),
-                    format!("127.0.0.1:{tp}"), format!("localhost:{pp}")], "ca": ca_file } },
-                // The plain server granted as http://: a downgrade is fine.
-                "down.lua": { "http": { "hosts": [format!("localhost:{tp}"),
-                    format!("http://localhost:{pp}")], "ca": ca_file } },
-                // No CA: the system's roots do not know this one.
-                "noca.lua": { "http": [format!("localhost:{tp}")] },
-            }),
-            covey::capabilities::check_grant,
-        )
-        .unwrap();
-    })
-    .await;
-    for name in ["tls.lua", "down.lua", "noca.lua"] {
-        let text = FETCH.replace("\"fetch\"", &format!("{:?}", name.trim_end_matches(".lua")));
-        load(&t, name, &text).await;
-    }
+    let grants = json!({
+        // The CA, the TLS server by name and by address, the plain server
+        // granted for either scheme.
+        "tls.lua": { "http": { "hosts": [format!("localhost:{tp}"),
+            format!("127.0.0.1:{tp}"), format!("localhost:{pp}")], "ca": ca_file } },
+        // The plain server granted as http://: a downgrade is fine.
+        "down.lua": { "http": { "hosts": [format!("localhost:{tp}"),
+            format!("http://localhost:{pp}")], "ca": ca_file } },
+        // No CA: the system's roots do not know this one.
+        "noca.lua": { "http": [format!("localhost:{tp}")] },
+    });
+    let t = with_fetchers(grants, &["tls.lua", "down.lua", "noca.lua"]).await;
     let hello = format!("https://localhost:{tp}/hello");
     assert_eq!(
         fetch(&t, "tls", &hello, None).await,
